@@ -1,0 +1,74 @@
+"""``IJEPA``: encoder, predictor and EMA target encoder, with the loss of SPEC §5."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+
+import torch
+import torch.nn as nn
+
+from . import ops
+from .models import VisionTransformer, VisionTransformerPredictor
+
+EMA_MODES = ("foreach", "reference")
+
+
+class IJEPA(nn.Module):
+    """I-JEPA's three networks and one training objective.
+
+    ``forward(imgs, masks_enc, masks_pred)`` returns the scalar smooth-L1 loss between
+    the predictor's output for the target blocks and the layer-normed target-encoder
+    tokens at those blocks. ``update_target(momentum)`` moves the target encoder towards
+    the encoder (``target = m·target + (1 − m)·encoder``); call it after the optimizer step.
+    """
+
+    def __init__(self, encoder: VisionTransformer, predictor: VisionTransformerPredictor, target_encoder: nn.Module | None = None):
+        super().__init__()
+        self.encoder = encoder
+        self.predictor = predictor
+        self.target_encoder = copy.deepcopy(encoder) if target_encoder is None else target_encoder
+        for p in self.target_encoder.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def forward_target(self, imgs: torch.Tensor, masks_pred: Sequence[torch.Tensor], nenc: int) -> torch.Tensor:
+        h = self.target_encoder(imgs)  # (B, N, D)
+        return ops.target_tokens(h, masks_pred, nenc)  # (npred·nenc·B, Kt, D)
+
+    def forward_context(self, imgs: torch.Tensor, masks_enc: Sequence[torch.Tensor], masks_pred: Sequence[torch.Tensor]) -> torch.Tensor:
+        z = self.encoder(imgs, masks_enc)  # (nenc·B, Kc, D)
+        return self.predictor(z, masks_enc, masks_pred)  # (npred·nenc·B, Kt, D)
+
+    def forward(
+        self,
+        imgs: torch.Tensor,
+        masks_enc: torch.Tensor | Sequence[torch.Tensor],
+        masks_pred: torch.Tensor | Sequence[torch.Tensor],
+    ) -> torch.Tensor:
+        masks_enc = [masks_enc] if isinstance(masks_enc, torch.Tensor) else list(masks_enc)
+        masks_pred = [masks_pred] if isinstance(masks_pred, torch.Tensor) else list(masks_pred)
+        h = self.forward_target(imgs, masks_pred, len(masks_enc))
+        z = self.forward_context(imgs, masks_enc, masks_pred)
+        return ops.smooth_l1_loss(z, h.to(z.dtype))
+
+    @torch.no_grad()
+    def update_target(self, momentum: float, mode: str = "foreach") -> None:
+        """EMA of the encoder into the target encoder, as one foreach update.
+
+        ``mode="reference"`` is the reference's per-parameter Python loop (same values to
+        rounding; kept for the benchmarks' baseline).
+        """
+        if mode not in EMA_MODES:
+            raise ValueError(f"update_target: mode={mode!r}, expected one of {', '.join(EMA_MODES)}")
+        if not 0.0 <= float(momentum) <= 1.0:
+            raise ValueError(f"update_target: momentum={momentum!r}, expected a value in [0, 1]")
+        q = [p.detach() for p in self.encoder.parameters()]
+        k = [p.detach() for p in self.target_encoder.parameters()]
+        if len(q) != len(k):
+            raise RuntimeError(f"update_target: encoder has {len(q)} parameters, target {len(k)}")
+        if mode == "reference":
+            for pq, pk in zip(q, k):
+                pk.mul_(momentum).add_((1.0 - momentum) * pq)
+        else:
+            torch._foreach_lerp_(k, q, 1.0 - float(momentum))

@@ -1,0 +1,29 @@
+"""I-JEPA models: the ViT encoder, the predictor and their factories."""
+
+from .vision_transformer import (
+    VIT_SIZES,
+    Block,
+    VisionTransformer,
+    VisionTransformerPredictor,
+    vit_base,
+    vit_giant,
+    vit_huge,
+    vit_large,
+    vit_predictor,
+    vit_small,
+    vit_tiny,
+)
+
+__all__ = [
+    "VIT_SIZES",
+    "Block",
+    "VisionTransformer",
+    "VisionTransformerPredictor",
+    "vit_base",
+    "vit_giant",
+    "vit_huge",
+    "vit_large",
+    "vit_predictor",
+    "vit_small",
+    "vit_tiny",
+]

@@ -1,0 +1,35 @@
+"""Fused ops with pure-PyTorch references beside them.
+
+Each op lives in its own file holding the reference (``<op>_reference``), the
+autograd / custom-op wrapper and the dispatch. :func:`available` says which backends
+run here; ``FASTJEPA_BACKEND`` or :func:`use_backend` forces one.
+"""
+
+from ._dispatch import BACKENDS, Availability, available, current_backend, use_backend
+from .attention import attention, attention_available, attention_reference, current_attention, use_attention
+from .gather_tokens import apply_masks, gather_tokens, gather_tokens_reference
+from .predictor_tokens import predictor_tokens, predictor_tokens_reference
+from .smooth_l1_loss import smooth_l1_loss, smooth_l1_loss_reference
+from .target_tokens import target_tokens, target_tokens_reference
+
+__all__ = [
+    "BACKENDS",
+    "Availability",
+    "apply_masks",
+    "attention",
+    "attention_available",
+    "attention_reference",
+    "available",
+    "current_attention",
+    "current_backend",
+    "gather_tokens",
+    "gather_tokens_reference",
+    "predictor_tokens",
+    "predictor_tokens_reference",
+    "smooth_l1_loss",
+    "smooth_l1_loss_reference",
+    "target_tokens",
+    "target_tokens_reference",
+    "use_attention",
+    "use_backend",
+]

@@ -1,0 +1,180 @@
+"""Backend selection for the fused ops.
+
+Which implementation runs is decided per call from the inputs and one setting:
+
+* ``FASTJEPA_BACKEND`` (environment) or :func:`use_backend` (context manager, wins
+  over the environment): ``auto`` (default), ``reference``, ``triton`` or ``cpp``.
+* ``auto``: CUDA tensors -> Triton, CPU tensors -> the C++ extension when it is
+  built, anything else (float64, a missing backend) -> the pure-PyTorch reference.
+* A forced backend that cannot run the given inputs raises ``RuntimeError`` saying
+  why, instead of quietly falling back.
+
+Availability is data, never an import error: :func:`available` returns, for each
+backend, whether it runs here and, if not, why.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import importlib
+import importlib.util
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+BACKENDS = ("auto", "reference", "triton", "cpp")
+FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+_override: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastjepa_backend", default=None)
+
+
+@dataclass(frozen=True)
+class Availability:
+    ok: bool
+    reason: str  # version/build info when ok, the reason when not
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+
+def _check_name(name: str, source: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"{source}={name!r} is not a fastjepa backend; expected one of {', '.join(BACKENDS)}")
+    return name
+
+
+def current_backend() -> str:
+    """The backend setting in force: the innermost :func:`use_backend`, else the env."""
+    name = _override.get()
+    if name is not None:
+        return name
+    return _check_name(os.environ.get("FASTJEPA_BACKEND", "auto").strip().lower() or "auto", "FASTJEPA_BACKEND")
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Force a backend inside a ``with`` block (overrides ``FASTJEPA_BACKEND``)."""
+    token = _override.set(_check_name(name, "use_backend"))
+    try:
+        yield
+    finally:
+        _override.reset(token)
+
+
+def triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def kernels():
+    """The ``fastjepa.kernels`` package (Triton kernels + launchers).
+
+    Installed, it is a normal subpackage (``kernels/`` mapped by setup.py). From a source
+    checkout on ``PYTHONPATH`` it is loaded from ``<repo>/kernels`` under the same name.
+    """
+    name = "fastjepa.kernels"
+    if name in sys.modules:
+        return sys.modules[name]
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        if exc.name != name:
+            raise
+    src = Path(__file__).resolve().parents[2] / "kernels"
+    spec = importlib.util.spec_from_file_location(name, src / "__init__.py", submodule_search_locations=[str(src)])
+    if spec is None or not (src / "__init__.py").is_file():
+        raise ModuleNotFoundError(f"{name} is neither installed nor found at {src}", name=name)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_available() -> Availability:
+    try:
+        triton = importlib.import_module("triton")
+    except ImportError as exc:
+        return Availability(False, f"triton is not installed ({exc})")
+    try:
+        kernels()
+    except ImportError as exc:
+        return Availability(False, f"fastjepa.kernels does not import ({exc})")
+    return Availability(True, f"triton {getattr(triton, '__version__', '?')}")
+
+
+@functools.lru_cache(maxsize=None)
+def _cpp_available() -> Availability:
+    if os.environ.get("FASTJEPA_NO_EXT", "0") == "1":
+        return Availability(False, "disabled by FASTJEPA_NO_EXT=1")
+    try:
+        importlib.import_module("fastjepa._C")
+    except ImportError as exc:
+        return Availability(False, f"the fastjepa._C extension is not built ({exc})")
+    except OSError as exc:  # built against another torch, missing shared library
+        return Availability(False, f"the fastjepa._C extension does not load ({exc})")
+    return Availability(True, "fastjepa._C loaded")
+
+
+def available() -> dict[str, Availability]:
+    """What runs here: ``{"reference": ..., "triton": ..., "cpp": ...}``."""
+    return {"reference": Availability(True, "pure PyTorch"), "triton": _triton_available(), "cpp": _cpp_available()}
+
+
+def _why_not(backend: str, device: torch.device, dtype: torch.dtype) -> str | None:
+    """None if ``backend`` can run inputs on ``device`` with ``dtype``, else the reason."""
+    if backend == "reference":
+        return None
+    if dtype not in FUSED_DTYPES:
+        return f"dtype {dtype} is not one of the fused dtypes (float32, bfloat16, float16)"
+    avail = available()[backend]
+    if not avail:
+        return avail.reason
+    if backend == "triton":
+        if device.type == "cuda":
+            return None
+        if device.type == "cpu" and triton_interpret():
+            return None
+        return f"tensors on {device} need CUDA (or TRITON_INTERPRET=1 for CPU tensors)"
+    if backend == "cpp":
+        if device.type == "cpu":
+            return None
+        if device.type == "cuda" and _cpp_has_cuda():
+            return None
+        return f"the extension has no kernels for {device}"
+    raise AssertionError(backend)
+
+
+def _cpp_has_cuda() -> bool:
+    if not _cpp_available():
+        return False
+    return bool(getattr(importlib.import_module("fastjepa._C"), "WITH_CUDA", False))
+
+
+def select(op: str, device: torch.device, dtype: torch.dtype, *, cpp_op: bool = True) -> str:
+    """Pick ``"reference"``, ``"triton"`` or ``"cpp"`` for one call of ``op``.
+
+    ``cpp_op=False`` for ops the extension does not implement (then ``cpp`` on such an
+    op runs the reference in ``auto`` mode and raises when forced).
+    """
+    want = current_backend()
+    if want == "auto":
+        if device.type == "cuda" and _why_not("triton", device, dtype) is None:
+            return "triton"
+        if cpp_op and device.type == "cpu" and _why_not("cpp", device, dtype) is None:
+            return "cpp"
+        return "reference"
+    if want == "cpp" and not cpp_op:
+        raise RuntimeError(f"fastjepa.ops.{op}: FASTJEPA_BACKEND=cpp, but the C++ extension has no {op} kernel")
+    why = _why_not(want, device, dtype)
+    if why is not None:
+        raise RuntimeError(f"fastjepa.ops.{op}: backend {want!r} was forced but cannot run here: {why}")
+    return want

@@ -1,0 +1,139 @@
+"""Scaled dot-product attention with selectable backends.
+
+``attention(q, k, v)`` takes (B, H, N, hd) tensors and returns (B, H, N, hd).
+
+Backends:
+
+* ``flash``    — ``flash_attn.flash_attn_func`` (optional extra ``fastjepa[flash]``;
+  CUDA, fp16/bf16, head dim <= 256 and a multiple of 8).
+* ``xformers`` — ``xformers.ops.memory_efficient_attention`` (optional extra
+  ``fastjepa[xformers]``; when installed and loadable).
+* ``sdpa``     — ``torch.nn.functional.scaled_dot_product_attention`` (PyTorch picks
+  its flash / memory-efficient / math kernel).
+* ``math``     — the reference: an explicit softmax of the (B, H, N, N) scores.
+
+``auto`` (default) picks flash-attn when it can run the inputs, else SDPA.
+``FASTJEPA_ATTN`` (environment) or :func:`use_attention` forces one; a forced backend
+that cannot run says why.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import importlib
+import os
+
+import torch
+import torch.nn.functional as F
+
+from ._dispatch import Availability
+
+ATTN_BACKENDS = ("auto", "flash", "xformers", "sdpa", "math")
+_override: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastjepa_attn", default=None)
+
+
+def _check_name(name: str, source: str) -> str:
+    if name not in ATTN_BACKENDS:
+        raise ValueError(f"{source}={name!r} is not an attention backend; expected one of {', '.join(ATTN_BACKENDS)}")
+    return name
+
+
+def current_attention() -> str:
+    name = _override.get()
+    if name is not None:
+        return name
+    return _check_name(os.environ.get("FASTJEPA_ATTN", "auto").strip().lower() or "auto", "FASTJEPA_ATTN")
+
+
+@contextlib.contextmanager
+def use_attention(name: str):
+    """Force an attention backend inside a ``with`` block (overrides ``FASTJEPA_ATTN``)."""
+    token = _override.set(_check_name(name, "use_attention"))
+    try:
+        yield
+    finally:
+        _override.reset(token)
+
+
+@functools.lru_cache(maxsize=None)
+def _import(module: str):
+    try:
+        return importlib.import_module(module), None
+    except Exception as exc:  # noqa: BLE001 — a broken optional install can raise anything at import
+        return None, f"{module} does not import ({type(exc).__name__}: {exc})"
+
+
+def attention_available() -> dict[str, Availability]:
+    flash, why_flash = _import("flash_attn")
+    xf, why_xf = _import("xformers.ops")
+    return {
+        "flash": Availability(True, f"flash-attn {flash.__version__}") if flash else Availability(False, why_flash),
+        "xformers": Availability(True, "xformers") if xf else Availability(False, why_xf),
+        "sdpa": Availability(True, f"torch {torch.__version__}"),
+        "math": Availability(True, "explicit softmax"),
+    }
+
+
+def _why_not(backend: str, q: torch.Tensor) -> str | None:
+    if backend in ("sdpa", "math"):
+        return None
+    avail = attention_available()[backend]
+    if not avail:
+        return avail.reason
+    if q.device.type != "cuda":
+        return f"{backend} needs CUDA tensors, got {q.device}"
+    if backend == "flash":
+        if q.dtype not in (torch.float16, torch.bfloat16):
+            return f"flash-attn needs float16 or bfloat16, got {q.dtype}"
+        hd = q.size(-1)
+        if hd > 256 or hd % 8 != 0:
+            return f"flash-attn needs a head dim <= 256 and a multiple of 8, got {hd}"
+    return None
+
+
+def select_attention(q: torch.Tensor) -> str:
+    want = current_attention()
+    if want == "auto":
+        if torch.is_autocast_enabled(q.device.type) and q.device.type == "cuda":
+            dtype = torch.get_autocast_dtype("cuda")
+            q = q.to(dtype) if q.dtype != dtype else q
+        return "flash" if _why_not("flash", q) is None else "sdpa"
+    why = _why_not(want, q)
+    if why is not None:
+        raise RuntimeError(f"attention backend {want!r} was forced but cannot run these inputs: {why}")
+    return want
+
+
+def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """Explicit softmax attention, as the reference Attention module computes it."""
+    scale = q.size(-1) ** -0.5 if scale is None else scale
+    attn = (q @ k.transpose(-2, -1)) * scale  # (B, H, N, N)
+    attn = attn.softmax(dim=-1)
+    return attn @ v  # (B, H, N, hd)
+
+
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None, backend: str | None = None
+) -> torch.Tensor:
+    """Softmax attention of (B, H, N, hd) q, k, v; ``scale`` defaults to ``hd**-0.5``. No mask, no dropout."""
+    if q.dim() != 4 or k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(
+            f"attention: expected q, k, v of one shape (B, H, N, hd), got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    name = select_attention(q) if backend is None else backend
+    if name == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    if name == "math":
+        return attention_reference(q, k, v, scale)
+    if name == "flash":
+        flash_attn, _ = _import("flash_attn")
+        dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else q.dtype
+        q, k, v = (t.transpose(1, 2).to(dtype) for t in (q, k, v))  # (B, N, H, hd)
+        return flash_attn.flash_attn_func(q, k, v, softmax_scale=scale).transpose(1, 2)  # (B, H, N, hd)
+    if name == "xformers":
+        xops, _ = _import("xformers.ops")
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, N, H, hd)
+        return xops.memory_efficient_attention(q, k, v, scale=scale).transpose(1, 2)  # (B, H, N, hd)
+    raise ValueError(f"attention: unknown backend {name!r}; expected one of {', '.join(ATTN_BACKENDS[1:])}")
