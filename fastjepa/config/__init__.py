@@ -1,0 +1,267 @@
+"""Configuration: the reference's YAML sections and keys, plus fastjepa's additions.
+
+``load_config(path, overrides)`` reads a YAML file (the reference's published files
+unchanged, or fastjepa's), applies ``section.key=value`` overrides, fills defaults and
+validates every key and type; anything wrong raises :class:`ConfigError` naming the key,
+the value and what was expected, before any work starts.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Iterable, Mapping
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem, found before training starts."""
+
+
+# Each field: (kind, default, help). kinds: int, float, bool, str, opt_str, pair, dict, or a tuple of allowed strings.
+SCHEMA: dict[str, dict[str, tuple[Any, Any, str]]] = {
+    "data": {
+        "dataset": (("embedded", "imagefolder", "synthetic"), "embedded", "data source (fastjepa)"),
+        "batch_size": ("int", 128, "images per GPU / process per step (as the reference)"),
+        "crop_size": ("int", 224, "square crop fed to the model"),
+        "crop_scale": ("pair", [0.3, 1.0], "RandomResizedCrop area range"),
+        "root_path": ("opt_str", None, "imagefolder: root folder"),
+        "image_folder": ("opt_str", None, "imagefolder: training folder under root_path"),
+        "val_folder": ("opt_str", None, "imagefolder: held-out folder under root_path, for evaluation (fastjepa)"),
+        "synthetic_samples": ("int", 1024, "synthetic: images per epoch (fastjepa)"),
+        "num_workers": ("int", 0, "DataLoader worker processes"),
+        "pin_mem": ("bool", True, "pinned host memory (CUDA only)"),
+        "use_horizontal_flip": ("bool", False, "random horizontal flip"),
+        "use_color_distortion": ("bool", False, "colour distortion (not used by any published config; unsupported)"),
+        "use_gaussian_blur": ("bool", False, "Gaussian blur (not used by any published config; unsupported)"),
+        "color_jitter_strength": ("float", 0.0, "accepted for compatibility; unused"),
+    },
+    "logging": {
+        "folder": ("opt_str", None, "output folder (the command line's --output wins)"),
+        "write_tag": ("str", "jepa", "checkpoint / log file prefix"),
+        "log_freq": ("int", 10, "console line, CSV flush and loss check every N iterations (fastjepa)"),
+        "checkpoint_freq": ("int", 50, "keep an extra epoch checkpoint every N epochs (fastjepa)"),
+        "tensorboard": ("bool", True, "write TensorBoard events when tensorboard is installed (fastjepa)"),
+        "wandb": ("bool", False, "log to Weights & Biases when installed (fastjepa)"),
+        "wandb_project": ("str", "fastjepa", "W&B project (fastjepa)"),
+        "plots": ("bool", True, "write PNG plots at the end of training (fastjepa)"),
+        "probe": ("bool", True, "quick linear-probe / k-NN evaluation at the end (embedded data) (fastjepa)"),
+    },
+    "mask": {
+        "patch_size": ("int", 16, "ViT patch size"),
+        "num_enc_masks": ("int", 1, "context blocks per image (nenc)"),
+        "num_pred_masks": ("int", 4, "target blocks per image (npred)"),
+        "enc_mask_scale": ("pair", [0.85, 1.0], "context block area range"),
+        "pred_mask_scale": ("pair", [0.15, 0.2], "target block area range"),
+        "aspect_ratio": ("pair", [0.75, 1.5], "target block aspect range"),
+        "min_keep": ("int", 10, "a mask needs more than this many patches"),
+        "allow_overlap": ("bool", False, "let context and targets overlap"),
+        "compat": (("fastjepa", "reference"), "fastjepa", "'reference' reproduces the reference sampler exactly (fastjepa)"),
+        "backend": (("auto", "cpp", "python"), "auto", "mask sampler implementation (fastjepa)"),
+    },
+    "meta": {
+        "model_name": (("vit_tiny", "vit_small", "vit_base", "vit_large", "vit_huge", "vit_giant"), "vit_base", "encoder"),
+        "model_kwargs": ("dict", {}, "encoder constructor overrides, e.g. {depth: 6} (fastjepa)"),
+        "pred_depth": ("int", 6, "predictor depth"),
+        "pred_emb_dim": ("int", 384, "predictor width"),
+        "pred_num_heads": ("opt_int", None, "predictor heads (default: the encoder's, as the reference) (fastjepa)"),
+        "use_bfloat16": ("bool", False, "bf16 autocast on CUDA"),
+        "load_checkpoint": ("bool", False, "resume from the output folder's latest checkpoint (as --resume)"),
+        "read_checkpoint": ("opt_str", None, "checkpoint file to resume from (default: <tag>-latest.pth.tar)"),
+        "copy_data": ("bool", False, "accepted for compatibility; unused"),
+        "seed": ("int", 0, "seed for init, data order, crops and masks (fastjepa)"),
+        "device": (("auto", "cpu", "cuda"), "auto", "CUDA when present unless set (fastjepa)"),
+        "compile": ("bool", False, "torch.compile the transformer blocks (fastjepa)"),
+        "activation_checkpointing": ("bool", False, "recompute block activations in backward (fastjepa)"),
+        "fsdp": ("bool", False, "shard encoder/predictor/target with FSDP2 under torchrun (fastjepa)"),
+        "reference_step": ("bool", False, "the reference's step: reference ops, math attention, per-parameter EMA, GradScaler (fastjepa)"),
+        "max_steps": ("opt_int", None, "stop after this many optimizer steps (fastjepa; benchmarks and tests)"),
+    },
+    "optimization": {
+        "epochs": ("int", 300, "training epochs"),
+        "warmup": ("float", 40, "LR warmup epochs"),
+        "start_lr": ("float", 2e-4, "LR at step 0"),
+        "lr": ("float", 1e-3, "peak LR"),
+        "final_lr": ("float", 1e-6, "LR at the end"),
+        "weight_decay": ("float", 0.04, "WD at step 0"),
+        "final_weight_decay": ("float", 0.4, "WD at the end"),
+        "ema": ("pair", [0.996, 1.0], "EMA momentum start, end"),
+        "ipe_scale": ("float", 1.0, "schedule length multiplier"),
+        "grad_accum": ("int", 1, "micro-batches per optimizer step (fastjepa)"),
+        "clip_grad": ("opt_float", None, "max gradient norm (fastjepa; off as the reference)"),
+        "nan_policy": (("stop", "skip"), "stop", "non-finite loss: stop the run, or skip the step (fastjepa)"),
+    },
+}
+
+
+def defaults() -> dict[str, dict[str, Any]]:
+    return {sec: {k: copy.deepcopy(spec[1]) for k, spec in fields.items()} for sec, fields in SCHEMA.items()}
+
+
+def _check_value(key: str, kind: Any, value: Any) -> Any:
+    def bad(expected: str) -> ConfigError:
+        return ConfigError(f"config key {key}: got {value!r} ({type(value).__name__}), expected {expected}")
+
+    if isinstance(kind, tuple):
+        if value not in kind:
+            raise bad("one of " + ", ".join(repr(k) for k in kind))
+        return value
+    if kind == "int" or (kind == "opt_int" and value is not None):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise bad("an integer")
+        return value
+    if kind == "float" or (kind == "opt_float" and value is not None):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad("a number")
+        return float(value)
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise bad("true or false")
+        return value
+    if kind == "str":
+        if not isinstance(value, str):
+            raise bad("a string")
+        return value
+    if kind == "opt_str":
+        if value is not None and not isinstance(value, str):
+            raise bad("a string or null")
+        return value
+    if kind == "pair":
+        if not isinstance(value, (list, tuple)) or len(value) != 2 or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in value):
+            raise bad("a list of two numbers [low, high]")
+        return [float(v) for v in value]
+    if kind == "dict":
+        if not isinstance(value, dict):
+            raise bad("a mapping")
+        return value
+    if kind in ("opt_int", "opt_float"):
+        return value
+    raise AssertionError(kind)
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """``"section.key=value"`` -> (section, key, YAML-parsed value)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected section.key=value, e.g. optimization.epochs=1")
+    path, raw = text.split("=", 1)
+    parts = path.strip().split(".")
+    if len(parts) != 2 or not all(parts):
+        raise ConfigError(f"override {text!r}: expected section.key=value with a section among {', '.join(SCHEMA)}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: the value is not valid YAML ({exc})") from None
+    return parts[0], parts[1], value
+
+
+def merge(base: dict, update: Mapping, source: str) -> dict:
+    for sec, fields in update.items():
+        if sec not in SCHEMA:
+            raise ConfigError(f"{source}: unknown section {sec!r}; expected one of {', '.join(SCHEMA)}")
+        if fields is None:
+            continue
+        if not isinstance(fields, Mapping):
+            raise ConfigError(f"{source}: section {sec!r} must be a mapping, got {type(fields).__name__}")
+        for key, value in fields.items():
+            if key not in SCHEMA[sec]:
+                known = ", ".join(sorted(SCHEMA[sec]))
+                raise ConfigError(f"{source}: unknown key {sec}.{key}; known keys of {sec}: {known}")
+            base[sec][key] = _check_value(f"{sec}.{key}", SCHEMA[sec][key][0], value)
+    return base
+
+
+def validate(cfg: dict) -> dict:
+    """Cross-field checks: things that would fail later or hang (see MaskCollator)."""
+    d, m, meta, o = cfg["data"], cfg["mask"], cfg["meta"], cfg["optimization"]
+    for key, v, lo in (
+        ("data.batch_size", d["batch_size"], 1),
+        ("data.crop_size", d["crop_size"], 1),
+        ("mask.patch_size", m["patch_size"], 1),
+        ("mask.num_enc_masks", m["num_enc_masks"], 1),
+        ("mask.num_pred_masks", m["num_pred_masks"], 1),
+        ("mask.min_keep", m["min_keep"], 0),
+        ("optimization.epochs", o["epochs"], 1),
+        ("optimization.grad_accum", o["grad_accum"], 1),
+        ("logging.log_freq", cfg["logging"]["log_freq"], 1),
+        ("logging.checkpoint_freq", cfg["logging"]["checkpoint_freq"], 1),
+        ("meta.pred_depth", meta["pred_depth"], 1),
+        ("meta.pred_emb_dim", meta["pred_emb_dim"], 1),
+        ("data.num_workers", d["num_workers"], 0),
+    ):
+        if v < lo:
+            raise ConfigError(f"config key {key}: got {v}, expected an integer >= {lo}")
+    if d["crop_size"] % m["patch_size"] != 0:
+        raise ConfigError(f"data.crop_size={d['crop_size']} is not a multiple of mask.patch_size={m['patch_size']}")
+    if d["batch_size"] % o["grad_accum"] != 0:
+        raise ConfigError(
+            f"data.batch_size={d['batch_size']} is not divisible by optimization.grad_accum={o['grad_accum']} "
+            "(each micro-batch gets batch_size / grad_accum images)"
+        )
+    if d["use_color_distortion"] or d["use_gaussian_blur"]:
+        raise ConfigError("data.use_color_distortion / data.use_gaussian_blur: not supported (no published I-JEPA config uses them); set false")
+    if d["dataset"] == "imagefolder" and not (d["root_path"] or d["image_folder"]):
+        raise ConfigError("data.dataset=imagefolder needs data.root_path and data.image_folder (the training images)")
+    if o["ema"][0] > o["ema"][1] or not 0 <= o["ema"][0] <= 1 or not 0 <= o["ema"][1] <= 1:
+        raise ConfigError(f"optimization.ema={o['ema']}: expected 0 <= start <= end <= 1")
+    if o["warmup"] < 0 or o["warmup"] > o["epochs"] * o["ipe_scale"]:
+        raise ConfigError(f"optimization.warmup={o['warmup']}: expected between 0 and epochs·ipe_scale={o['epochs'] * o['ipe_scale']}")
+    if meta["max_steps"] is not None and meta["max_steps"] < 1:
+        raise ConfigError(f"meta.max_steps={meta['max_steps']}: expected an integer >= 1 or null")
+    # mask feasibility: the collator's own check, with the config's names in the message
+    from ..masks import MaskCollator
+
+    try:
+        MaskCollator(
+            input_size=d["crop_size"],
+            patch_size=m["patch_size"],
+            enc_mask_scale=m["enc_mask_scale"],
+            pred_mask_scale=m["pred_mask_scale"],
+            aspect_ratio=m["aspect_ratio"],
+            nenc=m["num_enc_masks"],
+            npred=m["num_pred_masks"],
+            min_keep=m["min_keep"],
+            allow_overlap=m["allow_overlap"],
+            backend="python",
+        )
+    except ValueError as exc:
+        raise ConfigError(f"impossible mask settings (mask.* with data.crop_size={d['crop_size']}): {exc}") from None
+    return cfg
+
+
+def default_config_path() -> Path:
+    return Path(str(resources.files("fastjepa") / "configs" / "default.yaml"))
+
+
+def read_yaml(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: expected a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: Iterable[str] = ()) -> dict:
+    """Defaults <- YAML file (default: the packaged CPU config) <- overrides, validated."""
+    path = default_config_path() if path is None else Path(path)
+    cfg = merge(defaults(), read_yaml(path), str(path))
+    for text in overrides:
+        sec, key, value = parse_override(text)
+        merge(cfg, {sec: {key: value}}, f"override {text!r}")
+    return validate(cfg)
+
+
+def dump_config(cfg: dict, path: str | os.PathLike) -> None:
+    with open(path, "w") as f:
+        yaml.safe_dump(cfg, f, sort_keys=False, default_flow_style=None)

@@ -1,0 +1,104 @@
+"""``python -m fastjepa.plot RUN_DIR``: PNG plots of a run's ``log.csv``.
+
+Writes ``loss.png`` (loss per step with a moving average), ``schedules.png`` (lr, wd,
+EMA momentum) and ``throughput.png`` (images/s) into the run folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from pathlib import Path
+
+
+def read_log(run_dir: str | Path) -> dict[str, list[float]]:
+    path = Path(run_dir) / "log.csv"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: is {run_dir} a fastjepa run folder?")
+    cols: dict[str, list[float]] = {}
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            for k, v in row.items():
+                try:
+                    cols.setdefault(k, []).append(float(v))
+                except (TypeError, ValueError):
+                    cols.setdefault(k, []).append(float("nan"))
+    if not cols.get("step"):
+        raise ValueError(f"{path} has no rows yet")
+    return cols
+
+
+def _smooth(values: list[float], n: int) -> list[float]:
+    out, acc, window = [], 0.0, []
+    for v in values:
+        window.append(v)
+        acc += v
+        if len(window) > n:
+            acc -= window.pop(0)
+        out.append(acc / len(window))
+    return out
+
+
+def plot_run(run_dir: str | Path) -> list[Path]:
+    """Write the PNGs for ``run_dir``; returns their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run_dir = Path(run_dir)
+    log = read_log(run_dir)
+    step = log["step"]
+    written = []
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+    ax.plot(step, log["loss"], lw=0.6, alpha=0.4, label="loss")
+    ax.plot(step, _smooth(log["loss"], max(1, len(step) // 50)), lw=1.8, label="moving average")
+    ax.set(xlabel="step", ylabel="smooth-L1 loss", title=f"I-JEPA loss — {run_dir.name}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    written.append(run_dir / "loss.png")
+    fig.savefig(written[-1])
+    plt.close(fig)
+
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4), dpi=120)
+    for ax, key, label in zip(axes, ("lr", "wd", "momentum"), ("learning rate", "weight decay", "EMA momentum")):
+        ax.plot(step, log[key], lw=1.5)
+        ax.set(xlabel="step", title=label)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    written.append(run_dir / "schedules.png")
+    fig.savefig(written[-1])
+    plt.close(fig)
+
+    pts = [(s, v) for s, v in zip(step, log["imgs_per_sec"]) if v == v]  # drop NaN (partial windows)
+    fig, ax = plt.subplots(figsize=(7, 3.4), dpi=120)
+    if pts:
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", lw=1.2)
+    ax.set(xlabel="step", ylabel="images / s", title="throughput")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    written.append(run_dir / "throughput.png")
+    fig.savefig(written[-1])
+    plt.close(fig)
+    return written
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m fastjepa.plot", description="Plot a fastjepa run's log.csv to PNGs.")
+    p.add_argument("run_dir")
+    args = p.parse_args(argv)
+    try:
+        paths = plot_run(args.run_dir)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"fastjepa.plot: {exc}", file=sys.stderr)
+        return 2
+    for path in paths:
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

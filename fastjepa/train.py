@@ -1,0 +1,124 @@
+"""``python -m fastjepa.train [--config FILE] [--output DIR] [--resume] [section.key=value ...]``
+
+With no arguments: the packaged CPU config (a small ViT on the embedded MNIST-5k digits,
+a few minutes on a laptop). Under ``torchrun`` it trains data-parallel (DDP, or FSDP2
+with ``meta.fsdp=true``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from .config import ConfigError, load_config
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m fastjepa.train",
+        description="I-JEPA pretraining. Config: YAML (the reference's files work unchanged) + section.key=value overrides.",
+        epilog="example: python -m fastjepa.train --output runs/a optimization.epochs=1 data.batch_size=32",
+    )
+    p.add_argument("--config", help="YAML config (default: the packaged CPU config, fastjepa/configs/default.yaml)")
+    p.add_argument("--output", help="output folder (default: logging.folder, else a fresh folder under runs/)")
+    p.add_argument("--resume", action="store_true", help="continue from the output folder's latest checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress bars (also off when stderr is not a terminal)")
+    p.add_argument("--trace-shapes", action="store_true", help="run one step, print the tensor shapes through it, and exit")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="an override (same as a positional one)")
+    p.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE", help="config overrides, e.g. optimization.epochs=1")
+    return p.parse_args(argv)
+
+
+def default_output(cfg: dict) -> Path:
+    if cfg["logging"]["folder"]:
+        return Path(cfg["logging"]["folder"])
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out = Path("runs") / f"{cfg['meta']['model_name']}-{stamp}"
+    n = 1
+    while out.exists():
+        n += 1
+        out = Path("runs") / f"{cfg['meta']['model_name']}-{stamp}-{n}"
+    return out
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, [*args.overrides, *args.set])
+    except ConfigError as exc:
+        print(f"fastjepa.train: configuration error: {exc}", file=sys.stderr)
+        return 2
+    if args.trace_shapes:
+        from .trace import trace_shapes_from_config
+
+        trace_shapes_from_config(cfg)
+        return 0
+    resume = args.resume or cfg["meta"]["load_checkpoint"]
+    if args.output:
+        out = Path(args.output)
+    elif resume and cfg["logging"]["folder"]:
+        out = Path(cfg["logging"]["folder"])
+    elif resume:
+        print("fastjepa.train: --resume needs --output DIR (the folder of the run to continue)", file=sys.stderr)
+        return 2
+    else:
+        out = default_output(cfg)
+
+    from .checkpoint import CheckpointError
+    from .distributed import init_distributed
+    from .trainer import NonFiniteLoss, Trainer, pick_device
+
+    try:
+        device = pick_device(cfg["meta"]["device"])
+        dist = init_distributed(device.type)
+        trainer = Trainer(cfg, out, resume=resume, quiet=args.quiet, dist=dist)
+    except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as exc:
+        print(f"fastjepa.train: {exc}", file=sys.stderr)
+        return 2
+    try:
+        summary = trainer.fit()
+    except NonFiniteLoss as exc:
+        print(f"fastjepa.train: {exc}", file=sys.stderr)
+        return 3
+    finally:
+        if dist.enabled:
+            import torch.distributed
+
+            torch.distributed.destroy_process_group()
+    if not dist.is_main:
+        return 0 if summary["status"] != "interrupted" else 128 + (trainer.stop_signal or 15)
+    if summary["status"] == "interrupted":
+        return 128 + (trainer.stop_signal or 15)
+    extras = _after_training(cfg, out, summary)
+    print(
+        f"fastjepa: {summary['status']}: {summary['epochs']} epoch(s), step {summary['step']}, {summary['images_seen']} images "
+        f"in {summary['wall_time_s']:.1f} s, final loss {summary['final_loss']:.4f}{extras} — "
+        f"files in {out}/ (checkpoint {Path(summary['checkpoint']).name}, log.csv, config.yaml, plots)",
+        flush=True,
+    )
+    return 0
+
+
+def _after_training(cfg: dict, out: Path, summary: dict) -> str:
+    """Plots and, on the embedded data, the quick probe; returns text for the summary line."""
+    text = ""
+    if cfg["logging"]["plots"]:
+        from .plot import plot_run
+
+        plot_run(out)
+    if cfg["logging"]["probe"] and cfg["data"]["dataset"] == "embedded" and summary["status"] == "done":
+        try:
+            from .eval import quick_probe
+        except ImportError:
+            return text
+        res = quick_probe(out, cfg)
+        text = f", linear probe {res['linear_probe_top1']:.3f} (random init {res['random_init']['linear_probe_top1']:.3f})"
+    return text
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())

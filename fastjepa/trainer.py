@@ -1,0 +1,595 @@
+"""The I-JEPA training loop (SPEC §5): build, step, log, checkpoint, resume, stop cleanly."""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import random
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+from torch.utils.data import DataLoader
+
+from . import models
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .config import ConfigError, dump_config
+from .data import build_dataset
+from .distributed import DistInfo, ResumableSampler, all_reduce_mean, any_rank
+from .ijepa import IJEPA
+from .masks import MaskCollator
+from .ops import use_attention, use_backend
+from .schedulers import CosineWD, LinearMomentum, WarmupCosineLR
+
+CSV_COLUMNS = (
+    "epoch", "itr", "step", "loss", "lr", "wd", "momentum", "imgs_per_sec",
+    "mask_enc", "mask_pred", "ms_per_itr", "mem_gb", "grad_first", "grad_last",
+)  # fmt: skip
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+class StopRequested(Exception):
+    """A signal asked the run to stop after the current step."""
+
+
+# -- construction
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("meta.device=cuda, but no CUDA device is visible here: set meta.device=cpu (or auto)")
+    return torch.device(name)
+
+
+def build_model(cfg: dict) -> IJEPA:
+    meta, data, mask = cfg["meta"], cfg["data"], cfg["mask"]
+    factory = getattr(models, meta["model_name"])
+    try:
+        encoder = factory(patch_size=mask["patch_size"], img_size=data["crop_size"], **meta["model_kwargs"])
+    except TypeError as exc:
+        raise ConfigError(f"meta.model_kwargs={meta['model_kwargs']}: {exc}") from None
+    predictor = models.vit_predictor(
+        num_patches=encoder.patch_embed.num_patches,
+        embed_dim=encoder.embed_dim,
+        predictor_embed_dim=meta["pred_emb_dim"],
+        depth=meta["pred_depth"],
+        num_heads=meta["pred_num_heads"] or encoder.num_heads,
+    )
+    return IJEPA(encoder, predictor)
+
+
+def param_groups(model: IJEPA) -> list[dict]:
+    """The reference's four groups: encoder / predictor × (decayed, no-decay biases & 1-D)."""
+
+    def split(module: nn.Module):
+        decay, no_decay = [], []
+        for name, p in module.named_parameters():
+            if not p.requires_grad:
+                continue
+            (no_decay if p.ndim == 1 or name.endswith("bias") else decay).append(p)
+        return decay, no_decay
+
+    enc_d, enc_n = split(model.encoder)
+    pred_d, pred_n = split(model.predictor)
+    return [
+        {"params": enc_d},
+        {"params": pred_d},
+        {"params": enc_n, "WD_exclude": True, "weight_decay": 0.0},
+        {"params": pred_n, "WD_exclude": True, "weight_decay": 0.0},
+    ]
+
+
+def make_optimizer(model: IJEPA, device: torch.device, reference: bool) -> torch.optim.Optimizer:
+    kwargs: dict[str, Any] = {}
+    if not reference:
+        kwargs = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    return torch.optim.AdamW(param_groups(model), **kwargs)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# -- the trainer
+
+
+class Trainer:
+    """One run: ``Trainer(cfg, output).fit()``. See ``python -m fastjepa.train --help``."""
+
+    def __init__(self, cfg: dict, output: str | os.PathLike, *, resume: bool = False, quiet: bool = False, dist: DistInfo | None = None):
+        self.cfg, self.out = cfg, Path(output)
+        self.dist = dist or DistInfo()
+        self.quiet = quiet or not sys.stderr.isatty()
+        meta, data, mask, opt = cfg["meta"], cfg["data"], cfg["mask"], cfg["optimization"]
+        self.device = pick_device(meta["device"])
+        self.reference = meta["reference_step"]
+        self.tag = cfg["logging"]["write_tag"]
+        self.latest = self.out / f"{self.tag}-latest.pth.tar"
+
+        seed_everything(meta["seed"])
+        self.model = build_model(cfg).to(self.device)
+        if meta["activation_checkpointing"]:
+            self.model.encoder.grad_checkpointing = self.model.predictor.grad_checkpointing = True
+        if meta["compile"]:
+            for blocks in (self.model.encoder.blocks, self.model.predictor.predictor_blocks, self.model.target_encoder.blocks):
+                for blk in blocks:
+                    blk.compile()
+        self.optimizer = make_optimizer(self.model, self.device, self.reference)
+        self.amp_dtype = torch.bfloat16 if (meta["use_bfloat16"] and self.device.type == "cuda") else None
+        # bf16 needs no loss scaling; the reference runs a GradScaler anyway (kept for its step).
+        self.scaler = torch.amp.GradScaler("cuda") if (self.amp_dtype is not None and self.reference) else None
+        self._wrap_distributed()
+
+        # data
+        self.dataset = build_dataset(data, split="train")
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(0, seed=meta["seed"])
+        self.sampler = ResumableSampler(len(self.dataset), data["batch_size"], self.dist, seed=meta["seed"])
+        self.collator = MaskCollator(
+            input_size=data["crop_size"],
+            patch_size=mask["patch_size"],
+            enc_mask_scale=mask["enc_mask_scale"],
+            pred_mask_scale=mask["pred_mask_scale"],
+            aspect_ratio=mask["aspect_ratio"],
+            nenc=mask["num_enc_masks"],
+            npred=mask["num_pred_masks"],
+            min_keep=mask["min_keep"],
+            allow_overlap=mask["allow_overlap"],
+            compat=mask["compat"],
+            seed=meta["seed"],
+            rank=self.dist.rank,
+            backend=None if mask["backend"] == "auto" else mask["backend"],
+        )
+        self.ipe = self.sampler.batches_per_epoch
+        total = int(opt["epochs"] * self.ipe * opt["ipe_scale"])
+        warmup = int(opt["warmup"] * self.ipe)
+        self.lr_sched = WarmupCosineLR(opt["start_lr"], opt["lr"], opt["final_lr"], warmup, total)
+        self.wd_sched = CosineWD(opt["weight_decay"], opt["final_weight_decay"], total)
+        self.mom_sched = LinearMomentum(opt["ema"][0], opt["ema"][1], total)
+
+        self.epoch, self.next_itr, self.step = 0, 0, 0
+        self.last_loss = float("nan")
+        self.stop_signal: int | None = None
+        self.check_every = 1 if self.device.type == "cpu" else cfg["logging"]["log_freq"]
+        self.images_seen = 0
+        if resume:
+            self._resume()
+
+    # -- setup helpers
+
+    def _wrap_distributed(self) -> None:
+        if not self.dist.enabled:
+            return
+        if self.cfg["meta"]["fsdp"]:
+            from .fsdp import shard_ijepa
+
+            shard_ijepa(self.model, self.device)
+            return
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ids = [self.device.index or 0] if self.device.type == "cuda" else None
+        self.model.encoder = DDP(self.model.encoder, device_ids=ids)
+        self.model.predictor = DDP(self.model.predictor, device_ids=ids)
+
+    def _loader(self) -> DataLoader:
+        self.sampler.set_epoch(self.epoch, self.next_itr)
+        self.collator.set_epoch(self.epoch, self.next_itr)
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(self.epoch)
+        data = self.cfg["data"]
+        return DataLoader(
+            self.dataset,
+            batch_size=data["batch_size"],
+            sampler=self.sampler,
+            collate_fn=self.collator,
+            num_workers=data["num_workers"],
+            pin_memory=data["pin_mem"] and self.device.type == "cuda",
+            drop_last=True,
+        )
+
+    def _resume(self) -> None:
+        meta = self.cfg["meta"]
+        path = Path(meta["read_checkpoint"]) if meta["read_checkpoint"] else self.latest
+        if not path.is_absolute() and not path.exists():
+            path = self.out / path
+        if not path.is_file():
+            raise CheckpointError(f"--resume: no checkpoint at {path} (train into {self.out} first, or set meta.read_checkpoint)")
+        ckpt = load_checkpoint(path, self.model, self.optimizer, self.scaler)
+        extra = ckpt.get("fastjepa", {})
+        self.epoch = int(ckpt["epoch"])
+        self.next_itr = int(extra.get("next_itr", 0))
+        self.step = int(extra.get("step", self.epoch * self.ipe + self.next_itr))
+        self.images_seen = int(extra.get("images_seen", 0))
+        if "rng" in extra:
+            set_rng_state(extra["rng"])
+        self.resumed_from = path
+        self._say(f"resumed from {path}: epoch {self.epoch}, iteration {self.next_itr}, step {self.step}")
+
+    # -- output
+
+    def _say(self, msg: str) -> None:
+        if not self.dist.is_main:
+            return
+        if self._bar is not None:
+            self._bar.write(msg, file=sys.stderr)
+        else:
+            print(msg, file=sys.stderr, flush=True)
+
+    _bar = None
+
+    def _open_csv(self):
+        path = self.out / "log.csv"
+        rows = []
+        if path.is_file():  # keep only rows up to the resumed step (a crash may have logged past it)
+            with open(path, newline="") as f:
+                rows = [r for r in csv.DictReader(f) if r.get("step") and int(r["step"]) < self.step]
+        f = open(path, "w", newline="")
+        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+        writer.writeheader()
+        for r in rows:
+            writer.writerow({k: r.get(k, "") for k in CSV_COLUMNS})
+        f.flush()
+        return f, writer
+
+    def _checkpoint(self, *, epoch: int, next_itr: int, extra_name: str | None = None) -> Path | None:
+        if not self.dist.is_main:
+            return None
+        extra = {
+            "step": self.step,
+            "next_itr": next_itr,
+            "images_seen": self.images_seen,
+            "rng": rng_state(),
+            "config": self.cfg,
+        }
+        kwargs = dict(
+            epoch=epoch,
+            loss=self.last_loss,
+            batch_size=self.cfg["data"]["batch_size"],
+            world_size=self.dist.world_size,
+            lr=self.lr_sched.value(max(self.step, 1)),
+            extra=extra,
+        )
+        # keep the last two: latest -> prev only once the new file is complete on disk
+        tmp = self.out / f".{self.tag}-next.pth.tar"
+        save_checkpoint(tmp, self.model, self.optimizer, self.scaler, **kwargs)
+        if self.latest.exists():
+            os.replace(self.latest, self.out / f"{self.tag}-prev.pth.tar")
+        os.replace(tmp, self.latest)
+        if extra_name:
+            save_checkpoint(self.out / extra_name, self.model, self.optimizer, self.scaler, **kwargs)
+        return self.latest
+
+    # -- signals
+
+    def _install_signals(self):
+        previous = {}
+
+        def handler(signum, frame):
+            if self.stop_signal is not None:  # second signal: leave now
+                print(f"\nfastjepa: second {signal.Signals(signum).name}, exiting immediately", file=sys.stderr, flush=True)
+                os._exit(128 + signum)
+            self.stop_signal = signum
+            print(
+                f"\nfastjepa: {signal.Signals(signum).name} received: finishing this step and writing a checkpoint "
+                "(send it again to exit at once)",
+                file=sys.stderr,
+                flush=True,
+            )
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous[sig] = signal.signal(sig, handler)
+        return previous
+
+    # -- the step
+
+    def _set_schedules(self) -> tuple[float, float, float]:
+        lr = self.lr_sched.value(self.step + 1)
+        wd = self.wd_sched.value(self.step + 1)
+        mom = self.mom_sched.value(self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+            if not group.get("WD_exclude", False):
+                group["weight_decay"] = wd
+        return lr, wd, mom
+
+    def _backend_context(self):
+        if self.reference:
+            return _Both(use_backend("reference"), use_attention("math"))
+        return nullcontext()
+
+    def train_step(self, imgs: torch.Tensor, masks_enc: list[torch.Tensor], masks_pred: list[torch.Tensor], want_grads: bool = False):
+        """One optimizer step over ``grad_accum`` micro-batches. Returns (loss tensor, grad stats or None)."""
+        accum = self.cfg["optimization"]["grad_accum"]
+        lr, wd, mom = self._set_schedules()
+        B = imgs.size(0)
+        micro = B // accum
+        total = torch.zeros((), device=self.device)
+        for a in range(accum):
+            sl = slice(a * micro, (a + 1) * micro)
+            sync = nullcontext()
+            if accum > 1 and a < accum - 1 and self.dist.enabled and not self.cfg["meta"]["fsdp"]:
+                sync = _Both(self.model.encoder.no_sync(), self.model.predictor.no_sync())
+            with sync, torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
+                loss = self.model(imgs[sl], [m[sl] for m in masks_enc], [m[sl] for m in masks_pred]) / accum
+            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+            total += loss.detach().float()
+        skip = False
+        if self.cfg["optimization"]["nan_policy"] == "skip":
+            skip = not bool(torch.isfinite(total).item())
+        grads = self._grad_stats() if want_grads and not skip else None
+        clip = self.cfg["optimization"]["clip_grad"]
+        if skip:
+            self._say(f"step {self.step}: non-finite loss {float(total)}, skipping the update (optimization.nan_policy=skip)")
+        else:
+            if self.scaler is not None:
+                if clip:
+                    self.scaler.unscale_(self.optimizer)
+                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                if clip:
+                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+                self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if not skip:
+            self.model.update_target(mom, mode="reference" if self.reference else "foreach")
+        return total, grads, (lr, wd, mom)
+
+    def _grad_stats(self) -> tuple[float, float, float, float]:
+        """(first qkv, last qkv, min, max) gradient norms over the encoder's weight matrices,
+        as the reference's grad_stats line."""
+        first = last = None
+        norms = []
+        for name, p in self.model.encoder.named_parameters():
+            if p.grad is None or name.endswith(".bias") or p.ndim == 1:
+                continue
+            n = float(p.grad.detach().float().norm())
+            norms.append(n)
+            if "qkv" in name:
+                last = n
+                first = n if first is None else first
+        if not norms:
+            return (float("nan"),) * 4
+        return (first or float("nan"), last or float("nan"), min(norms), max(norms))
+
+    # -- the loop
+
+    def fit(self) -> dict:
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        log_freq, epochs = cfg["logging"]["log_freq"], cfg["optimization"]["epochs"]
+        max_steps = cfg["meta"]["max_steps"]
+        if self.dist.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            dump_config(cfg, self.out / "config.yaml")
+        csv_file, writer = self._open_csv() if self.dist.is_main else (None, None)
+        tb = _TensorBoard(self.out, cfg) if self.dist.is_main else None
+        previous = self._install_signals()
+        eff = cfg["data"]["batch_size"] * self.dist.world_size
+        self._say(
+            f"fastjepa: {cfg['meta']['model_name']} on {self.device} ({self.dist.world_size} process(es)), "
+            f"{len(self.dataset)} images, {self.ipe} iterations/epoch, batch {cfg['data']['batch_size']} per process "
+            f"(effective {eff}), output {self.out}"
+        )
+        t_start = time.perf_counter()
+        pending: list[dict] = []
+        first_bad: int | None = None
+        status, stopped_by = "done", None
+        try:
+            while self.epoch < epochs:
+                loader = self._loader()
+                self._bar = tqdm(
+                    total=self.ipe,
+                    initial=self.next_itr,
+                    desc=f"epoch {self.epoch + 1}/{epochs}",
+                    disable=self.quiet or not self.dist.is_main,
+                    dynamic_ncols=True,
+                    leave=False,
+                )
+                t_last, n_since = time.perf_counter(), 0
+                for itr, (udata, masks_enc, masks_pred) in enumerate(loader, start=self.next_itr):
+                    t0 = time.perf_counter()
+                    imgs = (udata[0] if isinstance(udata, (list, tuple)) else udata).to(self.device, non_blocking=True)
+                    masks_enc = [m.to(self.device, non_blocking=True) for m in masks_enc]
+                    masks_pred = [m.to(self.device, non_blocking=True) for m in masks_pred]
+                    log_now = (itr % log_freq == 0) or itr == self.ipe - 1
+                    with self._backend_context():
+                        loss, grads, (lr, wd, mom) = self.train_step(imgs, masks_enc, masks_pred, want_grads=log_now)
+                    pending.append(
+                        dict(epoch=self.epoch + 1, itr=itr, step=self.step, loss=loss, lr=lr, wd=wd, momentum=mom,
+                             mask_enc=masks_enc[0].size(1), mask_pred=masks_pred[0].size(1), t0=t0, grads=grads)
+                    )  # fmt: skip
+                    self.step += 1
+                    self.next_itr = itr + 1
+                    self.images_seen += imgs.size(0) * self.dist.world_size
+                    n_since += imgs.size(0) * self.dist.world_size
+                    if self.step % self.check_every == 0 or log_now:
+                        first_bad = self._check_finite(pending, first_bad)
+                    if log_now:
+                        now = time.perf_counter()
+                        ips = n_since / max(now - t_last, 1e-9)
+                        self._flush(pending, writer, csv_file, tb, ips, now - t_last)
+                        pending, t_last, n_since = [], now, 0
+                    self._bar.update(1)
+                    stop = self.stop_signal is not None
+                    if self.dist.enabled:
+                        stop = any_rank(stop, self.dist, self.device)
+                    if stop or (max_steps is not None and self.step >= max_steps):
+                        first_bad = self._check_finite(pending, first_bad)
+                        self._flush(pending, writer, csv_file, tb, float("nan"), 0.0)
+                        pending = []
+                        stopped_by = "signal" if stop else "max_steps"
+                        raise StopRequested
+                first_bad = self._check_finite(pending, first_bad)
+                self._flush(pending, writer, csv_file, tb, float("nan"), 0.0)
+                pending = []
+                self._bar.close()
+                self._bar = None
+                self.epoch += 1
+                self.next_itr = 0
+                freq = cfg["logging"]["checkpoint_freq"]
+                periodic = f"{self.tag}-ep{self.epoch}.pth.tar" if (self.epoch % freq == 0 or self.epoch == epochs) else None
+                self._checkpoint(epoch=self.epoch, next_itr=0, extra_name=periodic)
+                skipped = getattr(self.dataset, "num_skipped", 0)
+                self._say(
+                    f"epoch {self.epoch}/{epochs} done: loss {self.last_loss:.4f}, {self.images_seen} images seen"
+                    + (f", {skipped} unreadable image(s) skipped so far" if skipped else "")
+                )
+        except StopRequested:
+            self._checkpoint(epoch=self.epoch, next_itr=self.next_itr)
+            status = "interrupted" if stopped_by == "signal" else "max_steps"
+        except NonFiniteLoss as exc:
+            status = "non_finite"
+            raise NonFiniteLoss(
+                f"{exc}; stopping. The last good checkpoint is {self.latest if self.latest.exists() else 'none (no epoch finished)'}"
+                " — resume from it with --resume, perhaps with a lower optimization.lr, or set optimization.nan_policy=skip"
+            ) from None
+        finally:
+            if self._bar is not None:
+                self._bar.close()
+                self._bar = None
+            for sig, h in previous.items():
+                signal.signal(sig, h)
+            if csv_file is not None:
+                csv_file.close()
+            if tb is not None:
+                tb.close()
+        wall = time.perf_counter() - t_start
+        summary = {
+            "status": status,
+            "epochs": self.epoch,
+            "step": self.step,
+            "images_seen": self.images_seen,
+            "wall_time_s": wall,
+            "final_loss": self.last_loss,
+            "output": str(self.out),
+            "checkpoint": str(self.latest),
+            "csv": str(self.out / "log.csv"),
+        }
+        if status == "interrupted":
+            signame = signal.Signals(self.stop_signal).name
+            self._say(f"fastjepa: stopped by {signame} at step {self.step}; checkpoint {self.latest}; continue with --resume")
+        return summary
+
+    def _check_finite(self, pending: list[dict], first_bad: int | None) -> int | None:
+        if not pending:
+            return first_bad
+        losses = torch.stack([p["loss"] for p in pending])
+        if bool(torch.isfinite(losses).all()) or self.cfg["optimization"]["nan_policy"] == "skip":
+            return first_bad
+        bad = next(p for p, ok in zip(pending, torch.isfinite(losses).tolist()) if not ok)
+        raise NonFiniteLoss(f"the loss became non-finite at step {bad['step']} (epoch {bad['epoch']}, iteration {bad['itr']})")
+
+    def _flush(self, pending: list[dict], writer, csv_file, tb, ips: float, elapsed: float) -> None:
+        if not pending:
+            return
+        losses = torch.stack([p["loss"] for p in pending]).float()
+        if self.dist.enabled:
+            losses = all_reduce_mean(losses, self.dist)
+        values = losses.tolist()
+        self.last_loss = values[-1]
+        if not self.dist.is_main:
+            return
+        ms = 1000.0 * elapsed / len(pending) if elapsed > 0 else float("nan")
+        mem = torch.cuda.max_memory_allocated() / 2**30 if self.device.type == "cuda" else 0.0
+        for p, v in zip(pending, values):
+            g = p["grads"] or (float("nan"),) * 4
+            row = dict(epoch=p["epoch"], itr=p["itr"], step=p["step"], loss=f"{v:.6f}", lr=f"{p['lr']:.6e}", wd=f"{p['wd']:.6e}",
+                       momentum=f"{p['momentum']:.6f}", imgs_per_sec=f"{ips:.2f}", mask_enc=p["mask_enc"], mask_pred=p["mask_pred"],
+                       ms_per_itr=f"{ms:.2f}", mem_gb=f"{mem:.3f}", grad_first=f"{g[0]:.3e}", grad_last=f"{g[1]:.3e}")  # fmt: skip
+            writer.writerow(row)
+            if tb is not None:
+                tb.log(p["step"], loss=v, lr=p["lr"], wd=p["wd"], momentum=p["momentum"], imgs_per_sec=ips, mask_enc=p["mask_enc"],
+                       mask_pred=p["mask_pred"], mem_gb=mem)  # fmt: skip
+        csv_file.flush()
+        last = pending[-1]
+        if math.isfinite(ips):
+            self._say(
+                "[%d, %5d] loss: %.3f masks: %.1f %.1f [wd: %.2e] [lr: %.2e] [mem: %.2e] (%.1f ms)"
+                % (last["epoch"], last["itr"], sum(values) / len(values), last["mask_enc"], last["mask_pred"], last["wd"], last["lr"],
+                   mem * 1024, ms)  # fmt: skip
+            )
+            if last["grads"] is not None:
+                self._say("[%d, %5d] grad_stats: [%.2e %.2e] (%.2e, %.2e)" % (last["epoch"], last["itr"], *last["grads"]))
+            if self._bar is not None:
+                self._bar.set_postfix(loss=f"{values[-1]:.4f}", img_s=f"{ips:.0f}")
+
+
+class _Both:
+    """Enter two context managers as one."""
+
+    def __init__(self, a, b):
+        self.a, self.b = a, b
+
+    def __enter__(self):
+        self.a.__enter__()
+        self.b.__enter__()
+
+    def __exit__(self, *exc):
+        self.b.__exit__(*exc)
+        return self.a.__exit__(*exc)
+
+
+class _TensorBoard:
+    """TensorBoard scalars when tensorboard is installed and ``logging.tensorboard``; W&B
+    when installed and ``logging.wandb``. Silent no-op otherwise."""
+
+    def __init__(self, out: Path, cfg: dict):
+        self.tb = self.wandb = None
+        if cfg["logging"]["tensorboard"]:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(out / "tensorboard"))
+            except ImportError:
+                self.tb = None
+        if cfg["logging"]["wandb"]:
+            try:
+                import wandb
+            except ImportError as exc:
+                raise ConfigError("logging.wandb=true, but wandb is not installed: pip install 'fastjepa[wandb]'") from exc
+            self.wandb = wandb.init(project=cfg["logging"]["wandb_project"], config=cfg, dir=str(out))
+
+    def log(self, step: int, **values) -> None:
+        if self.tb is not None:
+            for k, v in values.items():
+                self.tb.add_scalar(f"train/{k}", v, step)
+        if self.wandb is not None:
+            self.wandb.log({f"train/{k}": v for k, v in values.items()}, step=step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
