@@ -1,0 +1,89 @@
+"""One training step: the loss of SPEC §5, encoder & predictor change, target = EMA."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastjepa import IJEPA
+from fastjepa.masks import MaskCollator, apply_masks, repeat_interleave_batch
+from fastjepa.models import vit_predictor, vit_tiny
+from fastjepa.ops import use_attention, use_backend
+from fastjepa.trainer import make_optimizer, param_groups
+
+
+def tiny(nenc=1, npred=4):
+    enc = vit_tiny(patch_size=4, img_size=16, depth=2, embed_dim=32, num_heads=2)
+    pred = vit_predictor(num_patches=16, embed_dim=32, predictor_embed_dim=16, depth=2, num_heads=2)
+    col = MaskCollator(input_size=16, patch_size=4, enc_mask_scale=(0.6, 0.9), pred_mask_scale=(0.15, 0.3), aspect_ratio=(0.75, 1.5), nenc=nenc, npred=npred, min_keep=0, generator=torch.Generator().manual_seed(0))
+    return IJEPA(enc, pred), col
+
+
+def test_target_is_frozen_copy():
+    model, _ = tiny()
+    for (n, a), b in zip(model.encoder.state_dict().items(), model.target_encoder.state_dict().values()):
+        assert torch.equal(a, b), n
+    assert not any(p.requires_grad for p in model.target_encoder.parameters())
+    assert model.target_encoder is not model.encoder
+
+
+@pytest.mark.parametrize("nenc", [1, 2])
+def test_loss_matches_spec_written_out(nenc):
+    model, col = tiny(nenc=nenc)
+    imgs, menc, mpred = col([torch.randn(3, 16, 16) for _ in range(3)])
+    with use_backend("reference"), use_attention("math"):
+        loss = model(imgs, menc, mpred)
+        with torch.no_grad():
+            h = model.target_encoder(imgs)
+            h = F.layer_norm(h, (h.size(-1),))
+            h = repeat_interleave_batch(apply_masks(h, mpred), 3, repeat=nenc)
+        z = model.predictor(model.encoder(imgs, menc), menc, mpred)
+        expected = F.smooth_l1_loss(z, h)
+    torch.testing.assert_close(loss, expected)
+
+
+def test_one_step_changes_encoder_predictor_and_target_moves_by_ema():
+    model, col = tiny()
+    opt = make_optimizer(model, torch.device("cpu"), reference=False)
+    imgs, menc, mpred = col([torch.randn(3, 16, 16) for _ in range(4)])
+    enc0 = copy.deepcopy(model.encoder.state_dict())
+    pred0 = copy.deepcopy(model.predictor.state_dict())
+    tgt0 = copy.deepcopy(model.target_encoder.state_dict())
+    loss = model(imgs, menc, mpred)
+    loss.backward()
+    opt.step()
+    opt.zero_grad()
+    m = 0.9  # a visible EMA step
+    model.update_target(m)
+    enc1, pred1, tgt1 = model.encoder.state_dict(), model.predictor.state_dict(), model.target_encoder.state_dict()
+    assert any(not torch.equal(enc0[k], enc1[k]) for k in enc0 if k != "pos_embed")
+    assert any(not torch.equal(pred0[k], pred1[k]) for k in pred0 if k != "predictor_pos_embed")
+    for k in tgt0:
+        torch.testing.assert_close(tgt1[k], m * tgt0[k] + (1 - m) * enc1[k], rtol=1e-6, atol=1e-7)  # to rounding
+
+
+def test_ema_modes_agree():
+    a, _ = tiny()
+    with torch.no_grad():
+        for p in a.encoder.parameters():
+            p.add_(torch.randn_like(p))
+    b = copy.deepcopy(a)
+    a.update_target(0.996, mode="foreach")
+    b.update_target(0.996, mode="reference")
+    for x, y in zip(a.target_encoder.parameters(), b.target_encoder.parameters()):
+        torch.testing.assert_close(x, y, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="momentum"):
+        a.update_target(1.5)
+
+
+def test_param_groups_exclude_bias_and_1d_from_wd():
+    model, _ = tiny()
+    groups = param_groups(model)
+    assert len(groups) == 4
+    assert all(p.ndim > 1 for g in groups[:2] for p in g["params"])
+    assert all(g["WD_exclude"] and g["weight_decay"] == 0 for g in groups[2:])
+    n_params = sum(len(g["params"]) for g in groups)
+    assert n_params == sum(1 for p in model.parameters() if p.requires_grad)
+    # mask_token (3-D) is decayed as in the reference; the fixed pos tables are not trained
+    assert any(p is model.predictor.mask_token for p in groups[1]["params"])

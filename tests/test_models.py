@@ -1,0 +1,140 @@
+"""Models: positional embeddings, shapes of every factory, parameter names, dtypes."""
+
+import math
+
+import pytest
+import torch
+
+from fastjepa import models
+from fastjepa.models import VisionTransformer, VisionTransformerPredictor, vit_predictor
+from fastjepa.models.pos_embed import get_2d_sincos_pos_embed
+
+
+@pytest.mark.parametrize("D,G", [(8, 3), (16, 4), (192, 8)])
+def test_pos_embed_values_and_layout(D, G):
+    table = get_2d_sincos_pos_embed(D, G)
+    assert table.shape == (G * G, D)
+    q = D // 4
+    for n in [0, 1, G - 1, G, G * G - 1, (G // 2) * G + 1]:
+        row, col = divmod(n, G)  # raster order: n = row·G + col
+        for k in range(q):
+            w = 1.0 / 10000 ** (k / q)
+            assert table[n, k] == pytest.approx(math.sin(col * w), abs=1e-12)
+            assert table[n, q + k] == pytest.approx(math.cos(col * w), abs=1e-12)
+            assert table[n, 2 * q + k] == pytest.approx(math.sin(row * w), abs=1e-12)
+            assert table[n, 3 * q + k] == pytest.approx(math.cos(row * w), abs=1e-12)
+
+
+def test_pos_embed_is_fixed_fp32_parameter():
+    enc = models.vit_tiny(patch_size=8, img_size=32, depth=1)
+    assert isinstance(enc.pos_embed, torch.nn.Parameter) and not enc.pos_embed.requires_grad
+    assert enc.pos_embed.dtype == torch.float32 and enc.pos_embed.shape == (1, 16, 192)
+    ref = torch.from_numpy(get_2d_sincos_pos_embed(192, 4)).float()
+    assert torch.equal(enc.pos_embed[0], ref)
+
+
+FACTORIES = [("vit_tiny", 192, 3), ("vit_small", 384, 6), ("vit_base", 768, 12), ("vit_large", 1024, 16), ("vit_huge", 1280, 16), ("vit_giant", 1408, 16)]
+
+
+@pytest.mark.parametrize("name,D,H", FACTORIES)
+def test_factory_shapes_tiny_depth(name, D, H):
+    enc = getattr(models, name)(patch_size=16, img_size=[32], depth=1)  # img_size as the reference passes it
+    assert enc.embed_dim == D and enc.num_heads == H and enc.patch_embed.num_patches == 4
+    x = torch.randn(2, 3, 32, 32)
+    assert enc(x).shape == (2, 4, D)
+    masks = [torch.tensor([[0, 3], [1, 2]])]
+    assert enc(x, masks).shape == (2, 2, D)
+    pred = vit_predictor(num_patches=4, embed_dim=D, predictor_embed_dim=32, depth=1, num_heads=4)
+    out = pred(enc(x, masks), masks, [torch.tensor([[1], [0]]), torch.tensor([[2], [3]])])
+    assert out.shape == (4, 1, D)
+
+
+def test_giant_mlp_ratio():
+    enc = models.vit_giant(patch_size=14, img_size=28, depth=1)
+    assert enc.blocks[0].mlp.fc1.out_features == int(1408 * 48 / 11)
+
+
+def test_factory_overrides():
+    enc = models.vit_tiny(patch_size=4, img_size=16, depth=2, embed_dim=64, num_heads=2)
+    assert len(enc.blocks) == 2 and enc.embed_dim == 64
+
+
+def _reference_encoder_names(depth):
+    names = ["pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias"]
+    for i in range(depth):
+        for sub in ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2"):
+            names += [f"blocks.{i}.{sub}.weight", f"blocks.{i}.{sub}.bias"]
+    return names + ["norm.weight", "norm.bias"]
+
+
+def test_state_dict_names_match_reference():
+    enc = models.vit_small(patch_size=16, img_size=32, depth=3)
+    assert list(enc.state_dict()) == _reference_encoder_names(3)
+    pred = vit_predictor(num_patches=4, embed_dim=384, predictor_embed_dim=64, depth=2, num_heads=4)
+    expected = {"mask_token", "predictor_pos_embed", "predictor_embed.weight", "predictor_embed.bias",
+                "predictor_norm.weight", "predictor_norm.bias", "predictor_proj.weight", "predictor_proj.bias"}  # fmt: skip
+    for i in range(2):
+        for sub in ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2"):
+            expected |= {f"predictor_blocks.{i}.{sub}.weight", f"predictor_blocks.{i}.{sub}.bias"}
+    assert set(pred.state_dict()) == expected
+    assert pred.mask_token.shape == (1, 1, 64) and pred.predictor_pos_embed.shape == (1, 4, 64)
+
+
+def test_strict_load_both_ways_and_prefixed():
+    a = models.vit_tiny(patch_size=8, img_size=16, depth=2)
+    b = models.vit_tiny(patch_size=8, img_size=16, depth=2)
+    b.load_state_dict(a.state_dict(), strict=True)
+    for k, v in a.state_dict().items():
+        assert torch.equal(v, b.state_dict()[k])
+
+
+def test_init_net_effect():
+    torch.manual_seed(0)
+    enc = models.vit_base(patch_size=16, img_size=224, depth=4)
+    for name, p in enc.named_parameters():
+        if name == "pos_embed":
+            continue
+        if name.endswith("bias"):
+            assert torch.all(p == 0), name
+        elif ".norm" in name or name.startswith("norm"):
+            assert torch.all(p == 1), name
+        elif p.ndim >= 2:
+            # trunc-normal 0.02 everywhere, no depth rescaling of attn.proj / fc2
+            assert abs(p.std().item() - 0.02) < 0.002, (name, p.std().item())
+
+
+def test_predictor_batch_order_element_by_element():
+    """Row (j·nenc + i)·B + b = [ctx(i, b) + pos ; mask_token + pos(masks[j][b])]."""
+    torch.manual_seed(1)
+    B, N, D, P, nenc, npred, Kc, Kt = 3, 16, 8, 12, 2, 3, 5, 4
+    pred = VisionTransformerPredictor(num_patches=N, embed_dim=D, predictor_embed_dim=P, depth=0, num_heads=2)
+    masks_x = [torch.stack([torch.randperm(N)[:Kc] for _ in range(B)]) for _ in range(nenc)]
+    masks = [torch.stack([torch.randperm(N)[:Kt] for _ in range(B)]) for _ in range(npred)]
+    ctx = torch.randn(nenc * B, Kc, P)
+    from fastjepa.ops import predictor_tokens_reference
+
+    x = predictor_tokens_reference(ctx, masks_x, masks, pred.predictor_pos_embed, pred.mask_token)
+    pos = pred.predictor_pos_embed[0]
+    assert x.shape == (npred * nenc * B, Kc + Kt, P)
+    for j in range(npred):
+        for i in range(nenc):
+            for b in range(B):
+                row = x[(j * nenc + i) * B + b]
+                for k in range(Kc):
+                    torch.testing.assert_close(row[k], ctx[i * B + b, k] + pos[masks_x[i][b, k]])
+                for k in range(Kt):
+                    torch.testing.assert_close(row[Kc + k], pred.mask_token[0, 0] + pos[masks[j][b, k]])
+
+
+def test_float64_modules_compute_in_float64():
+    enc = models.vit_tiny(patch_size=8, img_size=16, depth=1).double()
+    out = enc(torch.randn(2, 3, 16, 16, dtype=torch.float64), [torch.tensor([[0, 1], [2, 3]])])
+    assert out.dtype == torch.float64
+
+
+def test_bad_image_size_raises():
+    enc = models.vit_tiny(patch_size=8, img_size=16, depth=1)
+    with pytest.raises(ValueError, match="expected"):
+        enc(torch.randn(1, 3, 32, 32))
+    with pytest.raises(ValueError, match="multiple of patch_size"):
+        VisionTransformer(img_size=30, patch_size=8)
