@@ -21,7 +21,22 @@ import torch.nn as nn
 REFERENCE_KEYS = ("encoder", "predictor", "target_encoder", "opt", "scaler", "epoch", "loss", "batch_size", "world_size", "lr")
 MODEL_KEYS = ("encoder", "predictor", "target_encoder")
 FORMAT_VERSION = 1
-_SAVE_HOOK = None  # tests set this to pause inside a write (see tests/test_faults.py)
+_SAVE_HOOK = None  # tests set this to act inside a write (see tests/test_checkpoint.py)
+_SAVES = 0
+
+
+def _env_pause_hook(tmp: str) -> None:
+    """Test hook for fault tests in a subprocess: ``FASTJEPA_TEST_SAVE_PAUSE="N:SECONDS"``
+    sleeps inside the N-th checkpoint write of the process, after the temporary file
+    holds its data and before the rename — where a kill -9 would tear a naive write."""
+    spec = os.environ.get("FASTJEPA_TEST_SAVE_PAUSE")
+    if not spec:
+        return
+    n, seconds = spec.split(":")
+    if _SAVES == int(n):
+        import time
+
+        time.sleep(float(seconds))
 
 
 class CheckpointError(RuntimeError):
@@ -51,6 +66,9 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
+            global _SAVES
+            _SAVES += 1
+            _env_pause_hook(tmp)
             if _SAVE_HOOK is not None:
                 _SAVE_HOOK(tmp)
             os.fsync(f.fileno())
@@ -91,11 +109,30 @@ def save_checkpoint(
     """Write ``model`` (an :class:`~fastjepa.IJEPA`, or anything with ``encoder``,
     ``predictor``, ``target_encoder``) and the training state to ``path`` atomically."""
     model = _unwrap(model)
+    states = {name: model_state(getattr(model, name)) for name in MODEL_KEYS}
+    states["opt"] = optimizer.state_dict() if optimizer is not None else None
+    save_states(path, states, scaler, epoch=epoch, loss=loss, batch_size=batch_size, world_size=world_size, lr=lr, extra=extra)
+
+
+def save_states(
+    path: str | os.PathLike,
+    states: Mapping[str, Any],
+    scaler: Any = None,
+    *,
+    epoch: int,
+    loss: float,
+    batch_size: int,
+    world_size: int = 1,
+    lr: float,
+    extra: Mapping[str, Any] | None = None,
+) -> None:
+    """:func:`save_checkpoint` from ready state dicts (``encoder``, ``predictor``,
+    ``target_encoder``, ``opt``) — e.g. full state dicts gathered from FSDP2 shards."""
     ckpt = {
-        "encoder": model_state(model.encoder),
-        "predictor": model_state(model.predictor),
-        "target_encoder": model_state(model.target_encoder),
-        "opt": optimizer.state_dict() if optimizer is not None else None,
+        "encoder": strip_module_prefix(states["encoder"]),
+        "predictor": strip_module_prefix(states["predictor"]),
+        "target_encoder": strip_module_prefix(states["target_encoder"]),
+        "opt": states.get("opt"),
         "scaler": scaler.state_dict() if scaler is not None else None,
         "epoch": int(epoch),
         "loss": float(loss),

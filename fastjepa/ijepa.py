@@ -14,6 +14,18 @@ from .models import VisionTransformer, VisionTransformerPredictor
 EMA_MODES = ("foreach", "reference")
 
 
+def _reshard(net: nn.Module) -> None:
+    """FSDP2 keeps a root module's parameters gathered after forward (it expects a
+    backward); the target encoder never has one, so shard it back explicitly."""
+    if hasattr(net, "reshard"):
+        net.reshard()
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (FSDP2), else the tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 class IJEPA(nn.Module):
     """I-JEPA's three networks and one training objective.
 
@@ -34,6 +46,7 @@ class IJEPA(nn.Module):
     @torch.no_grad()
     def forward_target(self, imgs: torch.Tensor, masks_pred: Sequence[torch.Tensor], nenc: int) -> torch.Tensor:
         h = self.target_encoder(imgs)  # (B, N, D)
+        _reshard(self.target_encoder)
         return ops.target_tokens(h, masks_pred, nenc)  # (npred·nenc·B, Kt, D)
 
     def forward_context(self, imgs: torch.Tensor, masks_enc: Sequence[torch.Tensor], masks_pred: Sequence[torch.Tensor]) -> torch.Tensor:
@@ -63,8 +76,11 @@ class IJEPA(nn.Module):
             raise ValueError(f"update_target: mode={mode!r}, expected one of {', '.join(EMA_MODES)}")
         if not 0.0 <= float(momentum) <= 1.0:
             raise ValueError(f"update_target: momentum={momentum!r}, expected a value in [0, 1]")
-        q = [p.detach() for p in self.encoder.parameters()]
-        k = [p.detach() for p in self.target_encoder.parameters()]
+        # under FSDP2 both networks are sharded alike: lerp the matching local shards
+        _reshard(self.encoder)
+        _reshard(self.target_encoder)
+        q = [_local(p.detach()) for p in self.encoder.parameters()]
+        k = [_local(p.detach()) for p in self.target_encoder.parameters()]
         if len(q) != len(k):
             raise RuntimeError(f"update_target: encoder has {len(q)} parameters, target {len(k)}")
         if mode == "reference":

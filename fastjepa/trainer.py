@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import inspect
 import math
 import os
 import random
@@ -19,7 +20,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader
 
 from . import models
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint, save_states
 from .config import ConfigError, dump_config
 from .data import build_dataset
 from .distributed import DistInfo, ResumableSampler, all_reduce_mean, any_rank
@@ -56,16 +57,27 @@ def pick_device(name: str) -> torch.device:
 def build_model(cfg: dict) -> IJEPA:
     meta, data, mask = cfg["meta"], cfg["data"], cfg["mask"]
     factory = getattr(models, meta["model_name"])
+    allowed = set(inspect.signature(models.VisionTransformer).parameters) - {"kwargs", "img_size", "patch_size"}
+    unknown = sorted(set(meta["model_kwargs"]) - allowed)
+    if unknown:
+        raise ConfigError(f"meta.model_kwargs: unknown key(s) {unknown}; expected some of {sorted(allowed)} (YAML needs 'key: value' with a space)")
     try:
         encoder = factory(patch_size=mask["patch_size"], img_size=data["crop_size"], **meta["model_kwargs"])
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:
         raise ConfigError(f"meta.model_kwargs={meta['model_kwargs']}: {exc}") from None
+    heads = meta["pred_num_heads"] or encoder.num_heads
+    if meta["pred_emb_dim"] % heads != 0:
+        raise ConfigError(
+            f"meta.pred_emb_dim={meta['pred_emb_dim']} is not divisible by the predictor's {heads} heads "
+            f"({'meta.pred_num_heads' if meta['pred_num_heads'] else 'the encoder' + chr(39) + 's, as the reference'}); "
+            "change meta.pred_emb_dim or set meta.pred_num_heads"
+        )
     predictor = models.vit_predictor(
         num_patches=encoder.patch_embed.num_patches,
         embed_dim=encoder.embed_dim,
         predictor_embed_dim=meta["pred_emb_dim"],
         depth=meta["pred_depth"],
-        num_heads=meta["pred_num_heads"] or encoder.num_heads,
+        num_heads=heads,
     )
     return IJEPA(encoder, predictor)
 
@@ -132,6 +144,7 @@ class Trainer:
         meta, data, mask, opt = cfg["meta"], cfg["data"], cfg["mask"], cfg["optimization"]
         self.device = pick_device(meta["device"])
         self.reference = meta["reference_step"]
+        self.fsdp = bool(meta["fsdp"] and self.dist.enabled)
         self.tag = cfg["logging"]["write_tag"]
         self.latest = self.out / f"{self.tag}-latest.pth.tar"
 
@@ -143,11 +156,11 @@ class Trainer:
             for blocks in (self.model.encoder.blocks, self.model.predictor.predictor_blocks, self.model.target_encoder.blocks):
                 for blk in blocks:
                     blk.compile()
+        self._wrap_distributed()  # before the optimizer: FSDP2 replaces the parameters with sharded ones
         self.optimizer = make_optimizer(self.model, self.device, self.reference)
         self.amp_dtype = torch.bfloat16 if (meta["use_bfloat16"] and self.device.type == "cuda") else None
         # bf16 needs no loss scaling; the reference runs a GradScaler anyway (kept for its step).
         self.scaler = torch.amp.GradScaler("cuda") if (self.amp_dtype is not None and self.reference) else None
-        self._wrap_distributed()
 
         # data
         self.dataset = build_dataset(data, split="train")
@@ -167,6 +180,7 @@ class Trainer:
             compat=mask["compat"],
             seed=meta["seed"],
             rank=self.dist.rank,
+            world_size=self.dist.world_size,
             backend=None if mask["backend"] == "auto" else mask["backend"],
         )
         self.ipe = self.sampler.batches_per_epoch
@@ -223,7 +237,13 @@ class Trainer:
             path = self.out / path
         if not path.is_file():
             raise CheckpointError(f"--resume: no checkpoint at {path} (train into {self.out} first, or set meta.read_checkpoint)")
-        ckpt = load_checkpoint(path, self.model, self.optimizer, self.scaler)
+        if self.fsdp:
+            from .fsdp import load_full_state
+
+            ckpt = read_checkpoint(path)
+            load_full_state(self.model, self.optimizer, ckpt)
+        else:
+            ckpt = load_checkpoint(path, self.model, self.optimizer, self.scaler)
         extra = ckpt.get("fastjepa", {})
         self.epoch = int(ckpt["epoch"])
         self.next_itr = int(extra.get("next_itr", 0))
@@ -261,6 +281,11 @@ class Trainer:
         return f, writer
 
     def _checkpoint(self, *, epoch: int, next_itr: int, extra_name: str | None = None) -> Path | None:
+        states = None
+        if self.fsdp:  # gathering the full state is a collective: every rank takes part
+            from .fsdp import full_state
+
+            states = full_state(self.model, self.optimizer)
         if not self.dist.is_main:
             return None
         extra = {
@@ -279,13 +304,19 @@ class Trainer:
             extra=extra,
         )
         # keep the last two: latest -> prev only once the new file is complete on disk
+        def save(path: Path) -> None:
+            if states is not None:
+                save_states(path, states, self.scaler, **kwargs)
+            else:
+                save_checkpoint(path, self.model, self.optimizer, self.scaler, **kwargs)
+
         tmp = self.out / f".{self.tag}-next.pth.tar"
-        save_checkpoint(tmp, self.model, self.optimizer, self.scaler, **kwargs)
+        save(tmp)
         if self.latest.exists():
             os.replace(self.latest, self.out / f"{self.tag}-prev.pth.tar")
         os.replace(tmp, self.latest)
         if extra_name:
-            save_checkpoint(self.out / extra_name, self.model, self.optimizer, self.scaler, **kwargs)
+            save(self.out / extra_name)
         return self.latest
 
     # -- signals
@@ -336,7 +367,10 @@ class Trainer:
         for a in range(accum):
             sl = slice(a * micro, (a + 1) * micro)
             sync = nullcontext()
-            if accum > 1 and a < accum - 1 and self.dist.enabled and not self.cfg["meta"]["fsdp"]:
+            if self.fsdp:
+                for net in (self.model.encoder, self.model.predictor):
+                    net.set_requires_gradient_sync(a == accum - 1)
+            elif accum > 1 and a < accum - 1 and self.dist.enabled:
                 sync = _Both(self.model.encoder.no_sync(), self.model.predictor.no_sync())
             with sync, torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
                 loss = self.model(imgs[sl], [m[sl] for m in masks_enc], [m[sl] for m in masks_pred]) / accum
@@ -373,7 +407,9 @@ class Trainer:
         for name, p in self.model.encoder.named_parameters():
             if p.grad is None or name.endswith(".bias") or p.ndim == 1:
                 continue
-            n = float(p.grad.detach().float().norm())
+            g = p.grad.detach()
+            g = g.full_tensor() if hasattr(g, "full_tensor") else g  # FSDP2: every rank logs together
+            n = float(g.float().norm())
             norms.append(n)
             if "qkv" in name:
                 last = n
@@ -485,6 +521,8 @@ class Trainer:
                 csv_file.close()
             if tb is not None:
                 tb.close()
+        if self.dist.enabled:
+            self._check_ranks_agree()
         wall = time.perf_counter() - t_start
         summary = {
             "status": status,
@@ -501,6 +539,23 @@ class Trainer:
             signame = signal.Signals(self.stop_signal).name
             self._say(f"fastjepa: stopped by {signame} at step {self.step}; checkpoint {self.latest}; continue with --resume")
         return summary
+
+    def _check_ranks_agree(self) -> None:
+        """Every rank must hold the same weights after data-parallel training."""
+        import torch.distributed as dist
+
+        from .fsdp import local
+
+        params = local([p.detach().float() for p in self.model.parameters()])
+        digest = torch.stack([p.double().sum() for p in params] + [p.double().abs().sum() for p in params])
+        gathered = [torch.zeros_like(digest) for _ in range(self.dist.world_size)]
+        dist.all_gather(gathered, digest)
+        if self.fsdp:  # shards differ by design; the gathered full weights are checked at save time
+            self._say(f"fastjepa: FSDP2 run finished on {self.dist.world_size} ranks")
+            return
+        if not all(torch.equal(gathered[0], g) for g in gathered[1:]):
+            raise RuntimeError("data-parallel ranks ended with different weights: this is a bug, please report it")
+        self._say(f"fastjepa: parameters identical across {self.dist.world_size} ranks")
 
     def _check_finite(self, pending: list[dict], first_bad: int | None) -> int | None:
         if not pending:

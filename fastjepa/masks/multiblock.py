@@ -4,9 +4,12 @@ Two modes:
 
 * ``compat="fastjepa"`` (default): corners drawn from the full range
   ``top ∈ [0, H − h]``, every draw from a seeded generator (per batch, derived from
-  ``(seed, rank, epoch, batch index)`` — so masks do not depend on the number of loader
-  workers and a resumed run sees the same masks), and a configuration that can never
-  produce a valid mask raises ``ValueError`` at construction instead of looping.
+  ``(seed, epoch, global batch index)``), and a configuration that can never produce a
+  valid mask raises ``ValueError`` at construction instead of looping. The masks do not
+  depend on the number of loader workers, a resumed run sees the same masks, and under
+  ``torchrun`` (``world_size > 1``) every rank samples the masks of the *global* batch
+  and keeps its own rows (``rank::world_size``, matching how the sampler deals images
+  out), so a run on N processes computes what one process would on the global batch.
 * ``compat="reference"``: the public reference sampler call for call — the shared
   counter seeds the block-size generator, corners come from the global torch RNG with
   an exclusive upper bound.
@@ -88,6 +91,7 @@ class MaskCollator:
         generator: torch.Generator | None = None,
         seed: int = 0,
         rank: int = 0,
+        world_size: int = 1,
         backend: str | None = None,
     ):
         if not isinstance(input_size, (list, tuple)):
@@ -118,7 +122,9 @@ class MaskCollator:
         self.nenc, self.npred, self.min_keep, self.allow_overlap = nenc, npred, min_keep, bool(allow_overlap)
         self.compat = compat
         self.generator = generator
-        self.seed, self.rank = int(seed), int(rank)
+        self.seed, self.rank, self.world_size = int(seed), int(rank), int(world_size)
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank={rank}: expected 0 <= rank < world_size={world_size}")
         self.epoch, self.start_batch = 0, 0
         self._calls = 0  # calls in this process since set_epoch
         self._itr_counter = multiprocessing.Value("i", -1)  # the reference's shared counter
@@ -168,7 +174,7 @@ class MaskCollator:
     # -- reproducibility
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        """Masks of batch ``start_batch + k`` of ``epoch`` are a function of (seed, rank, epoch, batch)."""
+        """Masks of batch ``start_batch + k`` of ``epoch`` are a function of (seed, epoch, batch)."""
         self.epoch, self.start_batch, self._calls = int(epoch), int(start_batch), 0
 
     def _batch_index(self) -> int:
@@ -179,7 +185,7 @@ class MaskCollator:
         return idx
 
     def batch_seed(self, batch_index: int) -> int:
-        return derive_seed(self.seed, self.rank, self.epoch, batch_index)
+        return derive_seed(self.seed, self.epoch, batch_index)
 
     # -- sampling
 
@@ -192,12 +198,17 @@ class MaskCollator:
             masks_enc, masks_pred = self.sample(B, self.generator)
         else:
             seed = self.batch_seed(self._batch_index())
+            G = B * self.world_size  # the global batch
             if self.backend == "cpp":
-                masks_enc, masks_pred = self._sample_cpp(B, seed)
+                masks_enc, masks_pred = self._sample_cpp(G, seed)
             else:
                 g = torch.Generator()
                 g.manual_seed(seed)
-                masks_enc, masks_pred = self.sample(B, g)
+                masks_enc, masks_pred = self.sample(G, g)
+            if self.world_size > 1:
+                rows = slice(self.rank, None, self.world_size)
+                masks_enc = [m[rows].contiguous() for m in masks_enc]
+                masks_pred = [m[rows].contiguous() for m in masks_pred]
         return collated, masks_enc, masks_pred
 
     def _sample_cpp(self, B: int, seed: int):

@@ -1,0 +1,181 @@
+"""Faults: signals, kill -9 mid-save, non-finite loss, bad images, bad folders, damaged checkpoints."""
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from fastjepa.checkpoint import read_checkpoint
+from fastjepa.config import load_config
+from fastjepa.trainer import NonFiniteLoss, Trainer
+
+from ._tiny import TINY
+
+ROOT = Path(__file__).resolve().parents[1]
+LONG = [*TINY, "optimization.epochs=40", "meta.max_steps=200"]
+
+
+def start(out, *overrides, env=None):
+    e = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    e.update(env or {})
+    cmd = [sys.executable, "-m", "fastjepa.train", "--quiet", "--output", str(out), *overrides]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=e, cwd=ROOT)
+
+
+def wait_for(pred, timeout=120.0):
+    t0 = time.time()
+    while not pred():
+        if time.time() - t0 > timeout:
+            raise TimeoutError("condition not reached")
+        time.sleep(0.05)
+
+
+def csv_rows(run_dir):
+    p = Path(run_dir) / "log.csv"
+    if not p.is_file():
+        return []
+    with open(p, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def losses(run_dir):
+    return [(int(r["step"]), float(r["loss"])) for r in csv_rows(run_dir)]
+
+
+def test_sigterm_checkpoints_and_resume_continues_exactly(tmp_path):
+    proc = start(tmp_path / "run", *LONG)
+    wait_for(lambda: len(csv_rows(tmp_path / "run")) >= 3 or proc.poll() is not None)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert "SIGTERM received" in err and "--resume" in err
+    ckpt = read_checkpoint(tmp_path / "run" / "jepa-latest.pth.tar")
+    stopped_at = ckpt["fastjepa"]["step"]
+    assert 0 < stopped_at < 200
+    r = subprocess.run([sys.executable, "-m", "fastjepa.train", "--quiet", "--output", str(tmp_path / "run"), "--resume", *LONG],
+                       capture_output=True, text=True, timeout=240, cwd=ROOT,
+                       env=dict(os.environ, PYTHONPATH=str(ROOT)))  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    Trainer(load_config(None, LONG), tmp_path / "full", quiet=True).fit()
+    assert losses(tmp_path / "run") == losses(tmp_path / "full")
+
+
+def test_kill9_during_checkpoint_write_keeps_previous(tmp_path):
+    """The 2nd save pauses inside the write (test hook); kill -9 there; the 1st survives."""
+    run = tmp_path / "run"
+    proc = start(run, *TINY, "optimization.epochs=3", env={"FASTJEPA_TEST_SAVE_PAUSE": "2:60"})
+    wait_for(lambda: any(p.name.endswith(".tmp") for p in run.glob(".*")) if run.exists() else False)
+    first = read_checkpoint(run / "jepa-latest.pth.tar")
+    proc.kill()
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    after = read_checkpoint(run / "jepa-latest.pth.tar")  # intact, the epoch-1 checkpoint
+    assert after["epoch"] == first["epoch"] == 1
+    assert all(torch.equal(a, b) for a, b in zip(first["encoder"].values(), after["encoder"].values()))
+    r = subprocess.run([sys.executable, "-m", "fastjepa.train", "--quiet", "--output", str(run), "--resume", *TINY, "optimization.epochs=3"],
+                       capture_output=True, text=True, timeout=240, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert read_checkpoint(run / "jepa-latest.pth.tar")["epoch"] == 3
+    assert (run / "jepa-prev.pth.tar").is_file()  # the last two are kept
+
+
+def test_second_signal_exits_at_once(tmp_path):
+    run = tmp_path / "run"
+    proc = start(run, *LONG, env={"FASTJEPA_TEST_SAVE_PAUSE": "1:60"})
+    wait_for(lambda: len(csv_rows(run)) >= 2 or proc.poll() is not None)
+    proc.send_signal(signal.SIGINT)  # the stop checkpoint is the first save: it pauses inside the write
+    wait_for(lambda: any(p.name.endswith(".tmp") for p in run.glob(".*")))
+    t0 = time.time()
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert time.time() - t0 < 20 and proc.returncode == 128 + signal.SIGINT
+    assert "second SIGINT" in err
+    assert not (run / "jepa-latest.pth.tar").exists()  # nothing half-written took its place
+
+
+class _NaNAt:
+    """Wrap IJEPA.forward to return NaN at one step (the injected fault)."""
+
+    def __init__(self, model, step):
+        self.model, self.step, self.calls = model, step, 0
+        self.forward = model.forward
+
+    def __call__(self, *a, **k):
+        loss = self.forward(*a, **k)
+        self.calls += 1
+        return loss * float("nan") if self.calls - 1 == self.step else loss
+
+
+def test_nan_stops_with_step_and_keeps_good_checkpoint(tmp_path):
+    cfg = load_config(None, [*TINY, "optimization.epochs=3"])
+    t = Trainer(cfg, tmp_path / "run", quiet=True)
+    t.model.forward = _NaNAt(t.model, step=8)  # epoch 2 (6 iterations per epoch)
+    with pytest.raises(NonFiniteLoss, match=r"non-finite at step 8 \(epoch 2, iteration 2\).*jepa-latest.pth.tar"):
+        t.fit()
+    ckpt = read_checkpoint(tmp_path / "run" / "jepa-latest.pth.tar")
+    assert ckpt["epoch"] == 1  # the good epoch-1 checkpoint, not overwritten
+    assert all(torch.isfinite(v).all() for v in ckpt["encoder"].values())
+
+
+def test_nan_skip_policy_skips_the_step(tmp_path):
+    cfg = load_config(None, [*TINY, "optimization.nan_policy=skip", "meta.max_steps=4"])
+    t = Trainer(cfg, tmp_path / "run", quiet=True)
+    t.model.forward = _NaNAt(t.model, step=1)
+    summary = t.fit()
+    assert summary["step"] == 4
+    assert all(torch.isfinite(p).all() for p in t.model.parameters())
+
+
+def _image_folder(root, n_good=40):
+    for i in range(n_good):
+        d = root / f"class{i % 2}"
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((torch.rand(20, 20, 3) * 255).byte().numpy()).save(d / f"img{i}.png")
+    (root / "class0" / "garbage.jpg").write_bytes(b"this is not an image")
+    good = (root / "class1" / "img1.png").read_bytes()
+    (root / "class1" / "truncated.png").write_bytes(good[: len(good) // 3])
+    Image.fromarray((torch.rand(20, 20, 3) * 255).byte().numpy()).save(root / "class1" / "full.jpg")
+    data = (root / "class1" / "full.jpg").read_bytes()
+    (root / "class1" / "full.jpg").write_bytes(data[:200])  # truncated JPEG
+
+
+def test_corrupt_images_are_skipped_counted_and_reported(tmp_path):
+    _image_folder(tmp_path / "imgs")
+    cfg = load_config(None, [*TINY, "data.dataset=imagefolder", f"data.root_path={tmp_path}", "data.image_folder=imgs", "optimization.epochs=2"])
+    t = Trainer(cfg, tmp_path / "run", quiet=True)
+    with pytest.warns(RuntimeWarning, match=r"skipping unreadable image .*(garbage\.jpg|truncated\.png|full\.jpg)"):
+        summary = t.fit()
+    assert summary["status"] == "done"
+    assert t.dataset.num_skipped >= 1
+
+
+@pytest.mark.parametrize("setup,match", [
+    ("missing", "does not exist"),
+    ("empty", "holds no images"),
+])  # fmt: skip
+def test_missing_or_empty_folder_fails_before_work(tmp_path, setup, match):
+    if setup == "empty":
+        (tmp_path / "imgs" / "class0").mkdir(parents=True)
+    r = subprocess.run([sys.executable, "-m", "fastjepa.train", "--output", str(tmp_path / "run"), *TINY, "data.dataset=imagefolder",
+                        f"data.root_path={tmp_path}", "data.image_folder=imgs"],
+                       capture_output=True, text=True, timeout=120, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))  # fmt: skip
+    assert r.returncode == 2 and match in r.stderr
+    assert not (tmp_path / "run" / "log.csv").exists()
+
+
+def test_damaged_checkpoint_on_resume_is_an_error_not_a_restart(tmp_path):
+    run = tmp_path / "run"
+    Trainer(load_config(None, [*TINY, "optimization.epochs=1"]), run, quiet=True).fit()
+    p = run / "jepa-latest.pth.tar"
+    p.write_bytes(p.read_bytes()[:1000])
+    r = subprocess.run([sys.executable, "-m", "fastjepa.train", "--output", str(run), "--resume", *TINY],
+                       capture_output=True, text=True, timeout=120, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))  # fmt: skip
+    assert r.returncode == 2 and "damaged or truncated" in r.stderr
+    assert len(csv_rows(run)) == 6  # the log was not restarted
