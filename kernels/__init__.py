@@ -1,0 +1,21 @@
+"""fastjepa's Triton kernels and their launchers (no autograd; see ``fastjepa.ops``).
+
+Installed as ``fastjepa.kernels`` (a top-level ``kernels`` would clash with a PyPI
+package). Each module holds ``@triton.jit`` kernels and plain launchers that allocate
+outputs and pick tile sizes.
+"""
+
+from .gather_tokens import gather_tokens_bwd, gather_tokens_fwd
+from .predictor_tokens import predictor_tokens_bwd, predictor_tokens_fwd
+from .smooth_l1_loss import smooth_l1_loss_bwd, smooth_l1_loss_fwd
+from .target_tokens import target_tokens_fwd
+
+__all__ = [
+    "gather_tokens_bwd",
+    "gather_tokens_fwd",
+    "predictor_tokens_bwd",
+    "predictor_tokens_fwd",
+    "smooth_l1_loss_bwd",
+    "smooth_l1_loss_fwd",
+    "target_tokens_fwd",
+]

@@ -1,0 +1,83 @@
+"""Smooth-L1 loss (beta 1, mean): kernels and launchers.
+
+Forward: one read of ``z`` and ``h``, fp32 partial sums per program, finished by the
+caller with one small ``sum``. Backward: ``grad_z = clamp(z − h, −1, 1) · g / n`` (and
+``grad_h = −grad_z`` when asked), one read of ``z`` and ``h`` and one write each.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK = 4096
+
+
+@triton.jit
+def _smooth_l1_fwd_kernel(
+    Z,  # (n,) contiguous
+    H,  # (n,) contiguous
+    PART,  # (n_programs,) fp32 partial sums
+    n,
+    BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK).to(tl.int64)  # (BLOCK,)
+    ok = offs < n
+    d = tl.load(Z + offs, mask=ok, other=0.0).to(tl.float32) - tl.load(H + offs, mask=ok, other=0.0).to(tl.float32)
+    ad = tl.abs(d)
+    loss = tl.where(ad < 1.0, 0.5 * d * d, ad - 0.5)  # (BLOCK,)
+    tl.store(PART + pid, tl.sum(loss, axis=0))
+
+
+@triton.jit
+def _smooth_l1_bwd_kernel(
+    Z,  # (n,) contiguous
+    H,  # (n,) contiguous
+    G,  # (1,) upstream gradient of the mean (any float dtype)
+    GZ,  # (n,) gradient of z
+    GH,  # (n,) gradient of h; unused unless H_GRAD
+    n,
+    inv_n,
+    H_GRAD: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK).to(tl.int64)  # (BLOCK,)
+    ok = offs < n
+    scale = tl.load(G).to(tl.float32) * inv_n
+    d = tl.load(Z + offs, mask=ok, other=0.0).to(tl.float32) - tl.load(H + offs, mask=ok, other=0.0).to(tl.float32)
+    gz = tl.minimum(tl.maximum(d, -1.0), 1.0) * scale  # (BLOCK,)
+    tl.store(GZ + offs, gz.to(GZ.dtype.element_ty), mask=ok)
+    if H_GRAD:
+        tl.store(GH + offs, (-gz).to(GH.dtype.element_ty), mask=ok)
+
+
+def smooth_l1_loss_fwd(z: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """Mean smooth-L1 of same-shape ``z``, ``h`` -> 0-dim fp32 tensor."""
+    z, h = z.contiguous().view(-1), h.contiguous().view(-1)
+    n = z.numel()
+    if n == 0:
+        return torch.full((), float("nan"), device=z.device, dtype=torch.float32)
+    n_prog = triton.cdiv(n, BLOCK)
+    part = torch.empty(n_prog, device=z.device, dtype=torch.float32)
+    _smooth_l1_fwd_kernel[(n_prog,)](z, h, part, n, BLOCK=BLOCK)
+    return part.sum() / n
+
+
+def smooth_l1_loss_bwd(
+    grad: torch.Tensor, z: torch.Tensor, h: torch.Tensor, h_grad: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """0-dim upstream grad -> (grad_z like z, grad_h like h or None)."""
+    shape = z.shape
+    z, h = z.contiguous().view(-1), h.contiguous().view(-1)
+    n = z.numel()
+    gz = torch.empty_like(z)
+    gh = torch.empty_like(h) if h_grad else None
+    if n > 0:
+        n_prog = triton.cdiv(n, BLOCK)
+        _smooth_l1_bwd_kernel[(n_prog,)](
+            z, h, grad.reshape(1), gz, gh if h_grad else gz, n, 1.0 / n, H_GRAD=h_grad, BLOCK=BLOCK
+        )
+    return gz.view(shape), (gh.view(shape) if h_grad else None)
