@@ -76,3 +76,21 @@ def check_range(masks: list[torch.Tensor], name: str, N: int) -> None:
         if lo < 0 or hi >= N:
             bad = lo if lo < 0 else hi
             raise IndexError(f"{name}[{i}]: index {bad} is out of range for {N} tokens (expected 0 <= index < {N})")
+
+
+def check_count(value: int, name: str) -> None:
+    """A positive Python int (bools rejected)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}: expected a positive int, got {value!r}")
+
+
+def check_same_shape(z: torch.Tensor, h: torch.Tensor, op: str) -> None:
+    for name, t in (("z", z), ("h", h)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{op}: {name}: expected a tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise ValueError(f"{op}: {name}: expected a floating-point tensor, got {t.dtype}")
+    if z.shape != h.shape:
+        raise ValueError(f"{op}: z has shape {tuple(z.shape)}, expected the shape of h {tuple(h.shape)}")
+    if z.device != h.device:
+        raise ValueError(f"{op}: h is on {h.device}, expected the device of z ({z.device})")

@@ -2,7 +2,13 @@
 
 ``gather_tokens(x, masks, pos_embed)`` ≡ ``apply_masks(x + pos_embed, masks)``, but the
 fused paths add the pos-embed only at the kept indices and never build an expanded
-(B, K, D) index tensor. Backward accumulates into ``x.grad`` for repeated indices.
+(B, K, D) index tensor: the masks are stacked into one (M, B, K) index tensor.
+Backward accumulates into ``x.grad`` for repeated indices (fp32 atomics, cast once);
+``pos_embed`` gets a gradient only if it requires one.
+
+Triton path: the custom ops ``fastjepa::gather_tokens_triton`` (forward) and
+``fastjepa::gather_tokens_triton_backward``, with fake implementations, so
+``torch.compile`` traces them without running a kernel.
 """
 
 from __future__ import annotations
@@ -10,10 +16,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 
 from ..masks.utils import apply_masks as _apply_masks_reference
 from . import _validate as V
-from ._dispatch import select
+from ._dispatch import kernels, select
 
 
 def gather_tokens_reference(
@@ -23,6 +30,63 @@ def gather_tokens_reference(
     if pos_embed is not None:
         x = x + pos_embed[:, : x.size(1)]  # (B, N, D)
     return _apply_masks_reference(x, masks)  # (M·B, K, D)
+
+
+# -- Triton custom ops -------------------------------------------------------------------
+
+
+@torch.library.custom_op("fastjepa::gather_tokens_triton", mutates_args=())
+def _gather_tokens_triton(x: torch.Tensor, idx: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
+    """(B, N, D), (M, B, K), (1, Npos, D) or None -> (M·B, K, D)."""
+    return kernels().gather_tokens_fwd(x, idx, pos)
+
+
+@_gather_tokens_triton.register_fake
+def _(x, idx, pos):
+    M, B, K = idx.shape
+    dtype = x.dtype if pos is None else torch.promote_types(x.dtype, pos.dtype)
+    return x.new_empty((M * B, K, x.size(-1)), dtype=dtype)
+
+
+@torch.library.custom_op("fastjepa::gather_tokens_triton_backward", mutates_args=())
+def _gather_tokens_triton_backward(
+    grad: torch.Tensor, idx: torch.Tensor, n: int, npos: int, x_dtype: torch.dtype, pos_dtype: torch.dtype, pos_grad: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M·B, K, D) grad -> (grad_x (B, n, D), grad_pos (1, npos, D), or (0,) unless ``pos_grad``)."""
+    gx = kernels().gather_tokens_bwd(grad, idx, n)  # (B, n, D) fp32
+    if pos_grad:
+        gpos = F.pad(gx.sum(0, keepdim=True), (0, 0, 0, npos - n)).to(pos_dtype)  # (1, npos, D)
+    else:
+        gpos = grad.new_empty((0,), dtype=pos_dtype)
+    return gx.to(x_dtype), gpos
+
+
+@_gather_tokens_triton_backward.register_fake
+def _(grad, idx, n, npos, x_dtype, pos_dtype, pos_grad):
+    B, D = idx.size(1), grad.size(-1)
+    gpos = grad.new_empty((1, npos, D), dtype=pos_dtype) if pos_grad else grad.new_empty((0,), dtype=pos_dtype)
+    return grad.new_empty((B, n, D), dtype=x_dtype), gpos
+
+
+def _setup_context(ctx, inputs, output):
+    x, idx, pos = inputs
+    ctx.save_for_backward(idx)
+    ctx.n, ctx.x_dtype = x.size(1), x.dtype
+    ctx.npos = 0 if pos is None else pos.size(1)
+    ctx.pos_dtype = x.dtype if pos is None else pos.dtype
+
+
+def _backward(ctx, grad):
+    (idx,) = ctx.saved_tensors
+    pos_grad = bool(ctx.needs_input_grad[2])
+    gx, gpos = _gather_tokens_triton_backward(grad, idx, ctx.n, ctx.npos, ctx.x_dtype, ctx.pos_dtype, pos_grad)
+    return gx, None, (gpos if pos_grad else None)
+
+
+_gather_tokens_triton.register_autograd(_backward, setup_context=_setup_context)
+
+
+# -- public op ---------------------------------------------------------------------------
 
 
 def _check(x, masks, pos_embed, validate):
@@ -46,17 +110,31 @@ def gather_tokens(
 ) -> torch.Tensor:
     """Gather the tokens of ``x`` (B, N, D) at ``masks`` (M × (B, K)), adding ``pos_embed``.
 
-    :returns: (M·B, K, D), mask-major as :func:`fastjepa.masks.apply_masks`.
-    :param validate: on CUDA, also check the index range (syncs with the host).
+    :returns: (M·B, K, D), mask-major as :func:`fastjepa.masks.apply_masks`, in the dtype
+        of ``x + pos_embed``.
+    :param validate: on CUDA, also check the index range (syncs with the host; without it
+        an out-of-range index yields a NaN row, never a bad memory access).
 
     :Equivalent pytorch code:
         ``apply_masks(x + pos_embed, masks)``
     """
     masks = _check(x, masks, pos_embed, validate)
-    select("gather_tokens", x.device, x.dtype)
-    return gather_tokens_reference(x, masks, pos_embed)
+    dtype = x.dtype if pos_embed is None else torch.promote_types(x.dtype, pos_embed.dtype)
+    backend = select("gather_tokens", x.device, dtype)
+    if backend == "reference":
+        return gather_tokens_reference(x, masks, pos_embed)
+    idx = V.stack_masks(masks, x.device)  # (M, B, K)
+    if backend == "triton":
+        return _gather_tokens_triton(x, idx, pos_embed)
+    from . import _cpp
+
+    return _cpp.gather_tokens(x, idx, pos_embed)
 
 
 def apply_masks(x: torch.Tensor, masks: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
-    """Drop-in for the reference ``apply_masks`` (same signature, same result), fused."""
+    """Drop-in for the reference ``apply_masks`` (same signature, same result), fused.
+
+    Also MAE's ``torch.gather(x, 1, ids_keep[..., None].expand(-1, -1, D))`` with
+    ``ids_keep`` of shape (B, K) is ``apply_masks(x, ids_keep)``.
+    """
     return gather_tokens(x, masks)

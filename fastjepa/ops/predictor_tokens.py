@@ -4,6 +4,11 @@ From the embedded context ``ctx`` (nenc·B, Kc, P), the context and target masks
 predictor pos table (1, N, P) and ``mask_token`` (1, 1, P), build the
 (npred·nenc·B, Kc+Kt, P) predictor input in one pass: row ``(j·nenc + i)·B + b`` is
 ``[ctx[i·B+b] + pos[masks_x[i][b]] ; mask_token + pos[masks[j][b]]]``.
+
+Triton path: the custom ops ``fastjepa::predictor_tokens_triton`` (one kernel writes the
+whole output) and ``fastjepa::predictor_tokens_triton_backward`` (one kernel sums the
+npred copies into the ctx gradient, one reduces every mask position into the
+mask-token gradient in fp32; the pos table gets a gradient only if it requires one).
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import torch
 
 from ..masks.utils import apply_masks, repeat_interleave_batch
 from . import _validate as V
-from ._dispatch import select
+from ._dispatch import kernels, select
 
 
 def predictor_tokens_reference(
@@ -35,6 +40,73 @@ def predictor_tokens_reference(
     pred_tokens = mask_token.repeat(pos_t.size(0), pos_t.size(1), 1) + pos_t  # (npred·nenc·B, Kt, P)
     ctx = ctx.repeat(len(masks), 1, 1)  # (npred·nenc·B, Kc, P)
     return torch.cat([ctx, pred_tokens], dim=1)  # (npred·nenc·B, Kc+Kt, P)
+
+
+
+# -- Triton custom ops -------------------------------------------------------------------
+
+
+@torch.library.custom_op("fastjepa::predictor_tokens_triton", mutates_args=())
+def _predictor_tokens_triton(
+    ctx: torch.Tensor, idx_x: torch.Tensor, idx: torch.Tensor, pos: torch.Tensor, mask_token: torch.Tensor
+) -> torch.Tensor:
+    """(nenc·B, Kc, P), (nenc, B, Kc), (npred, B, Kt), (1, Npos, P), (1, 1, P) -> (npred·nenc·B, Kc+Kt, P)."""
+    return kernels().predictor_tokens_fwd(ctx, idx_x, idx, pos, mask_token)
+
+
+@_predictor_tokens_triton.register_fake
+def _(ctx, idx_x, idx, pos, mask_token):
+    nenc, B, Kc = idx_x.shape
+    npred, _, Kt = idx.shape
+    dtype = torch.promote_types(torch.promote_types(ctx.dtype, pos.dtype), mask_token.dtype)
+    return ctx.new_empty((npred * nenc * B, Kc + Kt, ctx.size(-1)), dtype=dtype)
+
+
+@torch.library.custom_op("fastjepa::predictor_tokens_triton_backward", mutates_args=())
+def _predictor_tokens_triton_backward(
+    grad: torch.Tensor,
+    idx_x: torch.Tensor,
+    idx: torch.Tensor,
+    npos: int,
+    ctx_dtype: torch.dtype,
+    mt_dtype: torch.dtype,
+    pos_dtype: torch.dtype,
+    pos_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> grad_ctx (nenc·B, Kc, P), grad_mask_token (P,), grad_pos (1, npos, P), or (0,) unless ``pos_grad``."""
+    gctx, gmt, gpos = kernels().predictor_tokens_bwd(grad, idx_x, idx, ctx_dtype, npos, pos_grad)
+    gpos = gpos.unsqueeze(0).to(pos_dtype) if pos_grad else grad.new_empty((0,), dtype=pos_dtype)
+    return gctx, gmt.to(mt_dtype), gpos
+
+
+@_predictor_tokens_triton_backward.register_fake
+def _(grad, idx_x, idx, npos, ctx_dtype, mt_dtype, pos_dtype, pos_grad):
+    nenc, B, Kc = idx_x.shape
+    P = grad.size(-1)
+    gpos = grad.new_empty((1, npos, P), dtype=pos_dtype) if pos_grad else grad.new_empty((0,), dtype=pos_dtype)
+    return grad.new_empty((nenc * B, Kc, P), dtype=ctx_dtype), grad.new_empty((P,), dtype=mt_dtype), gpos
+
+
+def _setup_context(ctx, inputs, output):
+    c, idx_x, idx, pos, mask_token = inputs
+    ctx.save_for_backward(idx_x, idx)
+    ctx.npos, ctx.ctx_dtype, ctx.pos_dtype = pos.size(1), c.dtype, pos.dtype
+    ctx.mt_dtype, ctx.mt_shape = mask_token.dtype, mask_token.shape
+
+
+def _backward(ctx, grad):
+    idx_x, idx = ctx.saved_tensors
+    pos_grad = bool(ctx.needs_input_grad[3])
+    gctx, gmt, gpos = _predictor_tokens_triton_backward(
+        grad, idx_x, idx, ctx.npos, ctx.ctx_dtype, ctx.mt_dtype, ctx.pos_dtype, pos_grad
+    )
+    return gctx, None, None, (gpos if pos_grad else None), gmt.reshape(ctx.mt_shape)
+
+
+_predictor_tokens_triton.register_autograd(_backward, setup_context=_setup_context)
+
+
+# -- public op ---------------------------------------------------------------------------
 
 
 def _check(ctx, masks_x, masks, pos_embed, mask_token, validate):
@@ -83,5 +155,14 @@ def predictor_tokens(
     over every mask position.
     """
     masks_x, masks = _check(ctx, masks_x, masks, pos_embed, mask_token, validate)
-    select("predictor_tokens", ctx.device, ctx.dtype)
-    return predictor_tokens_reference(ctx, masks_x, masks, pos_embed, mask_token)
+    dtype = torch.promote_types(torch.promote_types(ctx.dtype, pos_embed.dtype), mask_token.dtype)
+    backend = select("predictor_tokens", ctx.device, dtype)
+    if backend == "reference":
+        return predictor_tokens_reference(ctx, masks_x, masks, pos_embed, mask_token)
+    idx_x = V.stack_masks(masks_x, ctx.device)  # (nenc, B, Kc)
+    idx = V.stack_masks(masks, ctx.device)  # (npred, B, Kt)
+    if backend == "triton":
+        return _predictor_tokens_triton(ctx, idx_x, idx, pos_embed, mask_token)
+    from . import _cpp
+
+    return _cpp.predictor_tokens(ctx, idx_x, idx, pos_embed, mask_token)

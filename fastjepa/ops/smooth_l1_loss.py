@@ -1,19 +1,75 @@
-"""The I-JEPA loss: smooth-L1 (beta 1), mean over all elements."""
+"""The I-JEPA loss: smooth-L1 (beta 1), mean over all elements.
+
+Triton path: the custom ops ``fastjepa::smooth_l1_loss_triton`` (one read of z and h,
+fp32 partial sums) and ``fastjepa::smooth_l1_loss_triton_backward`` (one read of z and
+h, one write of the gradient). These move the same minimal bytes as PyTorch's own two
+kernels; ``benchmarks/bench_smooth_l1_loss.py`` measures both (see docs/ops.md).
+The C++ extension has no loss kernel: on CPU the loss is PyTorch's.
+"""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from . import _validate as V
+from ._dispatch import kernels, select
+
 
 def smooth_l1_loss_reference(z: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     return F.smooth_l1_loss(z, h)
 
 
+@torch.library.custom_op("fastjepa::smooth_l1_loss_triton", mutates_args=())
+def _smooth_l1_loss_triton(z: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """Same-shape z, h -> 0-dim mean loss in ``promote(z, h)``."""
+    return kernels().smooth_l1_loss_fwd(z, h).to(torch.promote_types(z.dtype, h.dtype))
+
+
+@_smooth_l1_loss_triton.register_fake
+def _(z, h):
+    return z.new_empty((), dtype=torch.promote_types(z.dtype, h.dtype))
+
+
+@torch.library.custom_op("fastjepa::smooth_l1_loss_triton_backward", mutates_args=())
+def _smooth_l1_loss_triton_backward(
+    grad: torch.Tensor, z: torch.Tensor, h: torch.Tensor, h_grad: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """0-dim grad -> (grad_z like z, grad_h like h, or (0,) unless ``h_grad``)."""
+    gz, gh = kernels().smooth_l1_loss_bwd(grad, z, h, h_grad)
+    return gz, (gh if h_grad else h.new_empty((0,)))
+
+
+@_smooth_l1_loss_triton_backward.register_fake
+def _(grad, z, h, h_grad):
+    return torch.empty_like(z, memory_format=torch.contiguous_format), (
+        torch.empty_like(h, memory_format=torch.contiguous_format) if h_grad else h.new_empty((0,))
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    z, h = inputs
+    ctx.save_for_backward(z, h)
+
+
+def _backward(ctx, grad):
+    z, h = ctx.saved_tensors
+    h_grad = bool(ctx.needs_input_grad[1])
+    gz, gh = _smooth_l1_loss_triton_backward(grad, z, h, h_grad)
+    return gz, (gh if h_grad else None)
+
+
+_smooth_l1_loss_triton.register_autograd(_backward, setup_context=_setup_context)
+
+
 def smooth_l1_loss(z: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """Smooth-L1 of predictions ``z`` against targets ``h`` (same shape), mean."""
-    if not isinstance(z, torch.Tensor) or not isinstance(h, torch.Tensor):
-        raise ValueError("smooth_l1_loss: expected two tensors")
-    if z.shape != h.shape:
-        raise ValueError(f"smooth_l1_loss: z has shape {tuple(z.shape)}, expected the shape of h {tuple(h.shape)}")
+    """Smooth-L1 of predictions ``z`` against targets ``h`` (same shape), mean.
+
+    :Equivalent pytorch code:
+        ``F.smooth_l1_loss(z, h)``
+    """
+    V.check_same_shape(z, h, "smooth_l1_loss")
+    backend = select("smooth_l1_loss", z.device, torch.promote_types(z.dtype, h.dtype), cpp_op=False)
+    if backend == "triton":
+        return _smooth_l1_loss_triton(z, h)
     return smooth_l1_loss_reference(z, h)
