@@ -1,0 +1,188 @@
+"""gather_tokens / apply_masks: the Triton path (interpreter on CPU) against the reference."""
+
+import pytest
+import torch
+
+from fastjepa.masks import apply_masks as apply_masks_reference
+from fastjepa.ops import apply_masks, gather_tokens, gather_tokens_reference, use_backend
+from fastjepa.ops._dispatch import kernels
+from fastjepa.ops.gather_tokens import _gather_tokens_triton, _gather_tokens_triton_backward
+
+# (B, N, D, M, K): B=1; D not a power of two with a prime K; K > N forces repeated indices
+SHAPES = [(1, 16, 32, 1, 5), (3, 20, 200, 2, 7), (2, 9, 17, 4, 13)]
+
+
+def make_masks(B, N, M, K, dtype):
+    """M random (B, K) masks drawn with replacement: repeats within and across masks."""
+    return [torch.randint(0, N, (B, K), dtype=dtype) for _ in range(M)]
+
+
+def make_tokens(B, N, D, contiguous):
+    if contiguous:
+        return torch.randn(B, N, D)
+    return torch.randn(B, D, N).transpose(1, 2)  # (B, N, D), strided
+
+
+def run(backend, x, masks, pos, grad):
+    x = x.detach().clone().requires_grad_()
+    pos = None if pos is None else pos.detach().clone().requires_grad_(pos.requires_grad)
+    with use_backend(backend):
+        out = gather_tokens(x, masks, pos)
+    out.backward(grad)
+    return out.detach(), x.grad, None if pos is None else pos.grad
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("idx_dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("contiguous", [True, False])
+@pytest.mark.parametrize("pos_mode", ["fixed", "trainable", "none"])
+def test_forward_backward_match_reference(shape, idx_dtype, contiguous, pos_mode):
+    B, N, D, M, K = shape
+    x = make_tokens(B, N, D, contiguous)
+    masks = make_masks(B, N, M, K, idx_dtype)
+    pos = None if pos_mode == "none" else make_tokens(1, N, D, contiguous).requires_grad_(pos_mode == "trainable")
+    grad = torch.randn(M * B, K, D)
+    out, gx, gpos = run("triton", x, masks, pos, grad)
+    ref, gx_ref, gpos_ref = run("reference", x, masks, pos, grad)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(gx, gx_ref)
+    if pos_mode == "trainable":
+        torch.testing.assert_close(gpos, gpos_ref)
+    else:
+        assert gpos is None
+
+
+def test_pos_table_longer_than_tokens():
+    """pos (1, Npos > N, D) is sliced to the first N rows, as the reference does."""
+    B, N, D, M, K = 2, 12, 24, 2, 5
+    x, masks = torch.randn(B, N, D), make_masks(B, N, M, K, torch.int64)
+    pos = torch.randn(1, N + 4, D, requires_grad=True)
+    grad = torch.randn(M * B, K, D)
+    out, gx, gpos = run("triton", x, masks, pos, grad)
+    ref, gx_ref, gpos_ref = run("reference", x, masks, pos, grad)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(gx, gx_ref)
+    torch.testing.assert_close(gpos, gpos_ref)
+
+
+def test_every_output_element_is_written():
+    B, N, D, M, K = 3, 20, 200, 2, 7
+    x, pos = torch.randn(B, N, D), torch.randn(1, N, D)
+    idx = torch.randint(0, N, (M, B, K))
+    out = torch.full((M * B, K, D), float("nan"))
+    kernels().gather_tokens_fwd(x, idx, pos, out=out)
+    torch.testing.assert_close(out, gather_tokens_reference(x, list(idx), pos))
+
+
+def test_heavily_repeated_index_accumulates():
+    """Every index the same: one row of x.grad receives all M·K upstream rows."""
+    B, N, D, M, K = 2, 6, 40, 3, 11
+    x = torch.randn(B, N, D)
+    masks = [torch.full((B, K), 4, dtype=torch.int64) for _ in range(M)]
+    grad = torch.randn(M * B, K, D)
+    _, gx, _ = run("triton", x, masks, None, grad)
+    expected = torch.zeros(B, N, D)
+    expected[:, 4] = grad.view(M, B, K, D).sum(dim=(0, 2))
+    torch.testing.assert_close(gx, expected)
+
+
+def test_apply_masks_drop_in_and_mae_ids_keep():
+    B, N, D = 3, 16, 24
+    x = torch.randn(B, N, D)
+    masks = make_masks(B, N, 2, 5, torch.int64)
+    with use_backend("triton"):
+        torch.testing.assert_close(apply_masks(x, masks), apply_masks_reference(x, masks))
+        ids_keep = torch.argsort(torch.rand(B, N), dim=1)[:, :7]  # MAE-style random keep
+        mae = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, D))  # (B, K, D)
+        torch.testing.assert_close(apply_masks(x, ids_keep), mae)
+
+
+def test_opcheck():
+    B, N, D, M, K = 2, 8, 24, 2, 5
+    x = torch.randn(B, N, D, requires_grad=True)
+    pos = torch.randn(1, N, D, requires_grad=True)
+    idx = torch.randint(0, N, (M, B, K), dtype=torch.int32)
+    torch.library.opcheck(_gather_tokens_triton, (x, idx, pos))
+    torch.library.opcheck(_gather_tokens_triton, (x, idx.long(), None))
+    grad = torch.randn(M * B, K, D)
+    torch.library.opcheck(_gather_tokens_triton_backward, (grad, idx, N, N, torch.float32, torch.float32, True))
+
+
+def test_torch_compile_parity():
+    B, N, D, M, K = 2, 8, 24, 2, 5
+    x = torch.randn(B, N, D, requires_grad=True)
+    pos = torch.randn(1, N, D)
+    idx = torch.randint(0, N, (M, B, K))
+    grad = torch.randn(M * B, K, D)
+
+    @torch.compile(backend="aot_eager", fullgraph=True)
+    def fused(x, idx, pos):
+        return _gather_tokens_triton(x, idx, pos) * 2.0
+
+    out = fused(x, idx, pos)
+    (gx,) = torch.autograd.grad(out, x, grad)
+    ref = gather_tokens_reference(x, list(idx), pos) * 2.0
+    (gx_ref,) = torch.autograd.grad(ref, x, grad)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(gx, gx_ref)
+
+
+@pytest.mark.parametrize(
+    "case, exc, match",
+    [
+        ("x_rank", ValueError, "x: expected shape"),
+        ("x_int", ValueError, "floating-point"),
+        ("batch", ValueError, "batch size 3, expected 2"),
+        ("float_index", ValueError, "int32 or int64"),
+        ("mask_rank", ValueError, r"masks\[0\]: expected shape \(B, K\)"),
+        ("ragged", ValueError, r"masks\[1\]: shape"),
+        ("empty", ValueError, "non-empty list"),
+        ("pos_shape", ValueError, "pos_embed: expected shape"),
+        ("too_big", IndexError, "index 8 is out of range for 8 tokens"),
+        ("negative", IndexError, "index -1 is out of range"),
+    ],
+)
+def test_bad_inputs_raise(case, exc, match):
+    B, N, D = 2, 8, 16
+    x, pos = torch.randn(B, N, D), torch.randn(1, N, D)
+    masks = [torch.randint(0, N, (B, 3))]
+    if case == "x_rank":
+        x = x[0]
+    elif case == "x_int":
+        x = x.long()
+    elif case == "batch":
+        masks = [torch.randint(0, N, (3, 3))]
+    elif case == "float_index":
+        masks = [masks[0].float()]
+    elif case == "mask_rank":
+        masks = [masks[0][0]]
+    elif case == "ragged":
+        masks = [masks[0], torch.randint(0, N, (B, 4))]
+    elif case == "empty":
+        masks = []
+    elif case == "pos_shape":
+        pos = torch.randn(1, N, D + 1)
+    elif case == "too_big":
+        masks[0][1, 2] = N
+    elif case == "negative":
+        masks[0][0, 0] = -1
+    with use_backend("triton"), pytest.raises(exc, match=match):
+        gather_tokens(x, masks, pos)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype, atol", [(torch.bfloat16, 1e-2), (torch.float16, 1e-3)])
+def test_low_precision_tolerance_rule(dtype, atol):
+    """Kernel error vs an fp32 reference ≤ 2× the same-dtype PyTorch error + atol (STYLE.md)."""
+    B, N, D, M, K = 8, 256, 768, 2, 71
+    x32, pos32 = torch.randn(B, N, D, device="cuda"), torch.randn(1, N, D, device="cuda")
+    masks = [torch.randint(0, N, (B, K), device="cuda") for _ in range(M)]
+    grad32 = torch.randn(M * B, K, D, device="cuda")
+    ref, gref, _ = run("reference", x32, masks, pos32, grad32)
+    low = (x32.to(dtype), masks, pos32.to(dtype), grad32.to(dtype))
+    out_t, g_t, _ = run("reference", *low)
+    out_k, g_k, _ = run("triton", *low)
+    for kern, torch_, exact in ((out_k, out_t, ref), (g_k, g_t, gref)):
+        err_k = (kern.float() - exact).abs().max().item()
+        err_t = (torch_.float() - exact).abs().max().item()
+        assert err_k <= 2 * err_t + atol, (err_k, err_t)
