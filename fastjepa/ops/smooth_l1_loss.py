@@ -4,7 +4,8 @@ Triton path: the custom ops ``fastjepa::smooth_l1_loss_triton`` (one read of z a
 fp32 partial sums) and ``fastjepa::smooth_l1_loss_triton_backward`` (one read of z and
 h, one write of the gradient). These move the same minimal bytes as PyTorch's own two
 kernels; ``benchmarks/bench_smooth_l1_loss.py`` measures both (see docs/ops.md).
-The C++ extension has no loss kernel: on CPU the loss is PyTorch's.
+The C++ extension has no loss kernel of its own: its backend (``cpp``) runs PyTorch's
+ATen loss, which already is one C++ reduction and one elementwise backward.
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ def smooth_l1_loss(z: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         ``F.smooth_l1_loss(z, h)``
     """
     V.check_same_shape(z, h, "smooth_l1_loss")
-    backend = select("smooth_l1_loss", z.device, torch.promote_types(z.dtype, h.dtype), cpp_op=False)
+    backend = select("smooth_l1_loss", z.device, torch.promote_types(z.dtype, h.dtype))
     if backend == "triton":
         return _smooth_l1_loss_triton(z, h)
-    return smooth_l1_loss_reference(z, h)
+    return smooth_l1_loss_reference(z, h)  # "reference" and "cpp": ATen's C++ kernels

@@ -1,0 +1,152 @@
+"""Backend selection: which path each op takes, forced backends, float64, the cpp branch."""
+
+import sys
+import types
+
+import pytest
+import torch
+
+import fastjepa.ops as ops
+from fastjepa.ops import _dispatch
+from fastjepa.ops._dispatch import available, current_backend, select, use_backend
+
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+
+
+def small_inputs():
+    B, N, D, P, Kc, Kt = 2, 9, 16, 8, 5, 3
+    x = torch.randn(B, N, D)
+    ctx = torch.randn(2 * B, Kc, P)
+    masks_x = [torch.randint(0, N, (B, Kc)) for _ in range(2)]
+    masks = [torch.randint(0, N, (B, Kt)) for _ in range(4)]
+    return dict(x=x, pos=torch.randn(1, N, D), ctx=ctx, ppos=torch.randn(1, N, P), mt=torch.randn(1, 1, P),
+                masks_x=masks_x, masks=masks)
+
+
+def call_all(t, dtype=None):
+    """Run the four ops once; ``dtype`` casts every float input."""
+    c = {k: (v.to(dtype) if dtype and isinstance(v, torch.Tensor) else v) for k, v in t.items()}
+    out = [
+        ops.gather_tokens(c["x"], c["masks_x"], c["pos"]),
+        ops.predictor_tokens(c["ctx"], c["masks_x"], c["masks"], c["ppos"], c["mt"]),
+        ops.target_tokens(c["x"], c["masks"], 2),
+    ]
+    out.append(ops.smooth_l1_loss(out[1], torch.zeros_like(out[1])))
+    return out
+
+
+def test_availability_is_data():
+    avail = available()
+    assert set(avail) == {"reference", "triton", "cpp"}
+    assert avail["reference"].ok
+    assert avail["triton"].ok, avail["triton"].reason  # tests install triton
+    for a in avail.values():
+        assert isinstance(a.reason, str) and a.reason
+
+
+def test_auto_picks_triton_for_cuda_and_reference_or_cpp_for_cpu():
+    with use_backend("auto"):
+        assert select("gather_tokens", CUDA, torch.float32) == "triton"
+        assert select("gather_tokens", CUDA, torch.bfloat16) == "triton"
+        cpu = "cpp" if available()["cpp"] else "reference"
+        assert select("gather_tokens", CPU, torch.float32) == cpu
+        assert select("predictor_tokens", CPU, torch.float32, cpp_op=False) == "reference"
+
+
+@pytest.mark.parametrize("device", [CPU, CUDA])
+def test_auto_sends_float64_to_the_reference(device):
+    with use_backend("auto"):
+        for op in ("gather_tokens", "predictor_tokens", "target_tokens"):
+            assert select(op, device, torch.float64) == "reference"
+
+
+def test_forced_triton_runs_cpu_tensors_under_the_interpreter(monkeypatch):
+    assert _dispatch.triton_interpret()  # set by conftest
+    with use_backend("triton"):
+        assert select("gather_tokens", CPU, torch.float32) == "triton"
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with use_backend("triton"), pytest.raises(RuntimeError, match="need CUDA"):
+        select("gather_tokens", CPU, torch.float32)
+
+
+def test_forced_triton_with_float64_raises():
+    t = small_inputs()
+    with use_backend("triton"), pytest.raises(RuntimeError, match="float64 is not one of the fused dtypes"):
+        ops.gather_tokens(t["x"].double(), t["masks_x"], t["pos"].double())
+    with use_backend("triton"), pytest.raises(RuntimeError, match="float64"):
+        ops.gather_tokens(t["x"], t["masks_x"], t["pos"].double())  # promotes to float64
+
+
+def test_env_variable_and_context_manager(monkeypatch):
+    monkeypatch.setenv("FASTJEPA_BACKEND", "triton")
+    assert current_backend() == "triton"
+    assert select("target_tokens", CPU, torch.float32) == "triton"
+    with use_backend("reference"):
+        assert current_backend() == "reference"
+        assert select("target_tokens", CPU, torch.float32) == "reference"
+    assert current_backend() == "triton"
+    monkeypatch.setenv("FASTJEPA_BACKEND", "fast")
+    with pytest.raises(ValueError, match="FASTJEPA_BACKEND='fast' is not a fastjepa backend"):
+        current_backend()
+
+
+def test_each_backend_takes_its_path(monkeypatch):
+    """reference never launches a kernel; triton launches one per op; float64 under auto
+    runs the reference even where auto would pick triton."""
+    kernels = _dispatch.kernels()
+    launched = []
+    for name in ("gather_tokens_fwd", "predictor_tokens_fwd", "target_tokens_fwd", "smooth_l1_loss_fwd"):
+        real = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, _real=real, _name=name, **k: launched.append(_name) or _real(*a, **k))
+    t = small_inputs()
+    with use_backend("reference"):
+        ref = call_all(t)
+    assert launched == []
+    with use_backend("triton"):
+        fused = call_all(t)
+    assert sorted(launched) == ["gather_tokens_fwd", "predictor_tokens_fwd", "smooth_l1_loss_fwd", "target_tokens_fwd"]
+    for a, b in zip(fused, ref):
+        torch.testing.assert_close(a, b)
+    launched.clear()
+    monkeypatch.setattr(_dispatch, "_why_not", lambda backend, device, dtype: None if dtype != torch.float64 else "float64")
+    with use_backend("auto"):
+        call_all(t, torch.float64)
+    assert launched == []
+
+
+def test_cpp_branch_calls_the_extension_wrappers(monkeypatch):
+    """With the extension selected, each op calls fastjepa.ops._cpp with stacked (M, B, K) indices."""
+    t = small_inputs()
+    seen = {}
+
+    def gather(x, idx, pos):
+        seen["gather"] = idx.shape
+        return ops.gather_tokens_reference(x, list(idx), pos)
+
+    def predictor(ctx, idx_x, idx, pos, mask_token):
+        seen["predictor"] = (idx_x.shape, idx.shape)
+        return ops.predictor_tokens_reference(ctx, list(idx_x), list(idx), pos, mask_token)
+
+    def target(h, idx, nenc):
+        seen["target"] = (idx.shape, nenc)
+        return ops.target_tokens_reference(h, list(idx), nenc)
+
+    fake = types.SimpleNamespace(gather_tokens=gather, predictor_tokens=predictor, target_tokens=target)
+    monkeypatch.setitem(sys.modules, "fastjepa.ops._cpp", fake)
+    monkeypatch.setattr(ops, "_cpp", fake, raising=False)
+    monkeypatch.setattr(_dispatch, "_why_not", lambda backend, device, dtype: None)
+    with use_backend("cpp"):
+        out = call_all(t)
+    with use_backend("reference"):
+        ref = call_all(t)
+    assert seen == {"gather": (2, 2, 5), "predictor": ((2, 2, 5), (4, 2, 3)), "target": ((4, 2, 3), 2)}
+    for a, b in zip(out, ref):
+        torch.testing.assert_close(a, b)
+
+
+def test_masks_on_another_device_are_rejected():
+    x = torch.randn(2, 9, 16, device="meta")
+    with pytest.raises(ValueError, match=r"masks\[0\]: on meta"):
+        ops.gather_tokens(torch.randn(2, 9, 16), [torch.zeros(2, 3, dtype=torch.long, device="meta")])
+    with pytest.raises(ValueError, match="pos_embed: on meta"):
+        ops.gather_tokens(torch.randn(2, 9, 16), [torch.zeros(2, 3, dtype=torch.long)], x[:1])
