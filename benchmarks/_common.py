@@ -10,8 +10,10 @@ shapes (the numbers then say nothing about speed; the run proves the harness wor
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,6 +23,9 @@ import torch
 ON_GPU = torch.cuda.is_available()
 if not ON_GPU:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+if importlib.util.find_spec("fastjepa") is None:  # a source checkout run as `python benchmarks/...`
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from fastjepa.ops import use_backend  # noqa: E402
 
