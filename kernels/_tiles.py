@@ -10,8 +10,15 @@ TILE_ELEMS = 4096
 
 
 def cols_block(n_cols: int, cap: int = 1024) -> int:
-    """Power-of-two block over the feature dim (at least 16, at most ``cap``)."""
-    return max(16, min(triton.next_power_of_2(n_cols), cap))
+    """Power-of-two block over the feature dim, at least 16, at most ``cap``.
+
+    Below ``cap`` one block covers the row; above it, the largest of cap, cap/2, cap/4,
+    cap/8 that leaves the fewest masked lanes (768 and 1280 -> 256, 384 -> 128).
+    """
+    if n_cols <= cap:
+        return max(16, triton.next_power_of_2(n_cols))
+    candidates = [max(16, cap >> s) for s in range(4)]
+    return min(candidates, key=lambda blk: (triton.cdiv(n_cols, blk) * blk - n_cols, -blk))
 
 
 def rows_block(block_cols: int, n_rows: int, tile: int = TILE_ELEMS) -> int:

@@ -1,8 +1,9 @@
 """Context gather with the positional-embedding add: kernels and launchers.
 
 Forward: ``out[m·B + b, k, :] = x[b, idx[m, b, k], :] + pos[0, idx[m, b, k], :]``.
-Backward: ``grad_x[b, idx[m, b, k], :] += grad_out[m·B + b, k, :]`` with fp32 atomics
-(repeated indices, within one mask or across masks, accumulate).
+Backward: ``grad_x[b, n, :] = Σ_{(m, k): idx[m, b, k] = n} grad_out[m·B + b, k, :]`` — a
+segmented sum over the slots sorted by index (repeated indices, within one mask or across
+masks, accumulate; deterministic, fp32 accumulation, each row of grad_x written once).
 
 No autograd here; :mod:`fastjepa.ops.gather_tokens` wraps these launchers. Indices are
 expected in range (the op checks them on the host); an out-of-range index is never
@@ -57,29 +58,41 @@ def _gather_tokens_fwd_kernel(
 
 @triton.jit
 def _gather_tokens_bwd_kernel(
-    GRAD,  # (M·B, K, D) contiguous
-    IDX,  # (M, B, K) contiguous, int32 or int64
-    GX,  # (B, N, D) contiguous fp32, zero-initialised accumulator
+    GRAD,  # (M·B, K, D) contiguous upstream gradient
+    PERM,  # (B, M·K) int64: per image, the (m·K + k) slots ordered by their index n
+    BOUNDS,  # (B, N + 1) int64: slots of index n are PERM[b, BOUNDS[b, n] : BOUNDS[b, n + 1]]
+    GX,  # (B, N, D) contiguous, gradient of x in x's dtype (every element written)
+    GPOS,  # (N, D) contiguous fp32 accumulator for the pos gradient; unused unless POS_GRAD
     B,
     N,
     K,
     D,
-    ROWS,  # M·B·K
+    MK,  # M·K
+    ROWS,  # B·N
+    POS_GRAD: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     pid_r = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1).to(tl.int64)
-    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)  # (BLOCK_R,)
+    rows = pid_r * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)  # (BLOCK_R,) flat (b, n)
     cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D).to(tl.int64)  # (BLOCK_D,)
     row_ok = rows < ROWS
     col_ok = cols < D
-    b = (rows // K) % B
-    n = tl.load(IDX + rows, mask=row_ok, other=0).to(tl.int64)
-    n_ok = row_ok & (n >= 0) & (n < N)
-    ok = n_ok[:, None] & col_ok[None, :]  # (BLOCK_R, BLOCK_D)
-    g = tl.load(GRAD + rows[:, None] * D + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-    tl.atomic_add(GX + (b[:, None] * N + n[:, None]) * D + cols[None, :], g, mask=ok)
+    b = rows // N
+    n = rows % N
+    start = tl.load(BOUNDS + b * (N + 1) + n, mask=row_ok, other=0)  # (BLOCK_R,)
+    count = tl.load(BOUNDS + b * (N + 1) + n + 1, mask=row_ok, other=0) - start  # (BLOCK_R,)
+    acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
+    for c in range(0, tl.max(count, axis=0).to(tl.int32)):  # the longest segment in this tile
+        has = row_ok & (c < count)  # (BLOCK_R,)
+        slot = tl.load(PERM + b * MK + start + c, mask=has, other=0)  # (BLOCK_R,) m·K + k
+        src = ((slot // K) * B + b) * K + slot % K  # (BLOCK_R,) row (m·B + b)·K + k of GRAD
+        acc += tl.load(GRAD + src[:, None] * D + cols[None, :], mask=has[:, None] & col_ok[None, :], other=0.0).to(tl.float32)
+    ok = row_ok[:, None] & col_ok[None, :]
+    tl.store(GX + rows[:, None] * D + cols[None, :], acc.to(GX.dtype.element_ty), mask=ok)
+    if POS_GRAD:
+        tl.atomic_add(GPOS + n[:, None] * D + cols[None, :], acc, mask=ok)
 
 
 def _grid(rows: int, D: int):
@@ -115,16 +128,30 @@ def gather_tokens_fwd(
     return out
 
 
-def gather_tokens_bwd(grad: torch.Tensor, idx: torch.Tensor, N: int) -> torch.Tensor:
-    """(M·B, K, D) upstream grad, (M, B, K) -> fp32 (B, N, D) accumulated gradient of ``x``."""
+def gather_tokens_bwd(
+    grad: torch.Tensor, idx: torch.Tensor, N: int, x_dtype: torch.dtype, pos_grad: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(M·B, K, D) upstream grad, (M, B, K) -> (grad_x (B, N, D) in ``x_dtype``, fp32 (N, D) pos grad or None).
+
+    Deterministic: the slots of each image are sorted by index once (a small (B, M·K)
+    sort), then every row of grad_x sums its own slots in a fixed order, in fp32, and is
+    written once — no atomics, no fp32 staging copy of grad_x. Indices outside [0, N)
+    are never read and contribute nothing.
+    """
     M, B, K = idx.shape
     D = grad.size(-1)
     grad = grad.contiguous()
-    idx = idx.contiguous()
-    gx = torch.zeros((B, N, D), device=grad.device, dtype=torch.float32)
-    rows = M * B * K
-    if rows == 0 or D == 0:
-        return gx
-    grid, block_r, block_d = _grid(rows, D)
-    _gather_tokens_bwd_kernel[grid](grad, idx, gx, B, N, K, D, rows, BLOCK_R=block_r, BLOCK_D=block_d)
-    return gx
+    gx = torch.empty((B, N, D), device=grad.device, dtype=x_dtype)
+    gpos = torch.zeros((N, D), device=grad.device, dtype=torch.float32) if pos_grad else None
+    if B * N == 0 or D == 0:
+        return gx, gpos
+    keys = idx.permute(1, 0, 2).reshape(B, M * K)  # (B, M·K) index n of slot m·K + k
+    sorted_keys, perm = torch.sort(keys, dim=1, stable=True)  # (B, M·K)
+    targets = torch.arange(N + 1, device=grad.device, dtype=sorted_keys.dtype).expand(B, N + 1).contiguous()
+    bounds = torch.searchsorted(sorted_keys, targets)  # (B, N + 1) int64 segment starts
+    grid, block_r, block_d = _grid(B * N, D)
+    _gather_tokens_bwd_kernel[grid](
+        grad, perm, bounds, gx, gpos if pos_grad else gx, B, N, K, D, M * K, B * N,
+        POS_GRAD=pos_grad, BLOCK_R=block_r, BLOCK_D=block_d,
+    )
+    return gx, gpos

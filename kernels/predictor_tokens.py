@@ -166,7 +166,7 @@ def predictor_tokens_fwd(
         out = torch.empty((R, L, P), device=ctx.device, dtype=dtype)
     if R == 0 or L == 0 or P == 0:
         return out
-    block_p = cols_block(P, cap=512)
+    block_p = cols_block(P, cap=256)
     block_t = rows_block(block_p, L)
     grid = (R, triton.cdiv(L, block_t), triton.cdiv(P, block_p))
     _predictor_tokens_fwd_kernel[grid](
@@ -190,7 +190,7 @@ def predictor_tokens_bwd(
     gctx = torch.empty((nenc * B, KC, P), device=grad.device, dtype=ctx_dtype)
     gpos = torch.zeros((npos, P), device=grad.device, dtype=torch.float32) if pos_grad else None
     gp = gpos if pos_grad else gctx
-    block_p = cols_block(P, cap=512)
+    block_p = cols_block(P, cap=256)
     if nenc * B * KC > 0 and P > 0:
         block_t = rows_block(block_p, KC)
         grid = (nenc * B, triton.cdiv(KC, block_t), triton.cdiv(P, block_p))

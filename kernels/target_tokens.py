@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._tiles import cols_block, rows_block
+from ._tiles import rows_block
 
 
 @triton.jit
@@ -68,7 +68,7 @@ def target_tokens_fwd(
     rows = npred * B * KT
     if rows == 0 or D == 0:
         return out
-    block_d = cols_block(D, cap=1 << 16)  # one program sees whole rows
+    block_d = max(16, triton.next_power_of_2(D))  # one program sees whole rows
     block_r = rows_block(block_d, rows)
     grid = (triton.cdiv(rows, block_r),)
     _target_tokens_kernel[grid](h, idx, out, B, N, KT, D, nenc, rows, eps, *h.stride(), BLOCK_R=block_r, BLOCK_D=block_d)

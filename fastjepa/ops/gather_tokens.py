@@ -3,7 +3,8 @@
 ``gather_tokens(x, masks, pos_embed)`` ≡ ``apply_masks(x + pos_embed, masks)``, but the
 fused paths add the pos-embed only at the kept indices and never build an expanded
 (B, K, D) index tensor: the masks are stacked into one (M, B, K) index tensor.
-Backward accumulates into ``x.grad`` for repeated indices (fp32 atomics, cast once);
+Backward accumulates into ``x.grad`` for repeated indices (a deterministic segmented
+sum in fp32, each gradient row written once in x's dtype);
 ``pos_embed`` gets a gradient only if it requires one.
 
 Triton path: the custom ops ``fastjepa::gather_tokens_triton`` (forward) and
@@ -53,12 +54,12 @@ def _gather_tokens_triton_backward(
     grad: torch.Tensor, idx: torch.Tensor, n: int, npos: int, x_dtype: torch.dtype, pos_dtype: torch.dtype, pos_grad: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(M·B, K, D) grad -> (grad_x (B, n, D), grad_pos (1, npos, D), or (0,) unless ``pos_grad``)."""
-    gx = kernels().gather_tokens_bwd(grad, idx, n)  # (B, n, D) fp32
+    gx, gpos = kernels().gather_tokens_bwd(grad, idx, n, x_dtype, pos_grad)  # (B, n, D), fp32 (n, D)
     if pos_grad:
-        gpos = F.pad(gx.sum(0, keepdim=True), (0, 0, 0, npos - n)).to(pos_dtype)  # (1, npos, D)
+        gpos = F.pad(gpos, (0, 0, 0, npos - n)).unsqueeze(0).to(pos_dtype)  # (1, npos, D)
     else:
         gpos = grad.new_empty((0,), dtype=pos_dtype)
-    return gx.to(x_dtype), gpos
+    return gx, gpos
 
 
 @_gather_tokens_triton_backward.register_fake
