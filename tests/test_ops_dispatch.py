@@ -150,3 +150,21 @@ def test_masks_on_another_device_are_rejected():
         ops.gather_tokens(torch.randn(2, 9, 16), [torch.zeros(2, 3, dtype=torch.long, device="meta")])
     with pytest.raises(ValueError, match="pos_embed: on meta"):
         ops.gather_tokens(torch.randn(2, 9, 16), [torch.zeros(2, 3, dtype=torch.long)], x[:1])
+
+
+def test_loss_stays_on_pytorch_unless_triton_is_forced(monkeypatch):
+    """Fusing the loss saves no bytes (docs/ops.md): auto keeps ATen's kernels even where
+    it picks Triton for the other ops; a forced ``triton`` runs the fused kernels."""
+    kernels = _dispatch.kernels()
+    real, launched = kernels.smooth_l1_loss_fwd, []
+    monkeypatch.setattr(kernels, "smooth_l1_loss_fwd", lambda *a: launched.append(1) or real(*a))
+    loss_module = sys.modules["fastjepa.ops.smooth_l1_loss"]
+    monkeypatch.setattr(loss_module, "select", lambda *a, **k: "triton")  # what auto picks for CUDA tensors
+    z, h = torch.randn(3, 5, 8), torch.randn(3, 5, 8)
+    with use_backend("auto"):
+        auto = ops.smooth_l1_loss(z, h)
+    assert launched == []
+    with use_backend("triton"):
+        forced = ops.smooth_l1_loss(z, h)
+    assert launched == [1]
+    torch.testing.assert_close(auto, forced)

@@ -3,7 +3,10 @@
 Triton path: the custom ops ``fastjepa::smooth_l1_loss_triton`` (one read of z and h,
 fp32 partial sums) and ``fastjepa::smooth_l1_loss_triton_backward`` (one read of z and
 h, one write of the gradient). These move the same minimal bytes as PyTorch's own two
-kernels; ``benchmarks/bench_smooth_l1_loss.py`` measures both (see docs/ops.md).
+kernels, so fusing cannot beat it by more than launch overhead: ``auto`` keeps PyTorch's
+loss (which torch.compile can also fuse into its producer), and the kernels run only when
+the ``triton`` backend is forced. ``benchmarks/bench_smooth_l1_loss.py`` measures both
+(see docs/ops.md).
 The C++ extension has no loss kernel of its own: its backend (``cpp``) runs PyTorch's
 ATen loss, which already is one C++ reduction and one elementwise backward.
 """
@@ -14,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _validate as V
-from ._dispatch import kernels, select
+from ._dispatch import current_backend, kernels, select
 
 
 def smooth_l1_loss_reference(z: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
@@ -71,6 +74,6 @@ def smooth_l1_loss(z: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     """
     V.check_same_shape(z, h, "smooth_l1_loss")
     backend = select("smooth_l1_loss", z.device, torch.promote_types(z.dtype, h.dtype))
-    if backend == "triton":
+    if backend == "triton" and current_backend() == "triton":  # opt-in only, see the module docstring
         return _smooth_l1_loss_triton(z, h)
     return smooth_l1_loss_reference(z, h)  # "reference" and "cpp": ATen's C++ kernels
