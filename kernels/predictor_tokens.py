@@ -177,10 +177,20 @@ def predictor_tokens_fwd(
 
 
 def predictor_tokens_bwd(
-    grad: torch.Tensor, idx_x: torch.Tensor, idx: torch.Tensor, ctx_dtype: torch.dtype, npos: int, pos_grad: bool
+    grad: torch.Tensor,
+    idx_x: torch.Tensor,
+    idx: torch.Tensor,
+    ctx_dtype: torch.dtype,
+    npos: int,
+    pos_grad: bool,
+    *,
+    seq_per_prog: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Upstream (npred·nenc·B, Kc+Kt, P) grad -> (grad_ctx (nenc·B, Kc, P) in ``ctx_dtype``,
-    fp32 (P,) mask-token grad, fp32 (Npos, P) pos grad or None)."""
+    fp32 (P,) mask-token grad, fp32 (Npos, P) pos grad or None).
+
+    ``seq_per_prog``: sequences each mask-token program reduces (default: by size).
+    """
     nenc, B, KC = idx_x.shape
     npred, _, KT = idx.shape
     P = grad.size(-1)
@@ -200,7 +210,8 @@ def predictor_tokens_bwd(
     if R * KT == 0 or P == 0:
         return gctx, torch.zeros(P, device=grad.device, dtype=torch.float32), gpos
     block_t = rows_block(block_p, KT)
-    seq_per_prog = max(1, min(8, R // 128))  # few partial rows on a GPU, still many programs
+    if seq_per_prog is None:
+        seq_per_prog = max(1, min(8, R // 2048))  # enough programs to fill a GPU; few partial rows past that
     n_prog = triton.cdiv(R, seq_per_prog)
     part = torch.empty((n_prog, P), device=grad.device, dtype=torch.float32)
     grid = (n_prog, triton.cdiv(P, block_p))

@@ -82,6 +82,18 @@ def test_every_output_element_is_written():
     torch.testing.assert_close(out, predictor_tokens_reference(ctx, masks_x, masks, pos, mask_token))
 
 
+@pytest.mark.parametrize("seq_per_prog", [3, 5])
+def test_backward_with_several_sequences_per_program(seq_per_prog):
+    """The mask-token reduction over several sequences per program, R not a multiple of it."""
+    ctx, masks_x, masks, pos, mask_token, grad = inputs((3, 20, 40, 2, 4, 7, 5), pos_grad=True)
+    _, gctx_ref, gmt_ref, gpos_ref = run("reference", ctx, masks_x, masks, pos, mask_token, grad)
+    idx_x, idx = torch.stack(masks_x), torch.stack(masks)
+    gctx, gmt, gpos = kernels().predictor_tokens_bwd(grad, idx_x, idx, torch.float32, 20, True, seq_per_prog=seq_per_prog)
+    torch.testing.assert_close(gctx, gctx_ref)
+    torch.testing.assert_close(gmt, gmt_ref.view(-1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gpos, gpos_ref[0], rtol=1e-5, atol=1e-5)
+
+
 def test_opcheck():
     ctx, masks_x, masks, pos, mask_token, grad = inputs((2, 9, 24, 2, 3, 5, 3), torch.int32)
     ctx.requires_grad_()
