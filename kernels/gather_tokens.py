@@ -135,8 +135,8 @@ def gather_tokens_bwd(
 
     Deterministic: the slots of each image are sorted by index once (a small (B, M·K)
     sort), then every row of grad_x sums its own slots in a fixed order, in fp32, and is
-    written once — no atomics, no fp32 staging copy of grad_x. Indices outside [0, N)
-    are never read and contribute nothing.
+    written once — no atomics (only the optional pos gradient uses them), no fp32 staging
+    copy of grad_x. Indices outside [0, N) are never read and contribute nothing.
     """
     M, B, K = idx.shape
     D = grad.size(-1)
