@@ -1,13 +1,17 @@
 """``python -m fastjepa.plot RUN_DIR``: PNG plots of a run's ``log.csv``.
 
 Writes ``loss.png`` (loss per step with a moving average), ``schedules.png`` (lr, wd,
-EMA momentum) and ``throughput.png`` (images/s) into the run folder.
+EMA momentum), ``throughput.png`` (images/s) and ``overview.png`` (all of them, the mask
+sizes and, when the run has an ``eval.json``, the probe accuracies, in one figure) into
+the run folder.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import json
+import math
 import sys
 from pathlib import Path
 
@@ -83,7 +87,68 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     written.append(run_dir / "throughput.png")
     fig.savefig(written[-1])
     plt.close(fig)
+
+    written.append(plot_overview(run_dir, log))
     return written
+
+
+def _probe_text(run_dir: Path) -> str:
+    path = run_dir / "eval.json"
+    if not path.is_file():
+        return ""
+    try:
+        res = json.loads(path.read_text())
+        text = f"linear probe {100 * res['linear_probe_top1']:.1f}%, k-NN {100 * res['knn_top1']:.1f}%"
+        base = res.get("random_init")
+        if base:
+            text += f"  (random init {100 * base['linear_probe_top1']:.1f}%, {100 * base['knn_top1']:.1f}%)"
+        return text
+    except (ValueError, KeyError, TypeError):
+        return ""
+
+
+def plot_overview(run_dir: str | Path, log: dict[str, list[float]] | None = None) -> Path:
+    """One 2x3 figure of the run: loss, lr, wd, EMA momentum, throughput, mask sizes."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run_dir = Path(run_dir)
+    log = read_log(run_dir) if log is None else log
+    step = log["step"]
+    nan = [float("nan")] * len(step)
+    fig, axes = plt.subplots(2, 3, figsize=(13, 6.5), dpi=110)
+    ax = axes[0, 0]
+    ax.plot(step, log["loss"], lw=0.6, alpha=0.35, color="C0")
+    ax.plot(step, _smooth(log["loss"], max(1, len(step) // 50)), lw=1.8, color="C0")
+    ax.set(title="loss (smooth-L1)", xlabel="step")
+    if all(v > 0 for v in log["loss"] if math.isfinite(v)):
+        ax.set_yscale("log")
+    for ax, key, title, color in ((axes[0, 1], "lr", "learning rate", "C1"), (axes[0, 2], "wd", "weight decay", "C2"),
+                                  (axes[1, 0], "momentum", "EMA momentum", "C3")):  # fmt: skip
+        ax.plot(step, log.get(key, nan), lw=1.5, color=color)
+        ax.set(title=title, xlabel="step")
+    ax = axes[1, 1]
+    pts = [(s, v) for s, v in zip(step, log.get("imgs_per_sec", nan)) if math.isfinite(v)]
+    if pts:
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", lw=1.2, color="C4")
+    ax.set(title="throughput (images / s)", xlabel="step")
+    ax = axes[1, 2]
+    ax.plot(step, log.get("mask_enc", nan), lw=0.8, label="context")
+    ax.plot(step, log.get("mask_pred", nan), lw=0.8, label="target")
+    ax.set(title="mask sizes (patches per block)", xlabel="step")
+    ax.legend(fontsize=8)
+    for ax in axes.flat:
+        ax.grid(alpha=0.3)
+    title = f"fastjepa run {run_dir.name}"
+    probe = _probe_text(run_dir)
+    fig.suptitle(title + (f" — {probe}" if probe else ""), fontsize=11)
+    fig.tight_layout()
+    path = run_dir / "overview.png"
+    fig.savefig(path)
+    plt.close(fig)
+    return path
 
 
 def main(argv=None) -> int:
