@@ -148,7 +148,7 @@ def gather_tokens_bwd(
     keys = idx.permute(1, 0, 2).reshape(B, M * K)  # (B, M·K) index n of slot m·K + k
     sorted_keys, perm = torch.sort(keys, dim=1, stable=True)  # (B, M·K)
     targets = torch.arange(N + 1, device=grad.device, dtype=sorted_keys.dtype).expand(B, N + 1).contiguous()
-    bounds = torch.searchsorted(sorted_keys, targets)  # (B, N + 1) int64 segment starts
+    bounds = torch.searchsorted(sorted_keys.contiguous(), targets)  # (B, N + 1) int64 segment starts
     grid, block_r, block_d = _grid(B * N, D)
     _gather_tokens_bwd_kernel[grid](
         grad, perm, bounds, gx, gpos if pos_grad else gx, B, N, K, D, M * K, B * N,
