@@ -155,5 +155,7 @@ def bench(benchmark, case: Case, provider: str, pass_: str) -> None:
     fn = timed(case.run[provider][pass_])
     benchmark.extra_info.update(op=case.op, shape=case.shape, dtype=str(case.dtype), min_bytes=case.bytes[pass_])
     benchmark.pedantic(fn, warmup_rounds=2 if ON_GPU else 1, rounds=20 if ON_GPU else 2, iterations=1)
+    if benchmark.stats is None:  # --benchmark-disable: ran once as a smoke test, nothing timed
+        return
     median = benchmark.stats.stats.median
     benchmark.extra_info["GB/s"] = case.bytes[pass_] / median / 1e9 if median > 0 else None
