@@ -253,3 +253,24 @@ def test_progress_bars_do_not_break_non_tty_runs(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "linear probe" in proc.stdout and "\r" not in proc.stderr and "it/s" not in proc.stderr
     assert (ckpt.parent / "eval.json").is_file()
+
+
+def test_cli_image_folders(tmp_path):
+    from PIL import Image
+
+    g = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for k, cls in enumerate(("bright", "dark")):
+            (tmp_path / split / cls).mkdir(parents=True)
+            for i in range(6):
+                px = g.integers(0, 80, (20, 20, 3)) + (160 if k == 0 else 0)
+                Image.fromarray(px.astype(np.uint8)).save(tmp_path / split / cls / f"{i}.png")
+    cfg = tiny_cfg()
+    ckpt = _fastjepa_checkpoint(tmp_path, cfg)
+    args = ["--checkpoint", str(ckpt), "--data", "imagefolder", "--train-dir", str(tmp_path / "train"), "--val-dir", str(tmp_path / "val"),
+            "--output", str(tmp_path / "o"), "--cache-dir", str(tmp_path / "c"), "--no-baseline"]  # fmt: skip
+    assert ev.main(args) == 0
+    res = json.loads((tmp_path / "o" / "eval.json").read_text())
+    assert res["data"]["n_train"] == 12 and res["data"]["n_val"] == 12 and res["random_init"] is None
+    assert res["linear_probe_top1"] == 1.0  # brightness is linearly separable even at random init
+    assert ev.main(["--checkpoint", str(ckpt), "--data", "imagefolder", "--train-dir", str(tmp_path / "train")]) == 2
