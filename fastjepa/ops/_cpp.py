@@ -1,0 +1,147 @@
+"""The C++/CUDA ops of ``fastjepa._C`` as differentiable Python functions.
+
+The extension defines the ops (``torch.ops.fastjepa.*``) and their CPU (and, when built
+with CUDA, ``gather_tokens``'s CUDA) kernels; this module adds what ``torch.compile``
+and autograd need: a fake implementation per op (``torch.library.register_fake``) and
+the backward of each forward op (``torch.library.register_autograd``).
+
+* ``gather_tokens(x, idx, pos)``: x (B, N, D), idx (M, B, K), pos (1, Npos ≥ N, D) or
+  None -> (M·B, K, D). Backward sums repeated indices into grad_x (each row written
+  once, fp32 sums); pos gets a gradient only if it requires one.
+* ``predictor_tokens(ctx, idx_x, idx, pos, mask_token)`` -> (npred·nenc·B, Kc+Kt, P),
+  row ``(j·nenc + i)·B + b`` = ``[ctx[i·B+b] + pos[idx_x[i, b]] ; mask_token + pos[idx[j, b]]]``.
+* ``target_tokens(h, idx, nenc)``: layer-norm (no affine, eps 1e-5, fp32 statistics),
+  gather, repeat in (j, i, b) order; no gradient.
+
+Mixed float dtypes are computed in their promoted dtype (the smaller tensors, pos and
+mask_token, are converted; a larger one only when it is the lower-precision input).
+Import this module only when ``fastjepa.ops.available()["cpp"]`` is true.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _C  # noqa: F401 — loads the library, registers torch.ops.fastjepa
+
+_ops = torch.ops.fastjepa
+
+
+def _promote(*ts: torch.Tensor) -> torch.dtype:
+    dtype = ts[0].dtype
+    for t in ts[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+# -- fake implementations (shapes and dtypes only) --------------------------------------
+
+
+@torch.library.register_fake("fastjepa::sample_masks")
+def _(B, H, W, enc_scale, pred_scale, aspect, nenc, npred, min_keep, allow_overlap, seed):
+    fctx = torch.library.get_ctx()
+    kc, kt = fctx.new_dynamic_size(), fctx.new_dynamic_size()  # data-dependent mask lengths
+    return torch.empty((nenc, B, kc), dtype=torch.int64), torch.empty((npred, B, kt), dtype=torch.int64)
+
+
+@torch.library.register_fake("fastjepa::gather_tokens_fwd")
+def _(x, idx, pos):
+    M, B, K = idx.shape
+    dtype = x.dtype if pos is None else _promote(x, pos)
+    return x.new_empty((M * B, K, x.size(-1)), dtype=dtype)
+
+
+@torch.library.register_fake("fastjepa::gather_tokens_bwd")
+def _(grad, idx, n, x_dtype, pos_grad):
+    B, D = idx.size(1), grad.size(-1)
+    return grad.new_empty((B, n, D), dtype=x_dtype), grad.new_empty((n if pos_grad else 0, D), dtype=torch.float32)
+
+
+@torch.library.register_fake("fastjepa::predictor_tokens_fwd")
+def _(ctx, idx_x, idx, pos, mask_token):
+    nenc, B, Kc = idx_x.shape
+    npred, _, Kt = idx.shape
+    return ctx.new_empty((npred * nenc * B, Kc + Kt, ctx.size(-1)), dtype=_promote(ctx, pos, mask_token))
+
+
+@torch.library.register_fake("fastjepa::predictor_tokens_bwd")
+def _(grad, nenc, npred, Kc, ctx_dtype):
+    B, P = grad.size(0) // (nenc * npred), grad.size(-1)
+    return grad.new_empty((nenc * B, Kc, P), dtype=ctx_dtype), grad.new_empty((P,), dtype=torch.float32)
+
+
+@torch.library.register_fake("fastjepa::target_tokens")
+def _(h, idx, nenc):
+    npred, B, Kt = idx.shape
+    return h.new_empty((npred * nenc * B, Kt, h.size(-1)))
+
+
+# -- autograd ---------------------------------------------------------------------------
+
+
+def _gather_setup(ctx, inputs, output):
+    x, idx, pos = inputs
+    ctx.save_for_backward(idx)
+    ctx.n, ctx.x_dtype = x.size(1), x.dtype
+    ctx.pos_shape = None if pos is None else pos.shape
+    ctx.pos_dtype = None if pos is None else pos.dtype
+
+
+def _gather_backward(ctx, grad):
+    (idx,) = ctx.saved_tensors
+    pos_grad = ctx.pos_shape is not None and bool(ctx.needs_input_grad[2])
+    gx, gpos = _ops.gather_tokens_bwd(grad, idx, ctx.n, ctx.x_dtype, pos_grad)  # (B, n, D), fp32 (n | 0, D)
+    if not pos_grad:
+        return gx, None, None
+    npos = ctx.pos_shape[1]
+    gpos = torch.nn.functional.pad(gpos, (0, 0, 0, npos - ctx.n)).unsqueeze(0).to(ctx.pos_dtype)  # (1, Npos, D)
+    return gx, None, gpos
+
+
+torch.library.register_autograd("fastjepa::gather_tokens_fwd", _gather_backward, setup_context=_gather_setup)
+
+
+def _predictor_setup(ctx, inputs, output):
+    c, idx_x, idx, pos, mask_token = inputs
+    ctx.save_for_backward(idx_x, idx)
+    ctx.ctx_dtype, ctx.pos_shape, ctx.pos_dtype = c.dtype, pos.shape, pos.dtype
+    ctx.mt_dtype, ctx.mt_shape = mask_token.dtype, mask_token.shape
+
+
+def _predictor_backward(ctx, grad):
+    idx_x, idx = ctx.saved_tensors
+    nenc, B, Kc = idx_x.shape
+    npred = idx.size(0)
+    gctx, gmt = _ops.predictor_tokens_bwd(grad, nenc, npred, Kc, ctx.ctx_dtype)  # (nenc·B, Kc, P), fp32 (P,)
+    gpos = None
+    if ctx.needs_input_grad[3]:  # the pos table is fixed in I-JEPA; this path is for generality
+        P = grad.size(-1)
+        g = grad.float().view(npred, nenc, B, Kc + idx.size(2), P)
+        gpos = torch.zeros((ctx.pos_shape[1], P), dtype=torch.float32, device=grad.device)
+        gpos.index_add_(0, idx_x.reshape(-1).long(), g[..., :Kc, :].sum(0).reshape(-1, P))
+        gpos.index_add_(0, idx.reshape(-1).long(), g[..., Kc:, :].sum(1).reshape(-1, P))
+        gpos = gpos.unsqueeze(0).to(ctx.pos_dtype)  # (1, N, P)
+    return gctx, None, None, gpos, gmt.to(ctx.mt_dtype).reshape(ctx.mt_shape)
+
+
+torch.library.register_autograd("fastjepa::predictor_tokens_fwd", _predictor_backward, setup_context=_predictor_setup)
+
+
+# -- public functions -------------------------------------------------------------------
+
+
+def gather_tokens(x: torch.Tensor, idx: torch.Tensor, pos: torch.Tensor | None) -> torch.Tensor:
+    """(B, N, D), (M, B, K) int32/int64, (1, Npos, D) or None -> (M·B, K, D)."""
+    return _ops.gather_tokens_fwd(x, idx, pos)
+
+
+def predictor_tokens(
+    ctx: torch.Tensor, idx_x: torch.Tensor, idx: torch.Tensor, pos: torch.Tensor, mask_token: torch.Tensor
+) -> torch.Tensor:
+    """(nenc·B, Kc, P), (nenc, B, Kc), (npred, B, Kt), (1, N, P), (1, 1, P) -> (npred·nenc·B, Kc+Kt, P)."""
+    return _ops.predictor_tokens_fwd(ctx, idx_x, idx, pos, mask_token)
+
+
+def target_tokens(h: torch.Tensor, idx: torch.Tensor, nenc: int) -> torch.Tensor:
+    """(B, N, D), (npred, B, Kt) -> (npred·nenc·B, Kt, D), no grad."""
+    return _ops.target_tokens(h.detach(), idx, nenc)
