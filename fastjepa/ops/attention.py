@@ -13,6 +13,7 @@ Backends:
 * ``math``     — the reference: an explicit softmax of the (B, H, N, N) scores.
 
 ``auto`` (default) picks flash-attn when it can run the inputs, else SDPA.
+:func:`why_not` says why a backend cannot run given inputs (None when it can).
 ``FASTJEPA_ATTN`` (environment) or :func:`use_attention` forces one; a forced backend
 that cannot run says why.
 """
@@ -66,6 +67,7 @@ def _import(module: str):
 
 
 def attention_available() -> dict[str, Availability]:
+    """Whether each backend is installed and loadable here (not yet whether it suits given inputs)."""
     flash, why_flash = _import("flash_attn")
     xf, why_xf = _import("xformers.ops")
     return {
@@ -76,31 +78,50 @@ def attention_available() -> dict[str, Availability]:
     }
 
 
-def _why_not(backend: str, q: torch.Tensor) -> str | None:
+def _compute_dtype(q: torch.Tensor) -> torch.dtype:
+    """The dtype attention runs in: the autocast dtype on CUDA under autocast, else q's."""
+    if q.device.type == "cuda" and torch.is_autocast_enabled("cuda"):
+        return torch.get_autocast_dtype("cuda")
+    return q.dtype
+
+
+def why_not(backend: str, q: torch.Tensor) -> str | None:
+    """Why ``backend`` cannot run attention on inputs like ``q`` (B, H, N, hd); None if it can."""
+    if backend not in ATTN_BACKENDS[1:]:
+        raise ValueError(f"why_not: {backend!r} is not an attention backend; expected one of {', '.join(ATTN_BACKENDS[1:])}")
     if backend in ("sdpa", "math"):
         return None
     avail = attention_available()[backend]
     if not avail:
         return avail.reason
     if q.device.type != "cuda":
-        return f"{backend} needs CUDA tensors, got {q.device}"
+        return f"{backend} needs CUDA tensors, got {q.device.type}"
+    dtype, hd = _compute_dtype(q), q.size(-1)
     if backend == "flash":
-        if q.dtype not in (torch.float16, torch.bfloat16):
-            return f"flash-attn needs float16 or bfloat16, got {q.dtype}"
-        hd = q.size(-1)
+        if dtype not in (torch.float16, torch.bfloat16):
+            return f"flash-attn needs float16 or bfloat16 (or CUDA autocast to one), got {dtype}"
         if hd > 256 or hd % 8 != 0:
             return f"flash-attn needs a head dim <= 256 and a multiple of 8, got {hd}"
+        major, _ = torch.cuda.get_device_capability(q.device)
+        if major < 8:
+            return f"flash-attn 2 needs compute capability >= 8.0, got {major}.x"
+    if backend == "xformers" and dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"xformers needs float16, bfloat16 or float32, got {dtype}"
     return None
 
 
 def select_attention(q: torch.Tensor) -> str:
+    """The backend that runs for ``q`` under the current setting.
+
+    ``auto``: flash-attn when it can run the inputs (CUDA, half precision), else SDPA,
+    which itself picks its flash / memory-efficient / math kernel (and on the CPU, a
+    fused flash-style kernel for fp32 and bf16). xformers is never picked by ``auto``:
+    on the head dims of I-JEPA SDPA's kernels cover the same ground; force it to compare.
+    """
     want = current_attention()
     if want == "auto":
-        if torch.is_autocast_enabled(q.device.type) and q.device.type == "cuda":
-            dtype = torch.get_autocast_dtype("cuda")
-            q = q.to(dtype) if q.dtype != dtype else q
-        return "flash" if _why_not("flash", q) is None else "sdpa"
-    why = _why_not(want, q)
+        return "flash" if why_not("flash", q) is None else "sdpa"
+    why = why_not(want, q)
     if why is not None:
         raise RuntimeError(f"attention backend {want!r} was forced but cannot run these inputs: {why}")
     return want
@@ -122,18 +143,25 @@ def attention(
         raise ValueError(
             f"attention: expected q, k, v of one shape (B, H, N, hd), got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
         )
-    name = select_attention(q) if backend is None else backend
+    if backend is None:
+        name = select_attention(q)
+    else:
+        name = _check_name(backend, "attention(backend=...)")
+        name = select_attention(q) if name == "auto" else name
+        why = why_not(name, q)
+        if why is not None:
+            raise RuntimeError(f"attention backend {name!r} cannot run these inputs: {why}")
     if name == "sdpa":
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
     if name == "math":
         return attention_reference(q, k, v, scale)
     if name == "flash":
         flash_attn, _ = _import("flash_attn")
-        dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else q.dtype
+        dtype = _compute_dtype(q)
         q, k, v = (t.transpose(1, 2).to(dtype) for t in (q, k, v))  # (B, N, H, hd)
         return flash_attn.flash_attn_func(q, k, v, softmax_scale=scale).transpose(1, 2)  # (B, H, N, hd)
     if name == "xformers":
         xops, _ = _import("xformers.ops")
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, N, H, hd)
         return xops.memory_efficient_attention(q, k, v, scale=scale).transpose(1, 2)  # (B, H, N, hd)
-    raise ValueError(f"attention: unknown backend {name!r}; expected one of {', '.join(ATTN_BACKENDS[1:])}")
+    raise AssertionError(f"attention: unhandled backend {name!r}")
