@@ -180,7 +180,12 @@ def load_target_encoder(
             f"({cfg['meta']['model_name']}, model_kwargs={cfg['meta']['model_kwargs']}, patch {cfg['mask']['patch_size']}, "
             f"crop {cfg['data']['crop_size']}); pass the --config it was trained with or fix the overrides. {exc}"
         ) from None
-    info = {"path": str(path), "architecture_from": source, "epoch": ckpt.get("epoch"), "format": "fastjepa" if extra else "reference"}
+    info = {
+        "path": str(path),
+        "architecture_from": source,
+        "epoch": ckpt.get("epoch"),
+        "format": "fastjepa" if extra else "reference",
+    }
     return encoder, cfg, info
 
 
@@ -521,7 +526,9 @@ def _model_summary(cfg: dict) -> dict[str, Any]:
 # -- quick probe at the end of training
 
 
-def quick_probe(run_dir: str | os.PathLike, cfg: dict, *, quiet: bool | None = None, cache_dir: Path | None = None) -> dict[str, Any]:
+def quick_probe(
+    run_dir: str | os.PathLike, cfg: dict, *, quiet: bool | None = None, cache_dir: Path | None = None
+) -> dict[str, Any]:
     """The end-of-training check on the embedded digits: the run's latest target encoder
     and its own random initialisation, linear probe and k-NN, trained on the first 1,000
     training digits and scored on the 1,000 held-out ones. Writes ``run_dir/eval.json``;
@@ -576,14 +583,20 @@ def parse_args(argv=None) -> argparse.Namespace:
         description="Linear probe and k-NN on frozen target-encoder features, beside the random-init baseline.",
         epilog="example: python -m fastjepa.eval --checkpoint runs/a/jepa-latest.pth.tar --output runs/a/eval",
     )
-    p.add_argument("--checkpoint", help="a fastjepa checkpoint, or a reference I-JEPA one (keys encoder/predictor/target_encoder)")
+    p.add_argument(
+        "--checkpoint", help="a fastjepa checkpoint, or a reference I-JEPA one (keys encoder/predictor/target_encoder)"
+    )
     p.add_argument("--random-init", action="store_true", help="evaluate the random initialisation only (the baseline)")
     p.add_argument("--output", help="folder for eval.json (default: the checkpoint's folder, else eval/)")
-    p.add_argument("--data", choices=("embedded", "imagefolder"), help="evaluation data (default: embedded, or the config's image folders)")
+    p.add_argument(
+        "--data", choices=("embedded", "imagefolder"), help="evaluation data (default: embedded, or the config's image folders)"
+    )
     p.add_argument("--train-dir", help="imagefolder: training images, <class>/<image>")
     p.add_argument("--val-dir", help="imagefolder: held-out images, same class folders")
     p.add_argument("--config", help="YAML config for the architecture (needed for --random-init without a checkpoint)")
-    p.add_argument("--layers", type=int, choices=(1, 4), default=1, help="pooled tokens of the last layer, or the last 4 concatenated")
+    p.add_argument(
+        "--layers", type=int, choices=(1, 4), default=1, help="pooled tokens of the last layer, or the last 4 concatenated"
+    )
     p.add_argument("--C", type=float, help=f"fix the probe's inverse L2 strength (default: picked from {list(C_GRID)})")
     p.add_argument("--batch-size", type=int, default=256, help="images per feature-extraction batch")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -593,7 +606,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-cache", action="store_true", help="do not read or write the feature cache")
     p.add_argument("--cache-dir", help="feature cache folder (default: $FASTJEPA_CACHE/features or ~/.cache/fastjepa/features)")
     p.add_argument("--quiet", action="store_true", help="no progress bars (also off when stderr is not a terminal)")
-    p.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE", help="config overrides (architecture of a reference checkpoint)")
+    p.add_argument(
+        "overrides", nargs="*", metavar="SECTION.KEY=VALUE", help="config overrides (architecture of a reference checkpoint)"
+    )
     return p.parse_args(argv)
 
 

@@ -105,7 +105,9 @@ def trace_shapes_from_config(cfg: dict, *, file: TextIO | None = None, batch_siz
         h = out("target_encoder(images)", target(imgs), "(B, N, D)")
         h = out("layer_norm(h)", F.layer_norm(h, (D,)), "(B, N, D)", "no affine, eps 1e-5")
         h = out("apply_masks(h, masks_pred)", apply_masks(h, masks_pred), "(npred·B, Kt, D)", "mask-major")
-        h = out("repeat_interleave_batch(h, B, nenc)", repeat_interleave_batch(h, B, repeat=nenc), "(npred·nenc·B, Kt, D)", "targets")
+        h = out(
+            "repeat_interleave_batch(h, B, nenc)", repeat_interleave_batch(h, B, repeat=nenc), "(npred·nenc·B, Kt, D)", "targets"
+        )
 
     out.section("context encoder")
     x = out("patch_embed(images)", enc.patch_embed(imgs), "(B, N, D)", "Conv2d stride = patch, flattened")
@@ -126,7 +128,9 @@ def trace_shapes_from_config(cfg: dict, *, file: TextIO | None = None, batch_siz
     pos_t = out("repeat_interleave_batch(.., B, nenc)", repeat_interleave_batch(pos_t, B, repeat=nenc), "(npred·nenc·B, Kt, P)")
     mask_token = pred.mask_token.to(z.dtype)
     out("mask_token", mask_token, "(1, 1, P)", "one learned vector")
-    tokens = out("mask tokens = mask_token + pos", mask_token.repeat(pos_t.size(0), pos_t.size(1), 1) + pos_t, "(npred·nenc·B, Kt, P)")
+    tokens = out(
+        "mask tokens = mask_token + pos", mask_token.repeat(pos_t.size(0), pos_t.size(1), 1) + pos_t, "(npred·nenc·B, Kt, P)"
+    )
     seq = out("cat([context, mask tokens], 1)", torch.cat([ctx, tokens], dim=1), "(npred·nenc·B, Kc+Kt, P)", "row (j·nenc+i)·B+b")
     # the op the model calls builds this whole sequence in one pass: it must agree
     fused = ops.predictor_tokens(z0, masks_enc, masks_pred, pred.predictor_pos_embed.to(z0.dtype), mask_token)

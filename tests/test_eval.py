@@ -46,13 +46,13 @@ class Shapes(Dataset):
         self.y = torch.arange(n) % 2  # (n,)
         L, c = 7, 3
         for i in range(n):
-            t, l = torch.randint(0, size - L + 1, (2,), generator=g).tolist()
+            top, left = torch.randint(0, size - L + 1, (2,), generator=g).tolist()
             img = self.x[i]
             if self.y[i] == 0:
-                img[:, t, l : l + L] = img[:, t + L - 1, l : l + L] = 1
-                img[:, t : t + L, l] = img[:, t : t + L, l + L - 1] = 1
+                img[:, top, left : left + L] = img[:, top + L - 1, left : left + L] = 1
+                img[:, top : top + L, left] = img[:, top : top + L, left + L - 1] = 1
             else:
-                img[:, t + c, l : l + L] = img[:, t : t + L, l + c] = img[:, t, l : l + L] = 1
+                img[:, top + c, left : left + L] = img[:, top : top + L, left + c] = img[:, top, left : left + L] = 1
         self.x += 0.4 * torch.randn(self.x.shape, generator=g)
 
     def __len__(self):
@@ -178,7 +178,12 @@ def test_reference_checkpoint_loads(tmp_path, prefix):
 
 
 def test_infer_architecture_of_standard_sizes():
-    state = build_model(load_config(None, ["meta.model_name=vit_small", "meta.model_kwargs={}", "data.crop_size=64", "mask.patch_size=16", "mask.min_keep=0"]))
+    state = build_model(
+        load_config(
+            None,
+            ["meta.model_name=vit_small", "meta.model_kwargs={}", "data.crop_size=64", "mask.patch_size=16", "mask.min_keep=0"],
+        )
+    )
     arch = ev.infer_architecture(state.target_encoder.state_dict())
     assert arch == {"model_name": "vit_small", "model_kwargs": {}, "patch_size": 16, "crop_size": 64}
 
@@ -195,7 +200,18 @@ def test_cli_writes_eval_json(tmp_path, capsys):
     cfg = tiny_cfg()
     ckpt = _fastjepa_checkpoint(tmp_path, cfg)
     out = tmp_path / "eval"
-    args = ["--checkpoint", str(ckpt), "--output", str(out), "--limit-train", "200", "--limit-val", "100", "--cache-dir", str(tmp_path / "c")]
+    args = [
+        "--checkpoint",
+        str(ckpt),
+        "--output",
+        str(out),
+        "--limit-train",
+        "200",
+        "--limit-val",
+        "100",
+        "--cache-dir",
+        str(tmp_path / "c"),
+    ]
     assert ev.main(args) == 0
     res = json.loads((out / "eval.json").read_text())
     for r in (res, res["random_init"]):
@@ -215,7 +231,18 @@ def test_cli_random_init_only(tmp_path):
         "meta: {model_name: vit_tiny, model_kwargs: {depth: 1, embed_dim: 32, num_heads: 2}, pred_depth: 1, pred_emb_dim: 16}\n"
     )
     out = tmp_path / "ev"
-    args = ["--random-init", "--config", str(cfg_file), "--output", str(out), "--limit-train", "100", "--limit-val", "50", "--no-cache"]
+    args = [
+        "--random-init",
+        "--config",
+        str(cfg_file),
+        "--output",
+        str(out),
+        "--limit-train",
+        "100",
+        "--limit-val",
+        "50",
+        "--no-cache",
+    ]
     assert ev.main(args) == 0
     res = json.loads((out / "eval.json").read_text())
     assert res["evaluated"] == "random_init" and res["checkpoint"] is None
@@ -248,7 +275,18 @@ def test_progress_bars_do_not_break_non_tty_runs(tmp_path):
     cfg = tiny_cfg()
     ckpt = _fastjepa_checkpoint(tmp_path, cfg)
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    cmd = [sys.executable, "-m", "fastjepa.eval", "--checkpoint", str(ckpt), "--limit-train", "100", "--limit-val", "50", "--no-cache"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "fastjepa.eval",
+        "--checkpoint",
+        str(ckpt),
+        "--limit-train",
+        "100",
+        "--limit-val",
+        "50",
+        "--no-cache",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "linear probe" in proc.stdout and "\r" not in proc.stderr and "it/s" not in proc.stderr

@@ -27,7 +27,9 @@ def test_plot_run_writes_readable_pngs(tmp_path, with_eval):
     run = tmp_path / "run"
     write_log(run)
     if with_eval:
-        (run / "eval.json").write_text(json.dumps({"linear_probe_top1": 0.9, "knn_top1": 0.8, "random_init": {"linear_probe_top1": 0.85, "knn_top1": 0.3}}))
+        (run / "eval.json").write_text(
+            json.dumps({"linear_probe_top1": 0.9, "knn_top1": 0.8, "random_init": {"linear_probe_top1": 0.85, "knn_top1": 0.3}})
+        )
     paths = plot_run(run)
     assert {p.name for p in paths} == {"loss.png", "schedules.png", "throughput.png", "overview.png"}
     for p in paths:

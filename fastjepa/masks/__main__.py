@@ -76,7 +76,9 @@ def render_masks(
         rgb = np.kron(_to_rgb(images[b]), np.ones((s, s, 1)))  # (panel, panel, 3)
         for m in masks_enc:
             for y, x in cells(m[b]):
-                rgb[y : y + cell, x : x + cell] = (1 - alpha) * rgb[y : y + cell, x : x + cell] + alpha * np.array(CONTEXT_COLOR) / 255
+                rgb[y : y + cell, x : x + cell] = (1 - alpha) * rgb[y : y + cell, x : x + cell] + alpha * np.array(
+                    CONTEXT_COLOR
+                ) / 255
         for j, m in enumerate(masks_pred):
             color = np.array(TARGET_COLORS[j % len(TARGET_COLORS)]) / 255
             for y, x in cells(m[b]):
@@ -93,7 +95,9 @@ def render_masks(
     # legend
     x = PAD
     kc, kt = masks_enc[0].size(1), masks_pred[0].size(1)
-    entries = [(CONTEXT_COLOR, f"context ({kc})")] + [(TARGET_COLORS[j % len(TARGET_COLORS)], f"target {j + 1}") for j in range(len(masks_pred))]
+    entries = [(CONTEXT_COLOR, f"context ({kc})")] + [
+        (TARGET_COLORS[j % len(TARGET_COLORS)], f"target {j + 1}") for j in range(len(masks_pred))
+    ]
     for color, text in entries:
         draw.rectangle((x, 8, x + 12, 20), fill=color)
         draw.text((x + 16, 8), text, fill=(0, 0, 0))
