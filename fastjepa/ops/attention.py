@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import functools
 import importlib
 import os
 
@@ -58,12 +57,18 @@ def use_attention(name: str):
         _override.reset(token)
 
 
-@functools.lru_cache(maxsize=None)
+_IMPORTS: dict[str, tuple] = {}
+
+
 def _import(module: str):
-    try:
-        return importlib.import_module(module), None
-    except Exception as exc:  # noqa: BLE001 — a broken optional install can raise anything at import
-        return None, f"{module} does not import ({type(exc).__name__}: {exc})"
+    """(module, None) or (None, why); tried once per process (a plain dict, so that
+    ``torch.compile`` traces the lookup without a graph break)."""
+    if module not in _IMPORTS:
+        try:
+            _IMPORTS[module] = (importlib.import_module(module), None)
+        except Exception as exc:  # noqa: BLE001 — a broken optional install can raise anything at import
+            _IMPORTS[module] = (None, f"{module} does not import ({type(exc).__name__}: {exc})")
+    return _IMPORTS[module]
 
 
 def attention_available() -> dict[str, Availability]:
@@ -91,11 +96,11 @@ def why_not(backend: str, q: torch.Tensor) -> str | None:
         raise ValueError(f"why_not: {backend!r} is not an attention backend; expected one of {', '.join(ATTN_BACKENDS[1:])}")
     if backend in ("sdpa", "math"):
         return None
-    avail = attention_available()[backend]
-    if not avail:
-        return avail.reason
-    if q.device.type != "cuda":
+    if q.device.type != "cuda":  # checked first: CPU calls (compiled ones too) never try the import
         return f"{backend} needs CUDA tensors, got {q.device.type}"
+    module, why = _import("flash_attn" if backend == "flash" else "xformers.ops")
+    if module is None:
+        return why
     dtype, hd = _compute_dtype(q), q.size(-1)
     if backend == "flash":
         if dtype not in (torch.float16, torch.bfloat16):

@@ -1,0 +1,127 @@
+"""Step options give the same step as the plain one, on the CPU.
+
+* ``meta.compile`` (``torch.compile`` of each block) and ``meta.activation_checkpointing``
+  give the plain model's loss and gradients;
+* the EMA as one ``torch._foreach_lerp_`` equals the reference's per-parameter loop;
+* bf16 never gets a GradScaler on the fastjepa path; the reference step keeps one (CUDA).
+"""
+
+import copy
+
+import pytest
+import torch
+
+from fastjepa import IJEPA
+from fastjepa.config import load_config
+from fastjepa.masks import MaskCollator
+from fastjepa.models import vit_predictor, vit_tiny
+from fastjepa.trainer import Trainer
+
+from ._tiny import TINY
+
+
+def _model_and_batch(depth=2):
+    enc = vit_tiny(patch_size=4, img_size=16, depth=depth, embed_dim=48, num_heads=2)
+    pred = vit_predictor(num_patches=16, embed_dim=48, predictor_embed_dim=32, depth=depth, num_heads=2)
+    model = IJEPA(enc, pred)
+    with torch.no_grad():
+        for p in model.target_encoder.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    collate = MaskCollator(
+        input_size=16, patch_size=4, enc_mask_scale=(0.6, 0.9), pred_mask_scale=(0.15, 0.3), aspect_ratio=(0.75, 1.5),
+        nenc=1, npred=4, min_keep=0, generator=torch.Generator().manual_seed(int(torch.randint(0, 2**31, ()))),
+    )
+    return model, collate([torch.randn(3, 16, 16) for _ in range(4)])
+
+
+def _steps(model, batch, n=2):
+    """``n`` optimizer steps (AdamW, EMA); returns each step's loss and the first step's grads."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    losses, first = [], None
+    for _ in range(n):
+        loss = model(*batch)
+        loss.backward()
+        if first is None:
+            first = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        model.update_target(0.99)
+        losses.append(loss.detach())
+    return torch.stack(losses), first
+
+
+def _assert_same(a, b, rtol=1e-5, atol=1e-6):
+    (la, ga), (lb, gb) = a, b
+    torch.testing.assert_close(la, lb, rtol=rtol, atol=atol)
+    assert ga.keys() == gb.keys() and "predictor.mask_token" in ga
+    for k in ga:
+        torch.testing.assert_close(ga[k], gb[k], rtol=rtol, atol=atol, msg=k)
+
+
+def test_activation_checkpointing_same_loss_and_grads():
+    model, batch = _model_and_batch()
+    ckpt = copy.deepcopy(model)
+    ckpt.encoder.grad_checkpointing = ckpt.predictor.grad_checkpointing = True
+    _assert_same(_steps(ckpt, batch), _steps(model, batch), rtol=0, atol=0)  # recomputation is bitwise the same on CPU
+
+
+@pytest.mark.slow  # ~35 s on 2 shared cores (inductor compiles C++)
+def test_compiled_blocks_same_loss_and_grads():
+    torch._dynamo.reset()
+    model, batch = _model_and_batch(depth=1)
+    comp = copy.deepcopy(model)
+    for blocks in (comp.encoder.blocks, comp.predictor.predictor_blocks, comp.target_encoder.blocks):
+        for blk in blocks:
+            blk.compile()
+    # inductor fuses and reorders fp32 reductions: same function, rounding-level differences
+    _assert_same(_steps(comp, batch, n=2), _steps(model, batch, n=2), rtol=1e-4, atol=1e-5)
+
+
+def test_ema_foreach_equals_reference_loop():
+    model, _ = _model_and_batch()
+    with torch.no_grad():
+        for p in model.encoder.parameters():
+            p.add_(torch.randn_like(p))
+    ref = copy.deepcopy(model)
+    for m in (0.996, 0.9991, 1.0, 0.0):
+        model.update_target(m, mode="foreach")
+        ref.update_target(m, mode="reference")
+        for (n, a), b in zip(model.target_encoder.named_parameters(), ref.target_encoder.parameters()):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=f"momentum {m}: {n}")
+    for a, b in zip(model.target_encoder.parameters(), model.encoder.parameters()):  # m = 0 copies
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="mode='fused'"):
+        model.update_target(0.99, mode="fused")
+
+
+def _trainer(tmp_path, *extra):
+    cfg = load_config(None, [*TINY, "meta.device=cpu", *extra])
+    return Trainer(cfg, tmp_path, quiet=True)
+
+
+@pytest.mark.parametrize("reference", [False, True])
+def test_bf16_flag_off_cuda_is_fp32_without_scaler(tmp_path, reference):
+    """On the CPU ``meta.use_bfloat16`` is a no-op (CUDA autocast only), so no GradScaler either."""
+    tr = _trainer(tmp_path, "meta.use_bfloat16=true", f"meta.reference_step={str(reference).lower()}")
+    assert tr.amp_dtype is None and tr.scaler is None
+    imgs, me, mp = next(iter(tr._loader()))
+    with tr._backend_context():
+        loss, _, _ = tr.train_step(imgs[0] if isinstance(imgs, (list, tuple)) else imgs, me, mp)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+
+
+def test_fastjepa_optimizer_is_foreach_reference_is_per_parameter(tmp_path):
+    fast = _trainer(tmp_path / "a")
+    ref = _trainer(tmp_path / "b", "meta.reference_step=true")
+    assert fast.optimizer.defaults["foreach"] is True
+    assert not ref.optimizer.defaults.get("foreach") and not ref.optimizer.defaults.get("fused")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("reference", [False, True])
+def test_bf16_on_cuda_scaler_only_for_reference(tmp_path, reference):
+    cfg = load_config(None, [*TINY, "meta.device=cuda", "meta.use_bfloat16=true", f"meta.reference_step={str(reference).lower()}"])
+    tr = Trainer(cfg, tmp_path, quiet=True)
+    assert tr.amp_dtype is torch.bfloat16
+    assert (tr.scaler is not None) == reference
+    assert tr.optimizer.defaults.get("fused") is (None if reference else True)
