@@ -54,3 +54,17 @@ def test_package_trains_without_extension():
     r = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.startswith("ok")
+
+
+def test_info_table_names_the_extension_state():
+    for no_ext in ("0", "1"):
+        env = dict(os.environ, FASTJEPA_NO_EXT=no_ext)
+        r = subprocess.run([sys.executable, "-m", "fastjepa.info"], env=env, capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        for name in ("torch", "cuda", "triton", "triton interpreter", "fastjepa._C", "flash-attn", "xformers"):
+            assert f"\n{name} " in r.stdout, (name, r.stdout)
+        ext = next(ln for ln in r.stdout.splitlines() if ln.startswith("fastjepa._C "))
+        if no_ext == "1":
+            assert "disabled by FASTJEPA_NO_EXT=1" in ext
+        else:
+            assert ("compiler" in ext) or ("not built" in ext) or ("does not load" in ext), ext
