@@ -238,3 +238,33 @@ def test_public_ops_use_the_extension_on_cpu():
     torch.testing.assert_close(y, gather_tokens_reference(x, masks))
     assert z.shape == (2 * 1 * 2, 10, 8)  # (npred·nenc·B, Kc+Kt, P)
     torch.testing.assert_close(t, target_tokens_reference(x.detach(), masks, 2))
+
+
+@pytest.mark.gpu
+@needs_ext
+@pytest.mark.parametrize("dtype,atol", DTYPES)
+@pytest.mark.parametrize("pos_grad", [False, True])
+def test_gather_tokens_cuda_kernel(dtype, atol, pos_grad):
+    from fastjepa.ops._dispatch import _cpp_has_cuda
+
+    if not _cpp_has_cuda():
+        pytest.skip("fastjepa._C was built without CUDA")
+    B, N, D, M, K = 3, 196, 200, 4, 37
+    x32, pos32 = torch.randn(B, N, D, device="cuda"), torch.randn(1, N, D, device="cuda")
+    idx = _indices(M, B, K, N, torch.int64).cuda()
+    grad32 = torch.randn(M * B, K, D, device="cuda")
+
+    def run(fn, dt):
+        x, pos = x32.to(dt, copy=True).requires_grad_(), pos32.to(dt, copy=True).requires_grad_(pos_grad)
+        y = fn(x, idx, pos)
+        y.backward(grad32.to(dt))
+        return y.detach(), x.grad, pos.grad
+
+    ref = lambda x, i, p: gather_tokens_reference(x, list(i), p)
+    for o, a, b in zip(run(_cpp().gather_tokens, dtype), run(ref, torch.float64), run(ref, dtype)):
+        assert (o is None) == (a is None)
+        if o is not None:
+            assert_rule(o, a, b, atol)
+    bad = idx.clone()
+    bad[0, 0, 0] = N
+    assert torch.isnan(_cpp().gather_tokens(x32, bad, None)[0, 0]).all()
