@@ -59,6 +59,10 @@ def test_backend_matches_math_fwd_bwd(backend, dtype, shape):
 def test_auto_picks_sdpa_on_cpu():
     q = torch.randn(1, 2, 5, 24)
     assert attn_mod.select_attention(q) == "sdpa"
+    # CPU half precision, short sequences: the explicit softmax (measured faster there)
+    assert attn_mod.select_attention(q.bfloat16()) == "math"
+    n = attn_mod.CPU_HALF_MATH_MAX_N + 1
+    assert attn_mod.select_attention(torch.randn(1, 1, n, 8, dtype=torch.bfloat16)) == "sdpa"
     with use_attention("math"):
         assert attn_mod.select_attention(q) == "math"
 

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from ._dispatch import Availability
 
 ATTN_BACKENDS = ("auto", "flash", "xformers", "sdpa", "math")
+CPU_HALF_MATH_MAX_N = 256  # auto: CPU bf16/fp16 attention over at most this many tokens uses math (measured faster)
 _override: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastjepa_attn", default=None)
 
 
@@ -125,6 +126,8 @@ def select_attention(q: torch.Tensor) -> str:
     """
     want = current_attention()
     if want == "auto":
+        if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) and q.size(-2) <= CPU_HALF_MATH_MAX_N:
+            return "math"
         return "flash" if why_not("flash", q) is None else "sdpa"
     why = why_not(want, q)
     if why is not None:
