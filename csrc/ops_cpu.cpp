@@ -281,16 +281,17 @@ at::Tensor target_tokens_cpu(const at::Tensor& h_, const at::Tensor& idx_, int64
       for (int64_t r = r0; r < r1; ++r) {  // r = (j·B + b)·Kt + t
         const int64_t t = r % Kt, b = (r / Kt) % B, j = r / (Kt * B);
         const scalar_t* x = ph + (b * N + pi[r]) * D;
+        float* py = y.data();
+        for (int64_t d = 0; d < D; ++d) py[d] = static_cast<float>(x[d]);
         float mean = 0.f;
-        for (int64_t d = 0; d < D; ++d) mean += static_cast<float>(x[d]);
+        _Pragma("omp simd reduction(+ : mean)")  // a vectorised sum (the order of an fp32 sum is free here)
+        for (int64_t d = 0; d < D; ++d) mean += py[d];
         mean /= static_cast<float>(D);
         float var = 0.f;
-        for (int64_t d = 0; d < D; ++d) {
-          const float c = static_cast<float>(x[d]) - mean;
-          var += c * c;
-        }
+        _Pragma("omp simd reduction(+ : var)")
+        for (int64_t d = 0; d < D; ++d) var += (py[d] - mean) * (py[d] - mean);
         const float rstd = 1.f / std::sqrt(var / static_cast<float>(D) + 1e-5f);
-        for (int64_t d = 0; d < D; ++d) y[d] = (static_cast<float>(x[d]) - mean) * rstd;
+        for (int64_t d = 0; d < D; ++d) py[d] = (py[d] - mean) * rstd;
         for (int64_t i = 0; i < nenc; ++i) {
           scalar_t* o = po + (((j * nenc + i) * B + b) * Kt + t) * D;
           for (int64_t d = 0; d < D; ++d) o[d] = static_cast<scalar_t>(y[d]);

@@ -22,6 +22,9 @@ namespace fastjepa {
 namespace {
 
 constexpr int kTriesBeforeRelax = 20;
+// An image takes about 2 µs, a fork/join of the thread pool more than that on a busy
+// machine, so batches of up to this many images are sampled on the calling thread.
+constexpr int64_t kImagesPerTask = 256;
 
 // splitmix64 (Steele, Lea, Flood 2014): 64-bit state, one add and a mixing function per draw.
 struct SplitMix64 {
@@ -114,7 +117,7 @@ std::tuple<at::Tensor, at::Tensor> sample_masks(
   std::vector<Rect> targets(B * npred);
   std::vector<int64_t> ctx_idx(B * nenc * N);  // (B, nenc, N): first ctx_len entries used
   std::vector<int64_t> ctx_len(B * nenc);
-  at::parallel_for(0, B, 8, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, B, kImagesPerTask, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       SplitMix64 rng(mix(static_cast<uint64_t>(seed), static_cast<uint64_t>(b) + 1));
       Rect* tb = &targets[b * npred];
