@@ -197,7 +197,7 @@ def run_max_batch(args) -> dict:
     from fastjepa.trainer import Trainer
 
     cfg = load_config(args.config, [*COMMON, *args.set])
-    cfg["data"]["synthetic_samples"] = 8
+    cfg["data"]["synthetic_samples"] = cfg["data"]["batch_size"]  # the loader is not used here
     with tempfile.TemporaryDirectory() as tmp:
         tr = Trainer(cfg, tmp, quiet=True)
     crop, deadline = cfg["data"]["crop_size"], time.perf_counter() + args.time_cap
@@ -333,8 +333,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(HERE / "results"), help="folder for the .md and .json (default benchmarks/results)")
     ap.add_argument("--name", help="file stem (default <cpu|gpu>-<date>-train_step)")
     ap.add_argument("--repeats", type=int, default=None, help="child processes per path (default 3 on CPU, 1 on GPU)")
-    ap.add_argument("--steps", type=int, default=None, help="timed steps per child (default 4 on CPU, 10 on GPU)")
-    ap.add_argument("--warmup", type=int, default=None, help="untimed steps per child (default 2 on CPU, 3 on GPU)")
+    ap.add_argument("--steps", type=int, default=None, help="timed steps per child (default 4 on CPU, 6 on GPU)")
+    ap.add_argument("--warmup", type=int, default=None, help="untimed steps per child (default 2 on CPU and GPU)")
     ap.add_argument("--paths", help="comma-separated subset of the paths")
     ap.add_argument("--models", help="comma-separated subset of the GPU models (e.g. ViT-B/16)")
     ap.add_argument("--max-batch", action="store_true", help="GPU: also search the largest ViT-H/14 batch per path")
@@ -354,8 +354,8 @@ def main(argv=None) -> int:
 
     gpu = torch.cuda.is_available()
     repeats = args.repeats or (1 if gpu else 3)
-    steps = args.steps or (10 if gpu else 4)
-    warmup = args.warmup if args.warmup is not None else (3 if gpu else 2)
+    steps = args.steps or (6 if gpu else 4)
+    warmup = args.warmup if args.warmup is not None else 2
     threads = 0 if gpu else (1 if args.threads is None else args.threads)
     clock = "cpu" if threads == 1 else "wall"
     if threads:
@@ -379,7 +379,27 @@ def main(argv=None) -> int:
     if args.models:
         models = {m: models[m] for m in args.models.split(",")}
 
-    rows = []
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = args.name or f"{'gpu' if gpu else 'cpu'}-{time.strftime('%Y-%m-%d', time.gmtime())}-train_step"
+    rows: list[dict] = []
+    search: dict[str, dict] = {}
+
+    def write() -> str:  # after every model: a time-boxed run that is cut short still leaves its rows
+        table = markdown(rows, info)
+        if search:
+            table += ("\n\nLargest ViT-H/14 batch (224 px, published masks) whose step fits on this GPU:\n\n"
+                      "| path | batch | first failing | exact to 8 |\n|---|---:|---:|---|\n")  # fmt: skip
+            for path, s in search.items():
+                if "error" in s:
+                    table += f"| {path} | error: {s['error'][:100]} | | |\n"
+                else:
+                    table += f"| {path} | {s['max_batch']} | {s['first_failure']} | {'yes' if s['exact_to_8'] else 'no (time cap)'} |\n"
+        (out / f"{stem}.md").write_text(table + "\n")
+        (out / f"{stem}.json").write_text(json.dumps({"machine": info, "rows": rows, "max_batch": search,
+                                                      "repeats": repeats, "steps": steps, "warmup": warmup}, indent=1))  # fmt: skip
+        return table
+
     for model, (config, base) in models.items():
         runs: dict[str, list[dict]] = {p: [] for p in paths}
         for rep in range(repeats):
@@ -393,8 +413,8 @@ def main(argv=None) -> int:
         for path in paths:
             rows.append({"model": model, "path": path, "result": summarise(runs[path], peak, clock)})
         compare(rows, model, tol=1e-4)
+        write()
 
-    search = {}
     if gpu and args.max_batch:
         config = config_file(GPU_MODELS["ViT-H/14"])
         for path in ("fastjepa", "reference"):
@@ -402,23 +422,10 @@ def main(argv=None) -> int:
             search[path] = child(config, GPU_PATHS[path], steps=1, warmup=0, max_batch=True, time_cap=args.time_cap,
                                  timeout=args.time_cap + 240)  # fmt: skip
             print(f"  ViT-H/14 {path} largest batch: {search[path]} ({time.perf_counter() - t0:.0f} s)", flush=True)
+            write()
 
-    table = markdown(rows, info)
-    if search:
-        table += "\n\nLargest ViT-H/14 batch (224 px, published masks) whose step fits on this GPU:\n\n| path | batch | first failing | exact to 8 |\n|---|---:|---:|---|\n"
-        for path, s in search.items():
-            if "error" in s:
-                table += f"| {path} | error: {s['error'][:100]} | | |\n"
-            else:
-                table += f"| {path} | {s['max_batch']} | {s['first_failure']} | {'yes' if s['exact_to_8'] else 'no (time cap)'} |\n"
     print()
-    print(table)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = args.name or f"{'gpu' if gpu else 'cpu'}-{time.strftime('%Y-%m-%d', time.gmtime())}-train_step"
-    (out / f"{stem}.md").write_text(table + "\n")
-    (out / f"{stem}.json").write_text(json.dumps({"machine": info, "rows": rows, "max_batch": search,
-                                                  "repeats": repeats, "steps": steps, "warmup": warmup}, indent=1))  # fmt: skip
+    print(write())
     print(f"\nwrote {out / stem}.md and .json")
     return 0
 
