@@ -40,7 +40,8 @@ def extension_build():
         )
         return [], {}
     with_cuda = torch.version.cuda is not None and CUDA_HOME is not None and os.environ.get("FASTJEPA_NO_CUDA", "0") != "1"
-    cxx = ["-O3", "-std=c++17", "-fopenmp"]
+    # no -std flag: torch's build adds the standard its headers need (C++20 for torch >= 2.10)
+    cxx = ["-O3", "-fopenmp"]
     define_macros = []
     kwargs = dict(extra_link_args=["-fopenmp"])
     if with_cuda:
@@ -51,7 +52,7 @@ def extension_build():
             "fastjepa._C",
             sources,
             define_macros=define_macros,
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]},
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--use_fast_math", "-lineinfo"]},
             **kwargs,
         )
     else:
