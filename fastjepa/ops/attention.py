@@ -41,7 +41,14 @@ def _check_name(name: str, source: str) -> str:
     return name
 
 
+@torch._dynamo.assume_constant_result
 def current_attention() -> str:
+    """The setting in force: the innermost :func:`use_attention`, else ``FASTJEPA_ATTN``.
+
+    Under ``torch.compile`` it is read once, when a graph is traced (Dynamo cannot trace a
+    ContextVar, and a graph break per block would cost more than the attention): a compiled
+    block keeps the backend it was compiled with until ``torch._dynamo.reset()``.
+    """
     name = _override.get()
     if name is not None:
         return name
