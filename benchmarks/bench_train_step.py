@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import tempfile
 
+import flops
 import pytest
 import torch
 from _common import DEVICE  # sets TRITON_INTERPRET on CPU; puts the checkout on sys.path
 
-import flops
 from fastjepa.config import load_config
 from fastjepa.ops import use_attention, use_backend
 from fastjepa.trainer import Trainer

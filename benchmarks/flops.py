@@ -69,7 +69,12 @@ def step_flops(s: StepShape) -> dict[str, float]:
         + pred_seqs * s.pred_depth * block_flops(L, s.P, s.pred_mlp_ratio)
         + pred_seqs * 2.0 * s.Kt * s.P * s.D  # predictor_proj on the kept positions
     )
-    return {"target_fwd": target, "context_fwd_bwd": context, "predictor_fwd_bwd": predictor, "total": target + context + predictor}
+    return {
+        "target_fwd": target,
+        "context_fwd_bwd": context,
+        "predictor_fwd_bwd": predictor,
+        "total": target + context + predictor,
+    }
 
 
 def shape_of(model, B: int, masks_enc, masks_pred) -> StepShape:
@@ -147,5 +152,7 @@ if __name__ == "__main__":
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     for dt in (torch.float32, torch.bfloat16):
         r = measured_peak_flops(dev, dt)
-        print(f"{dev.type} {r['dtype']:>8}: {r['flops_per_s'] / 1e12:8.3f} TFLOP/s ({r['n']}^3 matmul, median of {r['runs']}, "
-              f"{r['threads']} thread(s), wall clock)")
+        print(
+            f"{dev.type} {r['dtype']:>8}: {r['flops_per_s'] / 1e12:8.3f} TFLOP/s ({r['n']}^3 matmul, median of {r['runs']}, "
+            f"{r['threads']} thread(s), wall clock)"
+        )

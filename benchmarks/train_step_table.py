@@ -46,9 +46,8 @@ for p in (str(ROOT), str(HERE)):
     if p not in sys.path:
         sys.path.insert(0, p)
 
-import torch  # noqa: E402
-
 import flops  # noqa: E402
+import torch  # noqa: E402
 
 COMMON = ["data.dataset=synthetic", "data.num_workers=0", "data.pin_mem=false", "logging.probe=false", "logging.plots=false",
           "logging.tensorboard=false", "logging.wandb=false"]  # fmt: skip
@@ -225,8 +224,24 @@ def child(config: str | None, overrides: list[str], *, steps: int, warmup: int, 
           max_batch: bool = False, time_cap: float = 120.0, timeout: float = 900.0) -> dict:  # fmt: skip
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         out = f.name
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", out, "--steps", str(steps), "--warmup", str(warmup),
-           "--time-cap", str(time_cap), "--threads", str(threads)] + (["--config", config] if config else []) + (["--cpu-bf16"] if cpu_bf16 else [])
+    cmd = (
+        [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--child",
+            out,
+            "--steps",
+            str(steps),
+            "--warmup",
+            str(warmup),
+            "--time-cap",
+            str(time_cap),
+            "--threads",
+            str(threads),
+        ]
+        + (["--config", config] if config else [])
+        + (["--cpu-bf16"] if cpu_bf16 else [])
+    )
     cmd += ["--max-batch"] if max_batch else []
     for o in overrides:
         cmd += ["--set", o]
@@ -283,7 +298,7 @@ def machine() -> dict:
                 if line.startswith("model name"):
                     name = line.split(":", 1)[1].strip()
                     break
-            flags = next(l for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("flags")).split()
+            flags = next(ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("flags")).split()
             info["bf16_units"] = [f for f in ("avx512_bf16", "amx_bf16", "amx_tile") if f in flags]
         except (OSError, StopIteration):
             pass
@@ -297,7 +312,11 @@ def markdown(rows: list[dict], info: dict) -> str:
     lines = [
         f"Device: {info['device']} · torch {info['torch']} · {info['date_utc']} UTC · "
         + ("timed by process CPU time, 1 thread per run" if info.get("clock") == "cpu" else "timed by wall clock")
-        + (f" · load average at start {info['load_avg_start'][0]:.1f} on {info['cores']} cores" if "load_avg_start" in info else ""),
+        + (
+            f" · load average at start {info['load_avg_start'][0]:.1f} on {info['cores']} cores"
+            if "load_avg_start" in info
+            else ""
+        ),
         "",
         "| model | path | batch | step ms (median, range) | img/s (step) | img/s (with loading) | vs reference | wall step ms | peak mem GiB | TFLOP/s | MFU | loss check |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
@@ -346,8 +365,12 @@ def main(argv=None) -> int:
     ap.add_argument("--config", help=argparse.SUPPRESS)
     ap.add_argument("--set", action="append", default=[], help=argparse.SUPPRESS)
     ap.add_argument("--cpu-bf16", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--threads", type=int, default=None,
-                    help="CPU: torch threads per child (default 1, timed by CPU time: robust on a shared machine; 0 = torch's default, wall clock)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU: torch threads per child (default 1, timed by CPU time: robust on a shared machine; 0 = torch's default, wall clock)",
+    )
     args = ap.parse_args(argv)
 
     if args.child:
@@ -368,7 +391,10 @@ def main(argv=None) -> int:
     dev = torch.device("cuda" if gpu else "cpu")
     peak = {dt: flops.measured_peak_flops(dev, getattr(torch, dt), clock=clock)["flops_per_s"] for dt in ("float32", "bfloat16")}
     info["measured_peak_tflops"] = {k: v / 1e12 for k, v in peak.items()}
-    print(f"# {info['device']}: measured matmul peak " + ", ".join(f"{k} {v / 1e12:.3f} TFLOP/s" for k, v in peak.items()), flush=True)
+    print(
+        f"# {info['device']}: measured matmul peak " + ", ".join(f"{k} {v / 1e12:.3f} TFLOP/s" for k, v in peak.items()),
+        flush=True,
+    )
 
     if gpu:
         models = {m: (config_file(f), []) for m, f in GPU_MODELS.items()}
@@ -410,8 +436,10 @@ def main(argv=None) -> int:
                 t0 = time.perf_counter()
                 r = child(config, base + extra, steps=steps, warmup=warmup, cpu_bf16="+bf16" in path, threads=threads)
                 runs[path].append(r)
-                what = r.get("error") or (f"median step {1e3 * statistics.median(r['step_s']):.1f} ms wall"
-                                          + (f", {1e3 * statistics.median(r['step_cpu_s']):.1f} ms CPU" if clock == "cpu" else ""))
+                what = r.get("error") or (
+                    f"median step {1e3 * statistics.median(r['step_s']):.1f} ms wall"
+                    + (f", {1e3 * statistics.median(r['step_cpu_s']):.1f} ms CPU" if clock == "cpu" else "")
+                )
                 print(f"  {model} {path} run {rep + 1}/{repeats}: {what} ({time.perf_counter() - t0:.0f} s)", flush=True)
         for path in paths:
             rows.append({"model": model, "path": path, "result": summarise(runs[path], peak, clock)})

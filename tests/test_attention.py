@@ -49,8 +49,8 @@ def test_backend_matches_math_fwd_bwd(backend, dtype, shape):
     grad = torch.randn(shape, dtype=dtype)
     scale = float(torch.empty(()).uniform_(0.05, 0.5))  # a scale other than hd**-0.5 too
     for s in (None, scale):
-        got = _fwd_bwd(lambda a, b, c: attention(a, b, c, scale=s, backend=backend), q, k, v, grad)
-        ref = _fwd_bwd(lambda a, b, c: attention_reference(a, b, c, s), q, k, v, grad)
+        got = _fwd_bwd(lambda a, b, c, s=s: attention(a, b, c, scale=s, backend=backend), q, k, v, grad)
+        ref = _fwd_bwd(lambda a, b, c, s=s: attention_reference(a, b, c, s), q, k, v, grad)
         for name, g, r in zip(("out", "dq", "dk", "dv"), got, ref):
             assert g.dtype == dtype and g.shape == r.shape
             torch.testing.assert_close(g, r, **TOL[dtype], msg=f"{backend} {name}")
@@ -160,8 +160,15 @@ def _tiny_ijepa(dtype):
         for p in model.target_encoder.parameters():
             p.add_(0.05 * torch.randn_like(p))
     collate = MaskCollator(
-        input_size=16, patch_size=4, enc_mask_scale=(0.6, 0.9), pred_mask_scale=(0.15, 0.3), aspect_ratio=(0.75, 1.5),
-        nenc=1, npred=4, min_keep=0, generator=torch.Generator().manual_seed(int(torch.randint(0, 2**31, ()))),
+        input_size=16,
+        patch_size=4,
+        enc_mask_scale=(0.6, 0.9),
+        pred_mask_scale=(0.15, 0.3),
+        aspect_ratio=(0.75, 1.5),
+        nenc=1,
+        npred=4,
+        min_keep=0,
+        generator=torch.Generator().manual_seed(int(torch.randint(0, 2**31, ()))),
     )
     imgs, masks_enc, masks_pred = collate([torch.randn(3, 16, 16, dtype=dtype) for _ in range(3)])
     return model, imgs, masks_enc, masks_pred

@@ -28,8 +28,15 @@ def _model_and_batch(depth=2):
         for p in model.target_encoder.parameters():
             p.add_(0.05 * torch.randn_like(p))
     collate = MaskCollator(
-        input_size=16, patch_size=4, enc_mask_scale=(0.6, 0.9), pred_mask_scale=(0.15, 0.3), aspect_ratio=(0.75, 1.5),
-        nenc=1, npred=4, min_keep=0, generator=torch.Generator().manual_seed(int(torch.randint(0, 2**31, ()))),
+        input_size=16,
+        patch_size=4,
+        enc_mask_scale=(0.6, 0.9),
+        pred_mask_scale=(0.15, 0.3),
+        aspect_ratio=(0.75, 1.5),
+        nenc=1,
+        npred=4,
+        min_keep=0,
+        generator=torch.Generator().manual_seed(int(torch.randint(0, 2**31, ()))),
     )
     return model, collate([torch.randn(3, 16, 16) for _ in range(4)])
 
@@ -130,7 +137,9 @@ def test_fastjepa_optimizer_is_foreach_reference_is_per_parameter(tmp_path):
 @pytest.mark.gpu
 @pytest.mark.parametrize("reference", [False, True])
 def test_bf16_on_cuda_scaler_only_for_reference(tmp_path, reference):
-    cfg = load_config(None, [*TINY, "meta.device=cuda", "meta.use_bfloat16=true", f"meta.reference_step={str(reference).lower()}"])
+    cfg = load_config(
+        None, [*TINY, "meta.device=cuda", "meta.use_bfloat16=true", f"meta.reference_step={str(reference).lower()}"]
+    )
     tr = Trainer(cfg, tmp_path, quiet=True)
     assert tr.amp_dtype is torch.bfloat16
     assert (tr.scaler is not None) == reference
