@@ -1,6 +1,6 @@
 """The CMake build of csrc/ against libtorch and its ctest (csrc/tests/test_main.cpp).
 
-About 70 s on one core (three sources + the test). Marked ``slow``; skipped with the
+About 60-90 s on one core (three sources + the test). Marked ``slow``; skipped with the
 reason when cmake, a C++ compiler or torch's CMake config is missing. Set
 ``FASTJEPA_SKIP_CMAKE=1`` to skip it where the time does not fit.
 """
