@@ -92,7 +92,7 @@ def main(argv=None) -> int:
         return 0 if summary["status"] != "interrupted" else 128 + (trainer.stop_signal or 15)
     if summary["status"] == "interrupted":
         return 128 + (trainer.stop_signal or 15)
-    extras = _after_training(cfg, out, summary)
+    extras = _after_training(cfg, out, summary, args.quiet or not sys.stderr.isatty())
     print(
         f"fastjepa: {summary['status']}: {summary['epochs']} epoch(s), step {summary['step']}, {summary['images_seen']} images "
         f"in {summary['wall_time_s']:.1f} s, final loss {summary['final_loss']:.4f}{extras} — "
@@ -102,20 +102,23 @@ def main(argv=None) -> int:
     return 0
 
 
-def _after_training(cfg: dict, out: Path, summary: dict) -> str:
-    """Plots and, on the embedded data, the quick probe; returns text for the summary line."""
+def _after_training(cfg: dict, out: Path, summary: dict, quiet: bool) -> str:
+    """On the embedded data, the quick probe (first, so the plots can show it); then the
+    plots. Returns text for the summary line."""
     text = ""
+    if cfg["logging"]["probe"] and cfg["data"]["dataset"] == "embedded" and summary["status"] == "done":
+        from .eval import quick_probe
+
+        res = quick_probe(out, cfg, quiet=quiet)
+        base = res["random_init"]
+        text = (
+            f", linear probe {100 * res['linear_probe_top1']:.1f}% / k-NN {100 * res['knn_top1']:.1f}% "
+            f"(random init {100 * base['linear_probe_top1']:.1f}% / {100 * base['knn_top1']:.1f}%)"
+        )
     if cfg["logging"]["plots"]:
         from .plot import plot_run
 
         plot_run(out)
-    if cfg["logging"]["probe"] and cfg["data"]["dataset"] == "embedded" and summary["status"] == "done":
-        try:
-            from .eval import quick_probe
-        except ImportError:
-            return text
-        res = quick_probe(out, cfg)
-        text = f", linear probe {res['linear_probe_top1']:.3f} (random init {res['random_init']['linear_probe_top1']:.3f})"
     return text
 
 

@@ -71,7 +71,8 @@ def test_kill9_during_checkpoint_write_keeps_previous(tmp_path):
     """The 2nd save pauses inside the write (test hook); kill -9 there; the 1st survives."""
     run = tmp_path / "run"
     proc = start(run, *TINY, "optimization.epochs=3", env={"FASTJEPA_TEST_SAVE_PAUSE": "2:60"})
-    wait_for(lambda: any(p.name.endswith(".tmp") for p in run.glob(".*")) if run.exists() else False)
+    # the epoch-1 checkpoint is complete and the epoch-2 write is paused mid-way
+    wait_for(lambda: (run / "jepa-latest.pth.tar").exists() and any(p.name.endswith(".tmp") for p in run.glob(".*")))
     first = read_checkpoint(run / "jepa-latest.pth.tar")
     proc.kill()
     proc.wait(timeout=30)

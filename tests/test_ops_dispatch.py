@@ -168,3 +168,13 @@ def test_loss_stays_on_pytorch_unless_triton_is_forced(monkeypatch):
         forced = ops.smooth_l1_loss(z, h)
     assert launched == [1]
     torch.testing.assert_close(auto, forced)
+
+
+def test_forced_cpp_on_cuda_only_for_ops_with_a_cuda_kernel(monkeypatch):
+    monkeypatch.setattr(_dispatch, "_why_not", lambda backend, device, dtype: None)  # as if a CUDA build were loaded
+    with use_backend("cpp"):
+        assert select("gather_tokens", CUDA, torch.float32) == "cpp"
+        for op in ("predictor_tokens", "target_tokens"):
+            with pytest.raises(RuntimeError, match="CUDA kernels cover only gather_tokens"):
+                select(op, CUDA, torch.float32)
+        assert select("target_tokens", CPU, torch.float32) == "cpp"

@@ -15,7 +15,7 @@ from fastjepa import IJEPA
 from fastjepa.config import load_config
 from fastjepa.masks import MaskCollator
 from fastjepa.models import vit_predictor, vit_tiny
-from fastjepa.trainer import Trainer
+from fastjepa.trainer import Trainer, cpu_has_bf16
 
 from ._tiny import TINY
 
@@ -118,9 +118,11 @@ def _trainer(tmp_path, *extra):
 
 @pytest.mark.parametrize("reference", [False, True])
 def test_bf16_flag_off_cuda_is_fp32_without_scaler(tmp_path, reference):
-    """On the CPU ``meta.use_bfloat16`` is a no-op (CUDA autocast only), so no GradScaler either."""
+    """On the CPU ``meta.use_bfloat16`` means bf16 autocast only where the CPU has bf16
+    matrix units and never for the reference step; no GradScaler either way."""
     tr = _trainer(tmp_path, "meta.use_bfloat16=true", f"meta.reference_step={str(reference).lower()}")
-    assert tr.amp_dtype is None and tr.scaler is None
+    expected = torch.bfloat16 if (cpu_has_bf16() and not reference) else None
+    assert tr.amp_dtype is expected and tr.scaler is None
     imgs, me, mp = next(iter(tr._loader()))
     with tr._backend_context():
         loss, _, _ = tr.train_step(imgs[0] if isinstance(imgs, (list, tuple)) else imgs, me, mp)

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 BACKENDS = ("auto", "reference", "triton", "cpp")
+CPP_CUDA_OPS = frozenset({"gather_tokens"})  # ops with a CUDA kernel in csrc/cuda/
 FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 _override: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastjepa_backend", default=None)
@@ -48,8 +49,14 @@ def _check_name(name: str, source: str) -> str:
     return name
 
 
+@torch._dynamo.assume_constant_result
 def current_backend() -> str:
-    """The backend setting in force: the innermost :func:`use_backend`, else the env."""
+    """The backend setting in force: the innermost :func:`use_backend`, else the env.
+
+    Under ``torch.compile`` it is read once, when a graph is traced (Dynamo cannot trace a
+    ContextVar): compiled code keeps the backend it was traced with until
+    ``torch._dynamo.reset()``.
+    """
     name = _override.get()
     if name is not None:
         return name
@@ -174,6 +181,11 @@ def select(op: str, device: torch.device, dtype: torch.dtype, *, cpp_op: bool = 
         return "reference"
     if want == "cpp" and not cpp_op:
         raise RuntimeError(f"fastjepa.ops.{op}: FASTJEPA_BACKEND=cpp, but the C++ extension has no {op} kernel")
+    if want == "cpp" and device.type == "cuda" and op not in CPP_CUDA_OPS:
+        raise RuntimeError(
+            f"fastjepa.ops.{op}: FASTJEPA_BACKEND=cpp was forced on {device}, but the extension's CUDA kernels cover "
+            f"only {', '.join(sorted(CPP_CUDA_OPS))}; use FASTJEPA_BACKEND=triton or auto on CUDA"
+        )
     why = _why_not(want, device, dtype)
     if why is not None:
         raise RuntimeError(f"fastjepa.ops.{op}: backend {want!r} was forced but cannot run here: {why}")

@@ -68,7 +68,11 @@ def check_batch(masks: list[torch.Tensor], name: str, B: int) -> None:
 
 def check_range(masks: list[torch.Tensor], name: str, N: int) -> None:
     """Every index in [0, N). Syncs with the device, so on CUDA it runs only when asked
-    (``validate=True``) — the kernels themselves mask out-of-range loads."""
+    (``validate=True``) — the kernels themselves mask out-of-range loads. Skipped while
+    ``torch.compile`` traces (a data-dependent check would break the graph); eager calls
+    check."""
+    if torch.compiler.is_compiling():
+        return
     for i, m in enumerate(masks):
         if m.numel() == 0:
             continue
