@@ -11,7 +11,7 @@
 # benchmarks/results/ and commit them.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-export PYTHONPATH="${PYTHONPATH:-.}" PYTHONUNBUFFERED=1
+export PYTHONPATH="${PYTHONPATH:-.}" PYTHONUNBUFFERED=1 TRITON_INTERPRET="${TRITON_INTERPRET:-0}"  # compiled kernels (tests/conftest.py would default to the interpreter); a CPU dry run sets 1
 DEST="${OUT:-benchmarks/results}"
 mkdir -p "$DEST"
 STAMP="$(date -u +%Y-%m-%d)"
