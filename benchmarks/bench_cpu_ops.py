@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import importlib.util
 import json
 import os
@@ -105,8 +106,8 @@ def main() -> None:
                 rtol, atol = TOL[dtype]
                 for a, b in zip(run_pass(ref, inputs, leaves, g), run_pass(cpp, inputs, leaves, g)):
                     torch.testing.assert_close(b, a, rtol=rtol, atol=atol * max(1.0, float(a.abs().max())))
-                t_ref = timed(lambda: run_pass(ref, inputs, leaves, g), args.seconds)
-                t_cpp = timed(lambda: run_pass(cpp, inputs, leaves, g), args.seconds)
+                t_ref = timed(functools.partial(run_pass, ref, inputs, leaves, g), args.seconds)
+                t_cpp = timed(functools.partial(run_pass, cpp, inputs, leaves, g), args.seconds)
                 rows.append({"op": op, "dtype": dname, "pass": pname, "reference_ms": t_ref * 1e3, "cpp_ms": t_cpp * 1e3,
                              "speedup": t_ref / t_cpp})
                 print(f"{op:17s} {dname:9s} {pname:8s} reference {t_ref * 1e3:8.3f} ms  cpp {t_cpp * 1e3:8.3f} ms  {t_ref / t_cpp:5.1f}x")

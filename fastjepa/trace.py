@@ -61,19 +61,7 @@ def trace_shapes_from_config(cfg: dict, *, file: TextIO | None = None, batch_siz
         torch.manual_seed(meta["seed"])
         model = build_model(cfg).to(device)
         imgs = torch.randn(B, 3, data["crop_size"], data["crop_size"])
-    collator = MaskCollator(
-        input_size=data["crop_size"],
-        patch_size=mask["patch_size"],
-        enc_mask_scale=mask["enc_mask_scale"],
-        pred_mask_scale=mask["pred_mask_scale"],
-        aspect_ratio=mask["aspect_ratio"],
-        nenc=mask["num_enc_masks"],
-        npred=mask["num_pred_masks"],
-        min_keep=mask["min_keep"],
-        allow_overlap=mask["allow_overlap"],
-        backend="python",
-        generator=torch.Generator().manual_seed(meta["seed"]),
-    )
+    collator = MaskCollator.from_config(cfg, compat="fastjepa", backend="python", generator=torch.Generator().manual_seed(meta["seed"]))
     (imgs, _), masks_enc, masks_pred = collator([(img, 0) for img in imgs])
     imgs = imgs.to(device)
     masks_enc = [m.to(device) for m in masks_enc]

@@ -162,7 +162,7 @@ class Trainer:
         self.cfg, self.out = cfg, Path(output)
         self.dist = dist or DistInfo()
         self.quiet = quiet or not sys.stderr.isatty()
-        meta, data, mask, opt = cfg["meta"], cfg["data"], cfg["mask"], cfg["optimization"]
+        meta, data, opt = cfg["meta"], cfg["data"], cfg["optimization"]
         self.device = pick_device(meta["device"])
         self.reference = meta["reference_step"]
         self.fsdp = bool(meta["fsdp"] and self.dist.enabled)
@@ -188,22 +188,7 @@ class Trainer:
         if hasattr(self.dataset, "set_epoch"):
             self.dataset.set_epoch(0, seed=meta["seed"])
         self.sampler = ResumableSampler(len(self.dataset), data["batch_size"], self.dist, seed=meta["seed"])
-        self.collator = MaskCollator(
-            input_size=data["crop_size"],
-            patch_size=mask["patch_size"],
-            enc_mask_scale=mask["enc_mask_scale"],
-            pred_mask_scale=mask["pred_mask_scale"],
-            aspect_ratio=mask["aspect_ratio"],
-            nenc=mask["num_enc_masks"],
-            npred=mask["num_pred_masks"],
-            min_keep=mask["min_keep"],
-            allow_overlap=mask["allow_overlap"],
-            compat=mask["compat"],
-            seed=meta["seed"],
-            rank=self.dist.rank,
-            world_size=self.dist.world_size,
-            backend=None if mask["backend"] == "auto" else mask["backend"],
-        )
+        self.collator = MaskCollator.from_config(cfg, rank=self.dist.rank, world_size=self.dist.world_size)
         self.ipe = self.sampler.batches_per_epoch
         total = int(opt["epochs"] * self.ipe * opt["ipe_scale"])
         warmup = int(opt["warmup"] * self.ipe)
@@ -612,12 +597,12 @@ class Trainer:
         last = pending[-1]
         if math.isfinite(ips):
             self._say(
-                "[%d, %5d] loss: %.3f masks: %.1f %.1f [wd: %.2e] [lr: %.2e] [mem: %.2e] (%.1f ms)"
+                "[%d, %5d] loss: %.3f masks: %.1f %.1f [wd: %.2e] [lr: %.2e] [mem: %.2e] (%.1f ms)"  # noqa: UP031 — the reference's format
                 % (last["epoch"], last["itr"], sum(values) / len(values), last["mask_enc"], last["mask_pred"], last["wd"], last["lr"],
                    mem * 1024, ms)  # fmt: skip
             )
             if last["grads"] is not None:
-                self._say("[%d, %5d] grad_stats: [%.2e %.2e] (%.2e, %.2e)" % (last["epoch"], last["itr"], *last["grads"]))
+                self._say("[%d, %5d] grad_stats: [%.2e %.2e] (%.2e, %.2e)" % (last["epoch"], last["itr"], *last["grads"]))  # noqa: UP031
             if self._bar is not None:
                 self._bar.set_postfix(loss=f"{values[-1]:.4f}", img_s=f"{ips:.0f}")
 

@@ -215,18 +215,7 @@ def validate(cfg: dict) -> dict:
     from ..masks import MaskCollator
 
     try:
-        MaskCollator(
-            input_size=d["crop_size"],
-            patch_size=m["patch_size"],
-            enc_mask_scale=m["enc_mask_scale"],
-            pred_mask_scale=m["pred_mask_scale"],
-            aspect_ratio=m["aspect_ratio"],
-            nenc=m["num_enc_masks"],
-            npred=m["num_pred_masks"],
-            min_keep=m["min_keep"],
-            allow_overlap=m["allow_overlap"],
-            backend="python",
-        )
+        MaskCollator.from_config(cfg, backend="python")
     except ValueError as exc:
         raise ConfigError(f"impossible mask settings (mask.* with data.crop_size={d['crop_size']}): {exc}") from None
     return cfg

@@ -111,24 +111,11 @@ def sample_batch(cfg: dict, num: int, batch_index: int = 0):
     from ..data import build_dataset
     from .multiblock import MaskCollator
 
-    data, mask, meta = cfg["data"], cfg["mask"], cfg["meta"]
+    data, meta = cfg["data"], cfg["meta"]
     dataset = build_dataset(data, split="train")
     if hasattr(dataset, "set_epoch"):
         dataset.set_epoch(0, seed=meta["seed"])
-    collator = MaskCollator(
-        input_size=data["crop_size"],
-        patch_size=mask["patch_size"],
-        enc_mask_scale=mask["enc_mask_scale"],
-        pred_mask_scale=mask["pred_mask_scale"],
-        aspect_ratio=mask["aspect_ratio"],
-        nenc=mask["num_enc_masks"],
-        npred=mask["num_pred_masks"],
-        min_keep=mask["min_keep"],
-        allow_overlap=mask["allow_overlap"],
-        compat=mask["compat"],
-        seed=meta["seed"],
-        backend=None if mask["backend"] == "auto" else mask["backend"],
-    )
+    collator = MaskCollator.from_config(cfg)
     collator.set_epoch(0, start_batch=batch_index)
     start = batch_index * num
     samples = [dataset[(start + i) % len(dataset)] for i in range(num)]

@@ -131,6 +131,28 @@ class MaskCollator:
         self.backend = self._pick_backend(backend)
         self._check_feasible()
 
+    @classmethod
+    def from_config(cls, cfg: dict, **overrides) -> MaskCollator:
+        """The collator a training config describes (``mask.*``, ``data.crop_size``,
+        ``meta.seed``); keyword ``overrides`` replace any constructor argument."""
+        data, mask = cfg["data"], cfg["mask"]
+        kwargs = dict(
+            input_size=data["crop_size"],
+            patch_size=mask["patch_size"],
+            enc_mask_scale=mask["enc_mask_scale"],
+            pred_mask_scale=mask["pred_mask_scale"],
+            aspect_ratio=mask["aspect_ratio"],
+            nenc=mask["num_enc_masks"],
+            npred=mask["num_pred_masks"],
+            min_keep=mask["min_keep"],
+            allow_overlap=mask["allow_overlap"],
+            compat=mask["compat"],
+            seed=cfg["meta"]["seed"],
+            backend=None if mask["backend"] == "auto" else mask["backend"],
+        )
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
     # -- configuration checks
 
     def _pick_backend(self, backend: str | None) -> str:

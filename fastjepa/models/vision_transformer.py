@@ -15,12 +15,13 @@ from functools import partial
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from .. import ops
 from ..ops._dispatch import current_backend
 from .pos_embed import get_2d_sincos_pos_embed
+
+LayerNorm6 = partial(nn.LayerNorm, eps=1e-6)  # the norm every reference model is built with
 
 
 def _image_size(img_size: int | Sequence[int]) -> int:
@@ -194,7 +195,7 @@ class VisionTransformer(nn.Module):
         drop_rate: float = 0.0,
         attn_drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
-        norm_layer: Callable[[int], nn.Module] = partial(nn.LayerNorm, eps=1e-6),
+        norm_layer: Callable[[int], nn.Module] = LayerNorm6,
         init_std: float = 0.02,
         **kwargs,
     ):
@@ -246,7 +247,7 @@ class VisionTransformerPredictor(nn.Module):
         drop_rate: float = 0.0,
         attn_drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
-        norm_layer: Callable[[int], nn.Module] = partial(nn.LayerNorm, eps=1e-6),
+        norm_layer: Callable[[int], nn.Module] = LayerNorm6,
         init_std: float = 0.02,
         **kwargs,
     ):
@@ -305,7 +306,7 @@ VIT_SIZES = {
 
 def _factory(name: str):
     def build(patch_size: int = 16, **kwargs) -> VisionTransformer:
-        cfg = dict(VIT_SIZES[name], qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6))
+        cfg = dict(VIT_SIZES[name], qkv_bias=True, norm_layer=LayerNorm6)
         cfg.update(kwargs)
         return VisionTransformer(patch_size=patch_size, **cfg)
 
@@ -328,6 +329,6 @@ vit_giant = _factory("vit_giant")
 
 def vit_predictor(**kwargs) -> VisionTransformerPredictor:
     """The predictor with the reference's fixed choices (mlp ratio 4, qkv bias, LN eps 1e-6)."""
-    cfg = dict(mlp_ratio=4, qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6))
+    cfg = dict(mlp_ratio=4, qkv_bias=True, norm_layer=LayerNorm6)
     cfg.update(kwargs)
     return VisionTransformerPredictor(**cfg)

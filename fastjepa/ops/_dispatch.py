@@ -105,7 +105,7 @@ def kernels():
     return module
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _triton_available() -> Availability:
     try:
         triton = importlib.import_module("triton")
@@ -118,7 +118,7 @@ def _triton_available() -> Availability:
     return Availability(True, f"triton {getattr(triton, '__version__', '?')}")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cpp_available() -> Availability:
     if os.environ.get("FASTJEPA_NO_EXT", "0") == "1":
         return Availability(False, "disabled by FASTJEPA_NO_EXT=1")
