@@ -84,14 +84,14 @@ def main(argv=None) -> int:
         print(f"fastjepa.train: {exc}", file=sys.stderr)
         return 3
     finally:
+        stop_signal = trainer.stop_signal
         if dist.enabled:
-            import torch.distributed
-
-            torch.distributed.destroy_process_group()
-    if not dist.is_main:
-        return 0 if summary["status"] != "interrupted" else 128 + (trainer.stop_signal or 15)
+            _shutdown_distributed(trainer)
+            del trainer
     if summary["status"] == "interrupted":
-        return 128 + (trainer.stop_signal or 15)
+        return 128 + (stop_signal or 15)
+    if not dist.is_main:
+        return 0
     extras = _after_training(cfg, out, summary, args.quiet or not sys.stderr.isatty())
     print(
         f"fastjepa: {summary['status']}: {summary['epochs']} epoch(s), step {summary['step']}, {summary['images_seen']} images "
@@ -100,6 +100,20 @@ def main(argv=None) -> int:
         flush=True,
     )
     return 0
+
+
+def _shutdown_distributed(trainer) -> None:
+    """Free the DDP/FSDP modules, then the process group. Left to interpreter exit, the
+    DDP reducer's destructor holds the GIL while gloo's worker thread waits for it to
+    release the last collective's tensors: a deadlock at exit (seen with gloo)."""
+    import gc
+
+    import torch.distributed
+
+    trainer.model = trainer.optimizer = None
+    gc.collect()
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 def _after_training(cfg: dict, out: Path, summary: dict, quiet: bool) -> str:
