@@ -17,4 +17,5 @@ TINY = [
     "logging.probe=false",
     "logging.plots=false",
     "logging.tensorboard=false",
+    "meta.use_bfloat16=false",  # fp32: the tests compare paths at fp32 tolerance
 ]
