@@ -28,7 +28,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import Availability
+from ._dispatch import Availability, assume_constant_result
 
 ATTN_BACKENDS = ("auto", "flash", "xformers", "sdpa", "math")
 CPU_HALF_MATH_MAX_N = 256  # auto: CPU bf16/fp16 attention over at most this many tokens uses math (measured faster)
@@ -41,7 +41,7 @@ def _check_name(name: str, source: str) -> str:
     return name
 
 
-@torch._dynamo.assume_constant_result
+@assume_constant_result
 def current_attention() -> str:
     """The setting in force: the innermost :func:`use_attention`, else ``FASTJEPA_ATTN``.
 
