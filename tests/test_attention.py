@@ -13,10 +13,9 @@ import sys
 import pytest
 import torch
 
-from fastjepa import IJEPA
-from fastjepa.masks import MaskCollator
-from fastjepa.models import vit_predictor, vit_tiny
 from fastjepa.ops import attention, attention_available, attention_reference, current_attention, use_attention
+
+from ._tiny import tiny_ijepa_batch
 
 attn_mod = sys.modules["fastjepa.ops.attention"]  # the package re-exports the function under the module's name
 
@@ -153,24 +152,7 @@ def test_rejects_bad_shapes_and_names():
 
 
 def _tiny_ijepa(dtype):
-    enc = vit_tiny(patch_size=4, img_size=16, depth=2, embed_dim=48, num_heads=2)  # head dim 24
-    pred = vit_predictor(num_patches=16, embed_dim=48, predictor_embed_dim=64, depth=2, num_heads=2)  # head dim 32
-    model = IJEPA(enc, pred).to(dtype)
-    with torch.no_grad():  # a target encoder that differs from the encoder, as after EMA steps
-        for p in model.target_encoder.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    collate = MaskCollator(
-        input_size=16,
-        patch_size=4,
-        enc_mask_scale=(0.6, 0.9),
-        pred_mask_scale=(0.15, 0.3),
-        aspect_ratio=(0.75, 1.5),
-        nenc=1,
-        npred=4,
-        min_keep=0,
-        generator=torch.Generator().manual_seed(int(torch.randint(0, 2**31, ()))),
-    )
-    imgs, masks_enc, masks_pred = collate([torch.randn(3, 16, 16, dtype=dtype) for _ in range(3)])
+    model, (imgs, masks_enc, masks_pred) = tiny_ijepa_batch(pred_dim=64, batch=3, dtype=dtype)  # head dims 24 / 32
     return model, imgs, masks_enc, masks_pred
 
 

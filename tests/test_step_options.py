@@ -11,34 +11,14 @@ import copy
 import pytest
 import torch
 
-from fastjepa import IJEPA
 from fastjepa.config import load_config
-from fastjepa.masks import MaskCollator
-from fastjepa.models import vit_predictor, vit_tiny
 from fastjepa.trainer import Trainer, cpu_has_bf16
 
-from ._tiny import TINY
+from ._tiny import TINY, tiny_ijepa_batch
 
 
 def _model_and_batch(depth=2):
-    enc = vit_tiny(patch_size=4, img_size=16, depth=depth, embed_dim=48, num_heads=2)
-    pred = vit_predictor(num_patches=16, embed_dim=48, predictor_embed_dim=32, depth=depth, num_heads=2)
-    model = IJEPA(enc, pred)
-    with torch.no_grad():
-        for p in model.target_encoder.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    collate = MaskCollator(
-        input_size=16,
-        patch_size=4,
-        enc_mask_scale=(0.6, 0.9),
-        pred_mask_scale=(0.15, 0.3),
-        aspect_ratio=(0.75, 1.5),
-        nenc=1,
-        npred=4,
-        min_keep=0,
-        generator=torch.Generator().manual_seed(int(torch.randint(0, 2**31, ()))),
-    )
-    return model, collate([torch.randn(3, 16, 16) for _ in range(4)])
+    return tiny_ijepa_batch(depth=depth)
 
 
 def _steps(model, batch, n=2):
