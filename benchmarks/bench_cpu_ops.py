@@ -15,7 +15,6 @@ import argparse
 import datetime
 import functools
 import importlib.util
-import json
 import os
 import sys
 import time
@@ -25,7 +24,8 @@ import torch
 if importlib.util.find_spec("fastjepa") is None:  # a source checkout run as `python benchmarks/...`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench_mask_sampler import PUBLISHED, cpu_name  # noqa: E402
+from _report import cpu_name, write_report  # noqa: E402
+from bench_mask_sampler import PUBLISHED  # noqa: E402
 
 from fastjepa.masks import MaskCollator  # noqa: E402
 from fastjepa.ops import gather_tokens_reference, predictor_tokens_reference, target_tokens_reference  # noqa: E402
@@ -126,12 +126,7 @@ def main() -> None:
         "|---|---|---|---:|---:|---:|",
     ] + [f"| {r['op']} | {r['dtype']} | {r['pass']} | {r['reference_ms']:.3f} | {r['cpp_ms']:.3f} | {r['speedup']:.1f}× |" for r in rows]
     print("\n".join(table))
-    os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"cpu-{date[:10]}-cpu_ops")
-    with open(stem + ".json", "w") as f:
-        json.dump(result, f, indent=2)
-    with open(stem + ".md", "w") as f:
-        f.write("\n".join(table) + "\n")
+    write_report(args.out, f"cpu-{date[:10]}-cpu_ops", result, "\n".join(table))
 
 
 if __name__ == "__main__":

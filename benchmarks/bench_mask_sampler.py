@@ -14,9 +14,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib.util
-import json
 import os
-import platform
 import sys
 import time
 
@@ -25,20 +23,11 @@ import torch
 if importlib.util.find_spec("fastjepa") is None:  # a source checkout run as `python benchmarks/...`
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from _report import cpu_name, write_report  # noqa: E402
+
 from fastjepa.masks import MaskCollator  # noqa: E402
 
 PUBLISHED = dict(enc_mask_scale=(0.85, 1.0), pred_mask_scale=(0.15, 0.2), aspect_ratio=(0.75, 1.5), nenc=1, npred=4, min_keep=10)
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def timed(fn, min_seconds: float, min_calls: int) -> tuple[float, int]:
@@ -126,12 +115,7 @@ def main() -> None:
         f"mean target length python {check['python']['mean_Kt']:.1f} vs cpp {check['cpp']['mean_Kt']:.1f}.",
     ]
     print("\n".join(table))
-    os.makedirs(args.out, exist_ok=True)
-    stem = os.path.join(args.out, f"cpu-{result['date'][:10]}-mask_sampler")
-    with open(stem + ".json", "w") as f:
-        json.dump(result, f, indent=2)
-    with open(stem + ".md", "w") as f:
-        f.write("\n".join(table) + "\n")
+    write_report(args.out, f"cpu-{result['date'][:10]}-mask_sampler", result, "\n".join(table))
 
 
 if __name__ == "__main__":

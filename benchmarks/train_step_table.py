@@ -48,6 +48,7 @@ for p in (str(ROOT), str(HERE)):
 
 import flops  # noqa: E402
 import torch  # noqa: E402
+from _report import write_report  # noqa: E402
 
 COMMON = ["data.dataset=synthetic", "data.num_workers=0", "data.pin_mem=false", "logging.probe=false", "logging.plots=false",
           "logging.tensorboard=false", "logging.wandb=false"]  # fmt: skip
@@ -424,9 +425,8 @@ def main(argv=None) -> int:
                     table += f"| {path} | error: {s['error'][:100]} | | |\n"
                 else:
                     table += f"| {path} | {s['max_batch']} | {s['first_failure']} | {'yes' if s['exact_to_8'] else 'no (time cap)'} |\n"
-        (out / f"{stem}.md").write_text(table + "\n")
-        (out / f"{stem}.json").write_text(json.dumps({"machine": info, "rows": rows, "max_batch": search,
-                                                      "repeats": repeats, "steps": steps, "warmup": warmup}, indent=1))  # fmt: skip
+        write_report(out, stem, {"machine": info, "rows": rows, "max_batch": search,
+                                 "repeats": repeats, "steps": steps, "warmup": warmup}, table, indent=1)  # fmt: skip
         return table
 
     for model, (config, base) in models.items():

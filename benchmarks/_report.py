@@ -1,0 +1,41 @@
+"""Where benchmark scripts put their results: ``<stem>.json`` + ``<stem>.md`` side by side.
+
+Both files are written to a temporary name and renamed, so a run killed half-way (a
+time-boxed GPU job, Ctrl-C) leaves the previous report or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+
+def cpu_name() -> str:
+    """The CPU's model name from /proc/cpuinfo (``platform.processor()`` elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_report(out_dir: str | os.PathLike, stem: str, result: Any, markdown: str, *, indent: int = 2) -> Path:
+    """Write ``out_dir/stem.json`` (``result``) and ``out_dir/stem.md`` (``markdown``); return the .md path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic_write(out / f"{stem}.json", json.dumps(result, indent=indent) + "\n")
+    md = out / f"{stem}.md"
+    _atomic_write(md, markdown.rstrip("\n") + "\n")
+    return md
