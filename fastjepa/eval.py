@@ -447,6 +447,23 @@ def knn_classify(
     return torch.cat(preds)
 
 
+def effective_rank(features) -> float:
+    """exp(entropy) of the normalised singular values of the centred features (Roy &
+    Vetterli, 2007): 1 when every image maps onto one line, ``min(n, dim)`` when all
+    directions are used equally. A falling value over training is dimensional collapse —
+    the pooled features spanning fewer directions — which the probe numbers only show later.
+    """
+    x = torch.as_tensor(np.asarray(features), dtype=torch.float64)
+    if x.ndim != 2 or x.shape[0] < 2:
+        raise ValueError(f"features: expected (n >= 2, dim), got {tuple(x.shape)}")
+    s = torch.linalg.svdvals(x - x.mean(dim=0))
+    if float(s.sum()) == 0.0:
+        return 0.0  # every image gives the same features: nothing spanned
+    p = s / s.sum()
+    p = p[p > 0]
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
 def knn_top1(train_x, train_y, val_x, val_y, **kwargs) -> float:
     pred = knn_classify(train_x, train_y, val_x, **kwargs)
     return float((pred == torch.as_tensor(val_y).long()).double().mean())
@@ -482,6 +499,7 @@ def evaluate_encoder(
         "linear_probe_converged": probe["converged"],
         "linear_probe_grid": probe["grid_scores"],
         "feature_dim": int(tx.shape[1]),
+        "feature_effective_rank": effective_rank(vx),  # held-out images; see effective_rank()
         "features_cached": bool(hit_a and hit_b),
         "feature_time_s": round(t1 - t0, 3),
         "probe_time_s": round(time.perf_counter() - t1, 3),
@@ -496,9 +514,11 @@ def format_table(result: dict[str, Any], baseline: dict[str, Any] | None, label:
     if baseline is not None and baseline is not result:
         rows.append(("random init", baseline))
     width = max(len(r[0]) for r in rows + [("difference", None)])
-    lines = [f"{'':{width}}  linear probe   k-NN (k={KNN_K})"]
+    lines = [f"{'':{width}}  linear probe   k-NN (k={KNN_K})   eff. rank"]
     for name, r in rows:
-        lines.append(f"{name:{width}}  {100 * r['linear_probe_top1']:10.1f} %  {100 * r['knn_top1']:10.1f} %")
+        erank = r.get("feature_effective_rank")
+        erank = f"{erank:12.1f}" if erank is not None else f"{'':12}"
+        lines.append(f"{name:{width}}  {100 * r['linear_probe_top1']:10.1f} %  {100 * r['knn_top1']:10.1f} %{erank}")
     if len(rows) == 2:
         d_lin = 100 * (result["linear_probe_top1"] - baseline["linear_probe_top1"])
         d_knn = 100 * (result["knn_top1"] - baseline["knn_top1"])

@@ -114,6 +114,22 @@ def test_knn_temperature_weighted_vote():
     assert ev.knn_top1(train, labels, train, labels, k=1) == 1.0
 
 
+def test_effective_rank_known_cases():
+    g = np.random.default_rng()
+    n, d = 2000, 16
+    iso = g.normal(size=(n, d))
+    assert d - 1.0 < ev.effective_rank(iso) <= d  # all directions used ~equally
+    line = g.normal(size=(n, 1)) * g.normal(size=(1, d)) + g.normal(size=(1, d))  # one direction + a constant
+    assert ev.effective_rank(line) == pytest.approx(1.0, abs=1e-6)
+    # two equal directions, the rest nearly empty; the offset and the scale do not matter
+    two = np.concatenate([g.normal(size=(n, 2)), 1e-9 * g.normal(size=(n, d - 2))], axis=1)
+    assert ev.effective_rank(two) == pytest.approx(2.0, abs=0.1)
+    assert ev.effective_rank(5.0 * two + 3.0) == pytest.approx(ev.effective_rank(two), rel=1e-9)
+    assert ev.effective_rank(np.ones((10, d))) == 0.0
+    with pytest.raises(ValueError, match="features"):
+        ev.effective_rank(np.ones((1, d)))
+
+
 def test_four_layer_features_end_with_the_last_layer():
     enc = build_model(tiny_cfg("meta.model_kwargs={depth: 4, embed_dim: 32, num_heads: 2}")).target_encoder
     data = Shapes(20, seed=3)
@@ -216,12 +232,13 @@ def test_cli_writes_eval_json(tmp_path, capsys):
     res = json.loads((out / "eval.json").read_text())
     for r in (res, res["random_init"]):
         assert 0.0 <= r["linear_probe_top1"] <= 1.0 and 0.0 <= r["knn_top1"] <= 1.0
+        assert 1.0 <= r["feature_effective_rank"] <= r["feature_dim"]
     assert res["evaluated"] == "checkpoint" and res["checkpoint"]["architecture_from"] == "the checkpoint's config"
     assert res["data"]["n_train"] == 200 and res["data"]["n_val"] == 100 and res["knn"] == {"k": 20, "temperature": 0.07}
     # the checkpoint is the untrained init with the same seed: identical to the baseline
     assert res["linear_probe_top1"] == res["random_init"]["linear_probe_top1"]
     table = capsys.readouterr().out
-    assert "random init" in table and "linear probe" in table and "difference" in table
+    assert "random init" in table and "linear probe" in table and "difference" in table and "eff. rank" in table
 
 
 def test_cli_random_init_only(tmp_path):
