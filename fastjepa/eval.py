@@ -50,6 +50,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import sys
 import time
 import warnings
@@ -607,6 +608,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--checkpoint", help="a fastjepa checkpoint, or a reference I-JEPA one (keys encoder/predictor/target_encoder)"
     )
     p.add_argument("--random-init", action="store_true", help="evaluate the random initialisation only (the baseline)")
+    p.add_argument(
+        "--epochs",
+        help="evaluate a run's per-epoch checkpoints (<tag>-ep<N>.pth.tar in --checkpoint's folder, or --checkpoint "
+        "itself when it is a run folder): 'all' or a list like 1,2,5; one row per epoch, with the effective rank "
+        "that shows collapse (train with logging.checkpoint_freq=1 to keep every epoch)",
+    )
     p.add_argument("--output", help="folder for eval.json (default: the checkpoint's folder, else eval/)")
     p.add_argument(
         "--data", choices=("embedded", "imagefolder"), help="evaluation data (default: embedded, or the config's image folders)"
@@ -632,10 +639,78 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _run_fields(args: argparse.Namespace, cfg: dict, desc: str, train: Dataset, val: Dataset, t0: float) -> dict[str, Any]:
+    """The eval.json fields every command-line evaluation writes: data, model, settings, time."""
+    return {
+        "data": {"name": args.data or "auto", "description": desc, "n_train": len(train), "n_val": len(val)},
+        "model": _model_summary(cfg),
+        "layers": args.layers,
+        "knn": {"k": KNN_K, "temperature": KNN_T},
+        "quick": False,
+        "wall_time_s": round(time.perf_counter() - t0, 2),
+    }
+
+
+_EPOCH_FILE = re.compile(r"^(?P<tag>.+)-ep(?P<epoch>\d+)\.pth\.tar$")
+
+
+def epoch_checkpoints(where: str | os.PathLike, epochs: str) -> list[tuple[int, Path]]:
+    """The per-epoch checkpoints of a run, ``[(epoch, path)]`` in epoch order.
+
+    ``where``: the run folder, or any checkpoint inside it. ``epochs``: ``"all"`` or a
+    comma-separated list of epoch numbers, each of which must have a checkpoint.
+    """
+    where = Path(where)
+    folder = where if where.is_dir() else where.parent
+    if not folder.is_dir():
+        raise EvalError(f"--epochs: {where} is neither a run folder nor a checkpoint inside one")
+    found: dict[int, Path] = {}
+    for path in sorted(folder.glob("*-ep*.pth.tar")):
+        m = _EPOCH_FILE.match(path.name)
+        if m:
+            found.setdefault(int(m["epoch"]), path)
+    if not found:
+        raise EvalError(
+            f"--epochs: {folder} holds no <tag>-ep<N>.pth.tar checkpoints; a run keeps one every "
+            "logging.checkpoint_freq epochs (train with logging.checkpoint_freq=1 to keep them all)"
+        )
+    if epochs.strip().lower() == "all":
+        return sorted(found.items())
+    try:
+        wanted = sorted({int(e) for e in epochs.split(",") if e.strip()})
+    except ValueError:
+        raise EvalError(f"--epochs={epochs!r}: expected 'all' or epoch numbers like 1,2,5") from None
+    missing = [e for e in wanted if e not in found]
+    if missing or not wanted:
+        raise EvalError(
+            f"--epochs={epochs!r}: no checkpoint for epoch(s) {missing or wanted} in {folder}; it has {sorted(found)}"
+        )
+    return [(e, found[e]) for e in wanted]
+
+
+def format_epochs(rows: list[tuple[str, dict[str, Any]]]) -> str:
+    """One line per encoder: linear probe, k-NN and effective rank."""
+    width = max(len(name) for name, _ in rows)
+    lines = [f"{'':{width}}  linear probe   k-NN (k={KNN_K})   eff. rank"]
+    for name, r in rows:
+        lines.append(
+            f"{name:{width}}  {100 * r['linear_probe_top1']:10.1f} %  {100 * r['knn_top1']:10.1f} %"
+            f"{r['feature_effective_rank']:12.1f}"
+        )
+    return "\n".join(lines)
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from .trainer import pick_device
 
     quiet = args.quiet or not sys.stderr.isatty()
+    if args.epochs is not None:
+        return run_epochs(args, quiet)
+    if args.checkpoint is not None and Path(args.checkpoint).is_dir():
+        raise EvalError(
+            f"--checkpoint {args.checkpoint} is a folder: pass one of its .pth.tar files, or add --epochs all "
+            "to evaluate each epoch's checkpoint"
+        )
     if args.checkpoint is None and not args.random_init:
         raise EvalError("no --checkpoint given: pass --checkpoint runs/<run>/jepa-latest.pth.tar, or --random-init --config FILE")
     if args.checkpoint is not None and not Path(args.checkpoint).is_file():
@@ -671,16 +746,59 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "random_init": baseline,
         "evaluated": "random_init" if args.random_init else "checkpoint",
         "checkpoint": info or None,
-        "data": {"name": args.data or "auto", "description": desc, "n_train": len(train), "n_val": len(val)},
-        "model": _model_summary(cfg),
-        "layers": args.layers,
-        "knn": {"k": KNN_K, "temperature": KNN_T},
-        "quick": False,
-        "wall_time_s": round(time.perf_counter() - t0, 2),
+        **_run_fields(args, cfg, desc, train, val, t0),
     }
     output = Path(args.output) if args.output else (Path(args.checkpoint).parent if args.checkpoint else Path("eval"))
     _write_json(output / "eval.json", out)
     print(format_table(result, baseline, label), flush=True)
+    print(f"fastjepa.eval: wrote {output / 'eval.json'}", file=sys.stderr, flush=True)
+    return out
+
+
+def run_epochs(args: argparse.Namespace, quiet: bool) -> dict[str, Any]:
+    """``--epochs``: every chosen epoch's target encoder, and the random init, in one table."""
+    from .trainer import pick_device
+
+    if args.checkpoint is None or args.random_init:
+        raise EvalError("--epochs needs --checkpoint RUN_FOLDER (or a checkpoint in it), and not --random-init")
+    chosen = epoch_checkpoints(args.checkpoint, args.epochs)
+    device = pick_device(args.device)
+    cfg = None
+    rows: list[tuple[str, dict[str, Any]]] = []
+    per_epoch: list[dict[str, Any]] = []
+    t0 = time.perf_counter()
+    for epoch, path in chosen:
+        encoder, ckpt_cfg, info = load_target_encoder(path, args.config, args.overrides)
+        if cfg is None:
+            cfg = ckpt_cfg
+            train, val, desc = eval_datasets(cfg, args.data, args.train_dir, args.val_dir)
+            train, val = _limit(train, args.limit_train), _limit(val, args.limit_val)
+            cache_dir = None if args.no_cache else Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+            common = dict(
+                layers=args.layers, device=device, batch_size=args.batch_size, cache_dir=cache_dir, C=args.C, quiet=quiet
+            )
+            print(
+                f"fastjepa.eval: {_describe(cfg)} on {desc}, {device}, epochs {[e for e, _ in chosen]}",
+                file=sys.stderr,
+                flush=True,
+            )
+            if not args.no_baseline:
+                rows.append(("random init", evaluate_encoder(random_init_encoder(cfg), train, val, name="random init", **common)))
+        result = evaluate_encoder(encoder, train, val, name=f"epoch {epoch}", **common)
+        rows.append((f"epoch {epoch}", result))
+        per_epoch.append({"epoch": epoch, **result, "checkpoint": info})
+    baseline = rows[0][1] if not args.no_baseline else None
+    out: dict[str, Any] = {
+        **per_epoch[-1],  # the top-level numbers are the last chosen epoch's
+        "epochs": per_epoch,
+        "random_init": baseline,
+        "evaluated": "epochs",
+        **_run_fields(args, cfg, desc, train, val, t0),
+    }
+    folder = Path(args.checkpoint) if Path(args.checkpoint).is_dir() else Path(args.checkpoint).parent
+    output = Path(args.output) if args.output else folder
+    _write_json(output / "eval.json", out)
+    print(format_epochs(rows), flush=True)
     print(f"fastjepa.eval: wrote {output / 'eval.json'}", file=sys.stderr, flush=True)
     return out
 

@@ -3,6 +3,7 @@
 import copy
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -239,6 +240,62 @@ def test_cli_writes_eval_json(tmp_path, capsys):
     assert res["linear_probe_top1"] == res["random_init"]["linear_probe_top1"]
     table = capsys.readouterr().out
     assert "random init" in table and "linear probe" in table and "difference" in table and "eff. rank" in table
+
+
+def test_cli_epochs_evaluates_each_epoch_checkpoint(tmp_path, capsys):
+    cfg = tiny_cfg()
+    run = tmp_path / "run"
+    torch.manual_seed(cfg["meta"]["seed"])
+    model = build_model(cfg)
+    for epoch in (1, 2, 10):  # the weights differ per epoch
+        if epoch > 1:
+            with torch.no_grad():
+                for p in model.target_encoder.parameters():
+                    p.add_(0.05 * torch.randn_like(p))
+        save_checkpoint(
+            run / f"jepa-ep{epoch}.pth.tar", model, epoch=epoch, loss=0.5, batch_size=8, lr=1e-3, extra={"config": cfg}
+        )
+    (run / "jepa-latest.pth.tar").write_bytes((run / "jepa-ep10.pth.tar").read_bytes())
+    common = ["--limit-train", "120", "--limit-val", "60", "--cache-dir", str(tmp_path / "c")]
+    assert ev.main(["--checkpoint", str(run), "--epochs", "all", *common]) == 0
+    res = json.loads((run / "eval.json").read_text())
+    assert [e["epoch"] for e in res["epochs"]] == [1, 2, 10]  # numeric order, not 1, 10, 2
+    assert res["evaluated"] == "epochs" and res["linear_probe_top1"] == res["epochs"][-1]["linear_probe_top1"]
+    for r in [*res["epochs"], res["random_init"]]:
+        assert 0.0 <= r["linear_probe_top1"] <= 1.0 and 1.0 <= r["feature_effective_rank"] <= r["feature_dim"]
+    assert res["epochs"][0]["checkpoint"]["path"].endswith("jepa-ep1.pth.tar")
+    # epoch 1 is the seed's init, the baseline; later epochs are other weights
+    assert res["epochs"][0]["feature_effective_rank"] == pytest.approx(res["random_init"]["feature_effective_rank"])
+    assert res["epochs"][2]["feature_effective_rank"] != pytest.approx(res["random_init"]["feature_effective_rank"])
+    table = capsys.readouterr().out
+    assert all(f"epoch {e}" in table for e in (1, 2, 10)) and "random init" in table and "eff. rank" in table
+    # a list, given through any checkpoint in the run folder
+    out = tmp_path / "sel"
+    assert ev.main(["--checkpoint", str(run / "jepa-latest.pth.tar"), "--epochs", "10,2", "--output", str(out), *common]) == 0
+    assert [e["epoch"] for e in json.loads((out / "eval.json").read_text())["epochs"]] == [2, 10]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--epochs", "3"], "no checkpoint for epoch\\(s\\) \\[3\\].*it has \\[1\\]"),
+        (["--epochs", "one"], "expected 'all' or epoch numbers"),
+        ([], "is a folder: pass one of its .pth.tar files, or add --epochs all"),
+    ],
+)
+def test_cli_epochs_errors_say_what_to_do(tmp_path, capsys, args, message):
+    cfg = tiny_cfg()
+    _fastjepa_checkpoint(tmp_path, cfg)
+    run = tmp_path / "run"
+    (run / "jepa-ep1.pth.tar").write_bytes((run / "jepa-latest.pth.tar").read_bytes())
+    assert ev.main(["--checkpoint", str(run), *args]) == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_cli_epochs_in_a_folder_without_epoch_checkpoints(tmp_path, capsys):
+    _fastjepa_checkpoint(tmp_path, tiny_cfg())
+    assert ev.main(["--checkpoint", str(tmp_path / "run"), "--epochs", "all"]) == 2
+    assert "logging.checkpoint_freq=1" in capsys.readouterr().err
 
 
 def test_cli_random_init_only(tmp_path):
