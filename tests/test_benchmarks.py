@@ -52,3 +52,24 @@ def test_cpu_report_scripts_write_json_and_markdown(tmp_path, script, args, stem
     result = json.loads(js.read_text())
     assert result["threads"] == 1 and result["cpu"]
     assert not list(tmp_path.glob(".*.tmp"))  # written atomically: no temporary left behind
+
+
+@pytest.mark.slow
+def test_train_step_table_runs_one_child(tmp_path):
+    # the script gpu_check.sh relies on: one child process, one step, the CPU model
+    _run("benchmarks/train_step_table.py", "--out", str(tmp_path), "--name", "t", "--repeats", "1", "--steps", "1",
+         "--warmup", "1", "--paths", "fastjepa")  # fmt: skip
+    result = json.loads((tmp_path / "t.json").read_text())
+    (row,) = result["rows"]
+    assert row["path"] == "fastjepa" and row["result"]["batch"] == 32 and not row["result"]["errors"]
+    assert row["result"]["imgs_per_s"] > 0 and row["result"]["check_loss"] > 0
+    assert "| fastjepa |" in (tmp_path / "t.md").read_text()
+
+
+@pytest.mark.slow
+def test_ops_table_runs_and_checks_every_op(tmp_path):
+    out = tmp_path / "ops.json"
+    _run("benchmarks/ops_table.py", "--iters", "1", "--out", str(out))
+    result = json.loads(out.read_text())
+    ops = {r["op"] for r in result["rows"]}
+    assert result["failures"] == [] and ops >= {"gather_tokens", "predictor_tokens", "target_tokens"}
