@@ -510,16 +510,22 @@ def evaluate_encoder(
 # -- reporting
 
 
-def format_table(result: dict[str, Any], baseline: dict[str, Any] | None, label: str) -> str:
-    rows = [(label, result)]
-    if baseline is not None and baseline is not result:
-        rows.append(("random init", baseline))
-    width = max(len(r[0]) for r in rows + [("difference", None)])
+def _score_lines(rows: list[tuple[str, dict[str, Any]]], width: int) -> list[str]:
+    """A header and one line per encoder: linear probe, k-NN and (when known) effective rank."""
     lines = [f"{'':{width}}  linear probe   k-NN (k={KNN_K})   eff. rank"]
     for name, r in rows:
         erank = r.get("feature_effective_rank")
         erank = f"{erank:12.1f}" if erank is not None else f"{'':12}"
         lines.append(f"{name:{width}}  {100 * r['linear_probe_top1']:10.1f} %  {100 * r['knn_top1']:10.1f} %{erank}")
+    return lines
+
+
+def format_table(result: dict[str, Any], baseline: dict[str, Any] | None, label: str) -> str:
+    rows = [(label, result)]
+    if baseline is not None and baseline is not result:
+        rows.append(("random init", baseline))
+    width = max(len(r[0]) for r in rows + [("difference", None)])
+    lines = _score_lines(rows, width)
     if len(rows) == 2:
         d_lin = 100 * (result["linear_probe_top1"] - baseline["linear_probe_top1"])
         d_knn = 100 * (result["knn_top1"] - baseline["knn_top1"])
@@ -689,15 +695,8 @@ def epoch_checkpoints(where: str | os.PathLike, epochs: str) -> list[tuple[int, 
 
 
 def format_epochs(rows: list[tuple[str, dict[str, Any]]]) -> str:
-    """One line per encoder: linear probe, k-NN and effective rank."""
-    width = max(len(name) for name, _ in rows)
-    lines = [f"{'':{width}}  linear probe   k-NN (k={KNN_K})   eff. rank"]
-    for name, r in rows:
-        lines.append(
-            f"{name:{width}}  {100 * r['linear_probe_top1']:10.1f} %  {100 * r['knn_top1']:10.1f} %"
-            f"{r['feature_effective_rank']:12.1f}"
-        )
-    return "\n".join(lines)
+    """One line per encoder (random init, then each epoch): linear probe, k-NN and effective rank."""
+    return "\n".join(_score_lines(rows, max(len(name) for name, _ in rows)))
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
