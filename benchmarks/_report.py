@@ -12,6 +12,8 @@ import platform
 from pathlib import Path
 from typing import Any
 
+from fastjepa.checkpoint import atomic_write_text  # the scripts put the checkout on sys.path first
+
 
 def cpu_name() -> str:
     """The CPU's model name from /proc/cpuinfo (``platform.processor()`` elsewhere)."""
@@ -25,17 +27,10 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_report(out_dir: str | os.PathLike, stem: str, result: Any, markdown: str, *, indent: int = 2) -> Path:
     """Write ``out_dir/stem.json`` (``result``) and ``out_dir/stem.md`` (``markdown``); return the .md path."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / f"{stem}.json", json.dumps(result, indent=indent) + "\n")
+    atomic_write_text(out / f"{stem}.json", json.dumps(result, indent=indent) + "\n")
     md = out / f"{stem}.md"
-    _atomic_write(md, markdown.rstrip("\n") + "\n")
+    atomic_write_text(md, markdown.rstrip("\n") + "\n")
     return md

@@ -63,7 +63,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from .checkpoint import CheckpointError, read_checkpoint, strip_module_prefix
+from .checkpoint import CheckpointError, atomic_write_text, read_checkpoint, strip_module_prefix
 from .config import ConfigError, load_config, merge, validate
 
 FEATURE_VERSION = 1  # bump when the feature definition changes (invalidates caches)
@@ -534,10 +534,7 @@ def format_table(result: dict[str, Any], baseline: dict[str, Any] | None, label:
 
 
 def _write_json(path: Path, obj: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 def _model_summary(cfg: dict) -> dict[str, Any]:
@@ -645,6 +642,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _eval_setup(args: argparse.Namespace, cfg: dict, quiet: bool) -> tuple[Dataset, Dataset, str, dict[str, Any]]:
+    """The command line's data (limited as asked) and the keyword arguments of :func:`evaluate_encoder`."""
+    from .trainer import pick_device
+
+    train, val, desc = eval_datasets(cfg, args.data, args.train_dir, args.val_dir)
+    train, val = _limit(train, args.limit_train), _limit(val, args.limit_val)
+    cache_dir = None if args.no_cache else Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+    common = dict(
+        layers=args.layers,
+        device=pick_device(args.device),
+        batch_size=args.batch_size,
+        cache_dir=cache_dir,
+        C=args.C,
+        quiet=quiet,
+    )
+    return train, val, desc, common
+
+
 def _run_fields(args: argparse.Namespace, cfg: dict, desc: str, train: Dataset, val: Dataset, t0: float) -> dict[str, Any]:
     """The eval.json fields every command-line evaluation writes: data, model, settings, time."""
     return {
@@ -700,8 +715,6 @@ def format_epochs(rows: list[tuple[str, dict[str, Any]]]) -> str:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from .trainer import pick_device
-
     quiet = args.quiet or not sys.stderr.isatty()
     if args.epochs is not None:
         return run_epochs(args, quiet)
@@ -725,12 +738,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         encoder, cfg, info = load_target_encoder(args.checkpoint, args.config, args.overrides)
     else:
         cfg, encoder = load_config(args.config, args.overrides), None
-    device = pick_device(args.device)
-    train, val, desc = eval_datasets(cfg, args.data, args.train_dir, args.val_dir)
-    train, val = _limit(train, args.limit_train), _limit(val, args.limit_val)
-    cache_dir = None if args.no_cache else Path(args.cache_dir) if args.cache_dir else default_cache_dir()
-    common = dict(layers=args.layers, device=device, batch_size=args.batch_size, cache_dir=cache_dir, C=args.C, quiet=quiet)
-    print(f"fastjepa.eval: {_describe(cfg)} on {desc}, {device}", file=sys.stderr, flush=True)
+    train, val, desc, common = _eval_setup(args, cfg, quiet)
+    print(f"fastjepa.eval: {_describe(cfg)} on {desc}, {common['device']}", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     baseline = None
     if args.random_init or not args.no_baseline:
@@ -756,33 +765,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def run_epochs(args: argparse.Namespace, quiet: bool) -> dict[str, Any]:
     """``--epochs``: every chosen epoch's target encoder, and the random init, in one table."""
-    from .trainer import pick_device
-
     if args.checkpoint is None or args.random_init:
         raise EvalError("--epochs needs --checkpoint RUN_FOLDER (or a checkpoint in it), and not --random-init")
     chosen = epoch_checkpoints(args.checkpoint, args.epochs)
-    device = pick_device(args.device)
-    cfg = None
-    rows: list[tuple[str, dict[str, Any]]] = []
-    per_epoch: list[dict[str, Any]] = []
     t0 = time.perf_counter()
-    for epoch, path in chosen:
-        encoder, ckpt_cfg, info = load_target_encoder(path, args.config, args.overrides)
-        if cfg is None:
-            cfg = ckpt_cfg
-            train, val, desc = eval_datasets(cfg, args.data, args.train_dir, args.val_dir)
-            train, val = _limit(train, args.limit_train), _limit(val, args.limit_val)
-            cache_dir = None if args.no_cache else Path(args.cache_dir) if args.cache_dir else default_cache_dir()
-            common = dict(
-                layers=args.layers, device=device, batch_size=args.batch_size, cache_dir=cache_dir, C=args.C, quiet=quiet
-            )
-            print(
-                f"fastjepa.eval: {_describe(cfg)} on {desc}, {device}, epochs {[e for e, _ in chosen]}",
-                file=sys.stderr,
-                flush=True,
-            )
-            if not args.no_baseline:
-                rows.append(("random init", evaluate_encoder(random_init_encoder(cfg), train, val, name="random init", **common)))
+    encoder, cfg, info = load_target_encoder(chosen[0][1], args.config, args.overrides)  # its config: data, baseline
+    train, val, desc, common = _eval_setup(args, cfg, quiet)
+    print(
+        f"fastjepa.eval: {_describe(cfg)} on {desc}, {common['device']}, epochs {[e for e, _ in chosen]}",
+        file=sys.stderr,
+        flush=True,
+    )
+    rows: list[tuple[str, dict[str, Any]]] = []
+    if not args.no_baseline:
+        rows.append(("random init", evaluate_encoder(random_init_encoder(cfg), train, val, name="random init", **common)))
+    per_epoch: list[dict[str, Any]] = []
+    for i, (epoch, path) in enumerate(chosen):
+        if i:  # the first one is loaded above
+            encoder, _, info = load_target_encoder(path, args.config, args.overrides)
         result = evaluate_encoder(encoder, train, val, name=f"epoch {epoch}", **common)
         rows.append((f"epoch {epoch}", result))
         per_epoch.append({"epoch": epoch, **result, "checkpoint": info})
