@@ -103,10 +103,17 @@ def param_groups(model: IJEPA) -> list[dict]:
     ]
 
 
+FUSED_ADAMW_DEVICES = ("cuda", "cpu")  # torch >= 2.4 has a fused AdamW kernel for both
+
+
 def make_optimizer(model: IJEPA, device: torch.device, reference: bool) -> torch.optim.Optimizer:
+    """AdamW over ``param_groups``. fastjepa: the fused kernel (one pass over each
+    parameter) on CUDA and on the CPU — on the CPU ``foreach`` is a per-tensor loop, 3-4x
+    slower than fused for vit_tiny's 6 M parameters (measured) —, ``foreach`` elsewhere.
+    The reference step: the per-parameter loop, as the reference code gets by default."""
     kwargs: dict[str, Any] = {}
     if not reference:
-        kwargs = {"fused": True} if device.type == "cuda" else {"foreach": True}
+        kwargs = {"fused": True} if device.type in FUSED_ADAMW_DEVICES else {"foreach": True}
     return torch.optim.AdamW(param_groups(model), **kwargs)
 
 
