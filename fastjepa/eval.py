@@ -3,6 +3,7 @@
 Frozen-feature evaluation of an I-JEPA **target encoder**: a linear probe and a k-NN
 classifier on held-out images, with the same architecture at random initialisation
 beside them as the baseline. Writes ``DIR/eval.json``; accuracies are fractions in [0, 1].
+``--encoder context`` evaluates the checkpoint's context encoder instead (a diagnostic).
 
 Features. Each image is resized to the model's crop size (no augmentation), encoded by
 the target encoder (the network the paper evaluates), and its output tokens are
@@ -140,23 +141,36 @@ def _apply_overrides(cfg: dict, overrides: Sequence[str]) -> dict:
     return validate(cfg)
 
 
+ENCODER_KEYS = {"target": "target_encoder", "context": "encoder"}  # --encoder -> checkpoint key
+
+
 def load_target_encoder(
-    path: str | os.PathLike, config: str | os.PathLike | None = None, overrides: Sequence[str] = ()
+    path: str | os.PathLike,
+    config: str | os.PathLike | None = None,
+    overrides: Sequence[str] = (),
+    which: str = "target",
 ) -> tuple[nn.Module, dict, dict[str, Any]]:
     """Build the model and load the checkpoint's target encoder (strictly).
 
-    Returns ``(encoder, cfg, info)``; ``info`` says where the architecture came from and
-    the checkpoint's epoch.
+    ``which="context"`` loads the context encoder (the network trained by gradients)
+    instead: a diagnostic, not the paper's protocol — it shows whether a collapse starts
+    in the student before the EMA carries it into the target.
+
+    Returns ``(encoder, cfg, info)``; ``info`` says where the architecture came from, the
+    checkpoint's epoch and which encoder was loaded.
     """
+    if which not in ENCODER_KEYS:
+        raise ValueError(f"which={which!r}: expected one of {', '.join(ENCODER_KEYS)}")
+    key = ENCODER_KEYS[which]
     path = Path(path)
     ckpt = read_checkpoint(path)
-    if "target_encoder" not in ckpt:
+    if key not in ckpt:
         raise CheckpointError(
-            f"checkpoint {path} has no 'target_encoder' (keys: {sorted(ckpt)}); expected a fastjepa or I-JEPA training checkpoint"
+            f"checkpoint {path} has no {key!r} (keys: {sorted(ckpt)}); expected a fastjepa or I-JEPA training checkpoint"
         )
-    state = ckpt["target_encoder"]
+    state = ckpt[key]
     if not isinstance(state, dict):
-        raise CheckpointError(f"checkpoint {path}: 'target_encoder' is a {type(state).__name__}, expected a state dict")
+        raise CheckpointError(f"checkpoint {path}: {key!r} is a {type(state).__name__}, expected a state dict")
     state = strip_module_prefix(state)
     extra = ckpt.get("fastjepa")
     stored = extra.get("config") if isinstance(extra, dict) else None
@@ -177,7 +191,7 @@ def load_target_encoder(
         encoder.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise CheckpointError(
-            f"checkpoint {path}: 'target_encoder' does not fit the model built from {source} "
+            f"checkpoint {path}: {key!r} does not fit the model built from {source} "
             f"({cfg['meta']['model_name']}, model_kwargs={cfg['meta']['model_kwargs']}, patch {cfg['mask']['patch_size']}, "
             f"crop {cfg['data']['crop_size']}); pass the --config it was trained with or fix the overrides. {exc}"
         ) from None
@@ -186,6 +200,7 @@ def load_target_encoder(
         "architecture_from": source,
         "epoch": ckpt.get("epoch"),
         "format": "fastjepa" if extra else "reference",
+        "encoder": which,
     }
     return encoder, cfg, info
 
@@ -612,6 +627,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--random-init", action="store_true", help="evaluate the random initialisation only (the baseline)")
     p.add_argument(
+        "--encoder",
+        choices=tuple(ENCODER_KEYS),
+        default="target",
+        help="which network of the checkpoint: the target encoder (default; the paper's protocol) or the context "
+        "encoder (diagnostic: does the student collapse before the EMA target does?)",
+    )
+    p.add_argument(
         "--epochs",
         help="evaluate a run's per-epoch checkpoints (<tag>-ep<N>.pth.tar in --checkpoint's folder, or --checkpoint "
         "itself when it is a run folder): 'all' or a list like 1,2,5; one row per epoch, with the effective rank "
@@ -666,6 +688,7 @@ def _run_fields(args: argparse.Namespace, cfg: dict, desc: str, train: Dataset, 
         "data": {"name": args.data or "auto", "description": desc, "n_train": len(train), "n_val": len(val)},
         "model": _model_summary(cfg),
         "layers": args.layers,
+        "encoder": "random_init" if args.random_init else args.encoder,
         "knn": {"k": KNN_K, "temperature": KNN_T},
         "quick": False,
         "wall_time_s": round(time.perf_counter() - t0, 2),
@@ -735,7 +758,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )
     info: dict[str, Any] = {}
     if args.checkpoint is not None:
-        encoder, cfg, info = load_target_encoder(args.checkpoint, args.config, args.overrides)
+        encoder, cfg, info = load_target_encoder(args.checkpoint, args.config, args.overrides, args.encoder)
     else:
         cfg, encoder = load_config(args.config, args.overrides), None
     train, val, desc, common = _eval_setup(args, cfg, quiet)
@@ -748,7 +771,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         result, label = baseline, "random init"
     else:
         result = evaluate_encoder(encoder, train, val, name="checkpoint", **common)
-        label = f"checkpoint (epoch {info.get('epoch')})"
+        label = f"checkpoint (epoch {info.get('epoch')}{', context encoder' if args.encoder == 'context' else ''})"
     out: dict[str, Any] = {
         **result,
         "random_init": baseline,
@@ -769,7 +792,7 @@ def run_epochs(args: argparse.Namespace, quiet: bool) -> dict[str, Any]:
         raise EvalError("--epochs needs --checkpoint RUN_FOLDER (or a checkpoint in it), and not --random-init")
     chosen = epoch_checkpoints(args.checkpoint, args.epochs)
     t0 = time.perf_counter()
-    encoder, cfg, info = load_target_encoder(chosen[0][1], args.config, args.overrides)  # its config: data, baseline
+    encoder, cfg, info = load_target_encoder(chosen[0][1], args.config, args.overrides, args.encoder)  # its config: data, baseline
     train, val, desc, common = _eval_setup(args, cfg, quiet)
     print(
         f"fastjepa.eval: {_describe(cfg)} on {desc}, {common['device']}, epochs {[e for e, _ in chosen]}",
@@ -782,7 +805,7 @@ def run_epochs(args: argparse.Namespace, quiet: bool) -> dict[str, Any]:
     per_epoch: list[dict[str, Any]] = []
     for i, (epoch, path) in enumerate(chosen):
         if i:  # the first one is loaded above
-            encoder, _, info = load_target_encoder(path, args.config, args.overrides)
+            encoder, _, info = load_target_encoder(path, args.config, args.overrides, args.encoder)
         result = evaluate_encoder(encoder, train, val, name=f"epoch {epoch}", **common)
         rows.append((f"epoch {epoch}", result))
         per_epoch.append({"epoch": epoch, **result, "checkpoint": info})

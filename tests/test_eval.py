@@ -189,6 +189,13 @@ def test_reference_checkpoint_loads(tmp_path, prefix):
     assert info2["architecture_from"] == "the checkpoint's weight shapes"
     assert (cfg2["data"]["crop_size"], cfg2["mask"]["patch_size"]) == (16, 4)
     assert all(torch.equal(v, expected[k]) for k, v in enc2.state_dict().items())
+    # the context encoder instead (it differs from the perturbed target)
+    ctx, _, info3 = ev.load_target_encoder(path, overrides=TINY, which="context")
+    assert info3["encoder"] == "context" and info["encoder"] == "target"
+    assert all(torch.equal(v, model.encoder.state_dict()[k]) for k, v in ctx.state_dict().items())
+    assert any(not torch.equal(v, expected[k]) for k, v in ctx.state_dict().items())
+    with pytest.raises(ValueError, match="which='student'"):
+        ev.load_target_encoder(path, overrides=TINY, which="student")
     # a wrong architecture says what to do
     with pytest.raises(CheckpointError, match="--config"):
         ev.load_target_encoder(path, overrides=[*TINY, "meta.model_kwargs={depth: 3, embed_dim: 32, num_heads: 2}"])
@@ -240,6 +247,28 @@ def test_cli_writes_eval_json(tmp_path, capsys):
     assert res["linear_probe_top1"] == res["random_init"]["linear_probe_top1"]
     table = capsys.readouterr().out
     assert "random init" in table and "linear probe" in table and "difference" in table and "eff. rank" in table
+
+
+def test_cli_context_encoder(tmp_path, capsys):
+    """``--encoder context`` probes the checkpoint's context encoder, says so in the table
+    and in eval.json, and gives other numbers than the target encoder when they differ."""
+    cfg = tiny_cfg()
+    torch.manual_seed(cfg["meta"]["seed"])
+    model = build_model(cfg)
+    with torch.no_grad():
+        for p in model.encoder.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    path = tmp_path / "run" / "jepa-latest.pth.tar"
+    save_checkpoint(path, model, epoch=3, loss=0.5, batch_size=8, lr=1e-3, extra={"config": cfg})
+    common = ["--checkpoint", str(path), "--limit-train", "100", "--limit-val", "60", "--no-cache", "--no-baseline"]
+    assert ev.main([*common, "--output", str(tmp_path / "t")]) == 0
+    capsys.readouterr()
+    assert ev.main([*common, "--output", str(tmp_path / "c"), "--encoder", "context"]) == 0
+    assert "context encoder" in capsys.readouterr().out
+    t = json.loads((tmp_path / "t" / "eval.json").read_text())
+    c = json.loads((tmp_path / "c" / "eval.json").read_text())
+    assert (t["encoder"], c["encoder"]) == ("target", "context") and c["checkpoint"]["encoder"] == "context"
+    assert c["feature_effective_rank"] != t["feature_effective_rank"]
 
 
 def test_cli_epochs_evaluates_each_epoch_checkpoint(tmp_path, capsys):
