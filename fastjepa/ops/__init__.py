@@ -8,6 +8,7 @@ run here; ``FASTJEPA_BACKEND`` or :func:`use_backend` forces one.
 from ._dispatch import BACKENDS, Availability, available, current_backend, use_backend
 from .attention import attention, attention_available, attention_reference, current_attention, use_attention
 from .gather_tokens import apply_masks, gather_tokens, gather_tokens_reference
+from .linear_gelu import fused_linear_gelu_applies, linear_gelu, linear_gelu_reference
 from .predictor_tokens import predictor_tokens, predictor_tokens_reference
 from .smooth_l1_loss import smooth_l1_loss, smooth_l1_loss_reference
 from .target_tokens import target_tokens, target_tokens_reference
@@ -24,6 +25,9 @@ __all__ = [
     "current_backend",
     "gather_tokens",
     "gather_tokens_reference",
+    "fused_linear_gelu_applies",
+    "linear_gelu",
+    "linear_gelu_reference",
     "predictor_tokens",
     "predictor_tokens_reference",
     "smooth_l1_loss",
