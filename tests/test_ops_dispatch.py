@@ -178,3 +178,26 @@ def test_forced_cpp_on_cuda_only_for_ops_with_a_cuda_kernel(monkeypatch):
             with pytest.raises(RuntimeError, match="CUDA kernels cover only gather_tokens"):
                 select(op, CUDA, torch.float32)
         assert select("target_tokens", CPU, torch.float32) == "cpp"
+
+
+def test_triton_interpreter_known_broken_combination_is_reported(monkeypatch):
+    """Triton < 3.7's interpreter + NumPy >= 2.4 fails inside every kernel with a loop;
+    it is reported as an unavailable backend with what to install, not left to crash."""
+    import numpy as np
+
+    from fastjepa.ops import _dispatch
+
+    try:
+        int(np.zeros(1, dtype=np.int64))
+        numpy_refuses = False
+    except TypeError:
+        numpy_refuses = True
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    why = _dispatch._interpreter_broken("3.6.0")
+    assert (why is not None) == numpy_refuses
+    if why is not None:
+        assert "3.6.0" in why and "triton>=3.7" in why
+    assert _dispatch._interpreter_broken("3.7.1") is None
+    assert _dispatch._interpreter_broken("3.10.0") is None
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert _dispatch._interpreter_broken("3.6.0") is None  # compiled kernels are fine

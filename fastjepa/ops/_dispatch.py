@@ -112,12 +112,43 @@ def kernels():
     return module
 
 
+def _interpreter_broken(triton_version: str) -> str | None:
+    """Why Triton's CPU interpreter cannot run our kernels here, or None.
+
+    Triton < 3.7's interpreter turns a loop bound that is a kernel argument into a
+    one-element array and calls ``int()`` on it, which NumPy >= 2.4 refuses (TypeError:
+    only 0-dimensional arrays can be converted); every kernel with such a loop fails.
+    Compiled kernels (a GPU) are unaffected.
+    """
+    if not triton_interpret():
+        return None
+    try:
+        major, minor = (int(x) for x in triton_version.split(".")[:2])
+    except ValueError:
+        return None
+    if (major, minor) >= (3, 7):
+        return None
+    import numpy as np
+
+    try:
+        int(np.zeros(1, dtype=np.int64))
+    except TypeError:
+        return (
+            f"Triton {triton_version}'s interpreter (TRITON_INTERPRET=1) cannot run on NumPy {np.__version__}: "
+            "install triton>=3.7 or numpy<2.4"
+        )
+    return None
+
+
 @functools.cache
 def _triton_available() -> Availability:
     try:
         triton = importlib.import_module("triton")
     except ImportError as exc:
         return Availability(False, f"triton is not installed ({exc})")
+    why = _interpreter_broken(getattr(triton, "__version__", ""))
+    if why is not None:
+        return Availability(False, why)
     try:
         kernels()
     except ImportError as exc:
