@@ -13,7 +13,8 @@ import platform
 import torch
 
 from .ops import attention_available, available
-from .ops._dispatch import _cpp_has_cuda, triton_interpret
+from .ops._dispatch import _cpp_has_cuda, cpu_has_bf16, triton_interpret
+from .ops.linear_gelu import onednn_op
 
 
 def rows() -> list[tuple[str, bool, str]]:
@@ -40,6 +41,12 @@ def rows() -> list[tuple[str, bool, str]]:
     out.append(("flash-attn", attn["flash"].ok, attn["flash"].reason))
     out.append(("xformers", attn["xformers"].ok, attn["xformers"].reason))
     out.append(("attention sdpa", attn["sdpa"].ok, attn["sdpa"].reason))
+    bf16 = cpu_has_bf16()
+    out.append(("cpu bf16 matmul", bf16, "oneDNN bf16 (avx512_bf16 / AMX): meta.use_bfloat16 autocasts the CPU step to bf16" if bf16
+                else "no bf16 matrix instructions: the CPU step runs fp32"))  # fmt: skip
+    fused = onednn_op() is not None
+    out.append(("cpu fused linear+GELU", fused, "mkldnn._linear_pointwise: the target encoder's fc1 + GELU in one kernel" if fused
+                else "this torch has no mkldnn._linear_pointwise: fc1 and GELU run eagerly"))  # fmt: skip
     backend = [ln.split(":", 1)[1].strip() for ln in torch.__config__.parallel_info().splitlines() if "parallel backend" in ln]
     out.append(("cpu threads", True, f"{torch.get_num_threads()} ({backend[0] if backend else 'unknown'} backend)"))
     return out

@@ -27,6 +27,7 @@ from .distributed import DistInfo, ResumableSampler, all_reduce_mean, any_rank
 from .ijepa import IJEPA
 from .masks import MaskCollator
 from .ops import use_attention, use_backend
+from .ops._dispatch import cpu_has_bf16
 from .schedulers import CosineWD, LinearMomentum, WarmupCosineLR
 
 CSV_COLUMNS = (
@@ -115,14 +116,6 @@ def make_optimizer(model: IJEPA, device: torch.device, reference: bool) -> torch
     if not reference:
         kwargs = {"fused": True} if device.type in FUSED_ADAMW_DEVICES else {"foreach": True}
     return torch.optim.AdamW(param_groups(model), **kwargs)
-
-
-def cpu_has_bf16() -> bool:
-    """Whether this CPU has bf16 matrix instructions (AVX512-BF16 or AMX) for oneDNN."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
 
 
 def autocast_dtype(use_bfloat16: bool, device: torch.device, reference: bool) -> torch.dtype | None:

@@ -9,12 +9,13 @@ import torch.nn.functional as F
 
 from fastjepa import ops
 from fastjepa.models.vision_transformer import MLP
+from fastjepa.ops._dispatch import cpu_has_bf16
 from fastjepa.ops import fused_linear_gelu_applies, linear_gelu, linear_gelu_reference, use_backend
 
 linear_gelu_module = importlib.import_module("fastjepa.ops.linear_gelu")  # the module (ops.linear_gelu is the function)
 
-needs_op = pytest.mark.skipif(linear_gelu_module._onednn_op() is None, reason="this torch build has no mkldnn._linear_pointwise")
-needs_bf16 = pytest.mark.skipif(not linear_gelu_module._onednn_bf16(), reason="this CPU has no oneDNN bf16 support")
+needs_op = pytest.mark.skipif(linear_gelu_module.onednn_op() is None, reason="this torch build has no mkldnn._linear_pointwise")
+needs_bf16 = pytest.mark.skipif(not cpu_has_bf16(), reason="this CPU has no oneDNN bf16 support")
 
 # (leading dims, in, out): a single token; D=200 and a prime width; ViT-tiny's 192 -> 768
 SHAPES = [((1, 1), 7, 13), ((3, 11), 200, 97), ((2, 64), 192, 768)]
@@ -66,7 +67,7 @@ def test_takes_the_reference_when_it_must():
     wg = w.clone().requires_grad_()
     assert not fused_linear_gelu_applies(x, wg, b)  # autograd needs the pre-activation
     with torch.no_grad():
-        assert fused_linear_gelu_applies(x, wg, b) == (linear_gelu_module._onednn_op() is not None)
+        assert fused_linear_gelu_applies(x, wg, b) == (linear_gelu_module.onednn_op() is not None)
     with use_backend("reference"):
         assert not fused_linear_gelu_applies(x, w, b)
     assert not fused_linear_gelu_applies(x.double(), w.double(), b.double())  # float64: eager
@@ -87,13 +88,13 @@ def test_mlp_uses_it_without_grad_only(monkeypatch):
     """The MLP routes fc1+GELU through linear_gelu (fused in the no-grad target forward),
     and its output equals the eager MLP's."""
     calls = []
-    real = linear_gelu_module._onednn_op()
+    real = linear_gelu_module.onednn_op()
 
     def counting(*args):
         calls.append(args[3])
         return real(*args)
 
-    monkeypatch.setattr(linear_gelu_module, "_onednn_op", lambda: counting)
+    monkeypatch.setattr(linear_gelu_module, "onednn_op", lambda: counting)
     mlp = MLP(40, 160)
     x = torch.randn(2, 9, 40)
     eager = mlp.fc2(F.gelu(mlp.fc1(x)))
@@ -113,7 +114,7 @@ def test_a_refusing_onednn_falls_back_to_the_reference(monkeypatch):
     def refuse(*args):
         raise RuntimeError("oneDNN: unsupported")
 
-    monkeypatch.setattr(linear_gelu_module, "_onednn_op", lambda: refuse)
+    monkeypatch.setattr(linear_gelu_module, "onednn_op", lambda: refuse)
     monkeypatch.setattr(linear_gelu_module, "_refused", set())
     x, w, b = make((2, 3), 10, 14)
     torch.testing.assert_close(linear_gelu(x, w, b), linear_gelu_reference(x, w, b))

@@ -61,7 +61,8 @@ def test_info_table_names_the_extension_state():
         env = dict(os.environ, FASTJEPA_NO_EXT=no_ext)
         r = subprocess.run([sys.executable, "-m", "fastjepa.info"], env=env, capture_output=True, text=True, timeout=120)
         assert r.returncode == 0, r.stderr
-        for name in ("torch", "cuda", "triton", "triton interpreter", "fastjepa._C", "flash-attn", "xformers"):
+        for name in ("torch", "cuda", "triton", "triton interpreter", "fastjepa._C", "flash-attn", "xformers",
+                     "cpu bf16 matmul", "cpu fused linear+GELU"):  # fmt: skip
             assert f"\n{name} " in r.stdout, (name, r.stdout)
         ext = next(ln for ln in r.stdout.splitlines() if ln.startswith("fastjepa._C "))
         if no_ext == "1":

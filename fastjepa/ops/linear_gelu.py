@@ -24,7 +24,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import current_backend
+from ._dispatch import cpu_has_bf16, current_backend
 
 
 def linear_gelu_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -32,16 +32,8 @@ def linear_gelu_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
 
 
 @functools.cache
-def _onednn_bf16() -> bool:
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-@functools.cache
-def _onednn_op():
-    """The oneDNN op, or None when this torch build has none."""
+def onednn_op():
+    """oneDNN's fused linear + pointwise op, or None when this torch build has none."""
     try:
         return torch.ops.mkldnn._linear_pointwise.default
     except (AttributeError, RuntimeError):
@@ -59,7 +51,7 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 def fused_linear_gelu_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     """Whether :func:`linear_gelu` takes the fused path for these inputs, here and now."""
-    if x.device.type != "cpu" or current_backend() == "reference" or _onednn_op() is None:
+    if x.device.type != "cpu" or current_backend() == "reference" or onednn_op() is None:
         return False
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
         return False
@@ -67,7 +59,7 @@ def fused_linear_gelu_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch
         return False
     dtype = _compute_dtype(x)
     if dtype == torch.bfloat16:
-        ok = _onednn_bf16()
+        ok = cpu_has_bf16()
     else:
         ok = dtype == torch.float32
     return ok and (dtype, weight.shape[-1]) not in _refused
@@ -81,7 +73,7 @@ def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     dtype = _compute_dtype(x)
     b = None if bias is None else bias.to(dtype)
     try:
-        return _onednn_op()(x.to(dtype), weight.to(dtype), b, "gelu", [], "none")
+        return onednn_op()(x.to(dtype), weight.to(dtype), b, "gelu", [], "none")
     except RuntimeError:
         _refused.add((dtype, weight.shape[-1]))
         return linear_gelu_reference(x, weight, bias)
