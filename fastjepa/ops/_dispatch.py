@@ -137,10 +137,14 @@ def _interpreter_broken(triton_version: str) -> str | None:
         return None
     if (major, minor) >= (3, 7):
         return None
+    import warnings
+
     import numpy as np
 
     try:
-        int(np.zeros(1, dtype=np.int64))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # NumPy 1.25-2.3 warn, 2.4 raises
+            int(np.zeros(1, dtype=np.int64))
     except TypeError:
         return (
             f"Triton {triton_version}'s interpreter (TRITON_INTERPRET=1) cannot run on NumPy {np.__version__}: "
