@@ -49,28 +49,31 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
+def _fused_dtype(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.dtype | None:
+    """The dtype the fused path computes in for these inputs, here and now; None: take the reference."""
+    if x.device.type != "cpu" or onednn_op() is None or torch.compiler.is_compiling():
+        return None
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
+        return None
+    if current_backend() == "reference":
+        return None
+    dtype = _compute_dtype(x)
+    if not (dtype == torch.float32 or (dtype == torch.bfloat16 and cpu_has_bf16())):
+        return None
+    return None if (dtype, weight.shape[-1]) in _refused else dtype
+
+
 def fused_linear_gelu_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     """Whether :func:`linear_gelu` takes the fused path for these inputs, here and now."""
-    if x.device.type != "cpu" or current_backend() == "reference" or onednn_op() is None:
-        return False
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
-        return False
-    if torch.compiler.is_compiling():
-        return False
-    dtype = _compute_dtype(x)
-    if dtype == torch.bfloat16:
-        ok = cpu_has_bf16()
-    else:
-        ok = dtype == torch.float32
-    return ok and (dtype, weight.shape[-1]) not in _refused
+    return _fused_dtype(x, weight, bias) is not None
 
 
 def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``gelu(x @ weight.T + bias)`` for x (..., in) -> (..., out); fused where
     :func:`fused_linear_gelu_applies`, else the reference."""
-    if not fused_linear_gelu_applies(x, weight, bias):
+    dtype = _fused_dtype(x, weight, bias)
+    if dtype is None:
         return linear_gelu_reference(x, weight, bias)
-    dtype = _compute_dtype(x)
     b = None if bias is None else bias.to(dtype)
     try:
         return onednn_op()(x.to(dtype), weight.to(dtype), b, "gelu", [], "none")
