@@ -682,6 +682,11 @@ def _eval_setup(args: argparse.Namespace, cfg: dict, quiet: bool) -> tuple[Datas
     return train, val, desc, common
 
 
+def _encoder_note(args: argparse.Namespace) -> str:
+    """What a table row adds to its label when the context encoder was asked for."""
+    return ", context encoder" if args.encoder == "context" else ""
+
+
 def _run_fields(args: argparse.Namespace, cfg: dict, desc: str, train: Dataset, val: Dataset, t0: float) -> dict[str, Any]:
     """The eval.json fields every command-line evaluation writes: data, model, settings, time."""
     return {
@@ -771,7 +776,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         result, label = baseline, "random init"
     else:
         result = evaluate_encoder(encoder, train, val, name="checkpoint", **common)
-        label = f"checkpoint (epoch {info.get('epoch')}{', context encoder' if args.encoder == 'context' else ''})"
+        label = f"checkpoint (epoch {info.get('epoch')}{_encoder_note(args)})"
     out: dict[str, Any] = {
         **result,
         "random_init": baseline,
@@ -787,7 +792,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_epochs(args: argparse.Namespace, quiet: bool) -> dict[str, Any]:
-    """``--epochs``: every chosen epoch's target encoder, and the random init, in one table."""
+    """``--epochs``: every chosen epoch's encoder (``--encoder``), and the random init, in one table."""
     if args.checkpoint is None or args.random_init:
         raise EvalError("--epochs needs --checkpoint RUN_FOLDER (or a checkpoint in it), and not --random-init")
     chosen = epoch_checkpoints(args.checkpoint, args.epochs)
@@ -807,7 +812,7 @@ def run_epochs(args: argparse.Namespace, quiet: bool) -> dict[str, Any]:
         if i:  # the first one is loaded above
             encoder, _, info = load_target_encoder(path, args.config, args.overrides, args.encoder)
         result = evaluate_encoder(encoder, train, val, name=f"epoch {epoch}", **common)
-        rows.append((f"epoch {epoch}", result))
+        rows.append((f"epoch {epoch}{_encoder_note(args)}", result))
         per_epoch.append({"epoch": epoch, **result, "checkpoint": info})
     baseline = rows[0][1] if not args.no_baseline else None
     out: dict[str, Any] = {

@@ -269,6 +269,12 @@ def test_cli_context_encoder(tmp_path, capsys):
     c = json.loads((tmp_path / "c" / "eval.json").read_text())
     assert (t["encoder"], c["encoder"]) == ("target", "context") and c["checkpoint"]["encoder"] == "context"
     assert c["feature_effective_rank"] != t["feature_effective_rank"]
+    # --epochs says so on each row too
+    save_checkpoint(path.parent / "jepa-ep3.pth.tar", model, epoch=3, loss=0.5, batch_size=8, lr=1e-3, extra={"config": cfg})
+    assert ev.main([*common, "--output", str(tmp_path / "e"), "--encoder", "context", "--epochs", "all"]) == 0
+    assert "epoch 3, context encoder" in capsys.readouterr().out
+    e = json.loads((tmp_path / "e" / "eval.json").read_text())
+    assert e["encoder"] == "context" and e["feature_effective_rank"] == c["feature_effective_rank"]
 
 
 def test_cli_epochs_evaluates_each_epoch_checkpoint(tmp_path, capsys):
