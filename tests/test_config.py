@@ -29,8 +29,10 @@ def test_overrides_parse_yaml_values():
 
 
 @pytest.mark.parametrize("override,match", [
-    ("optimization.epoch=1", r"unknown key optimization\.epoch"),
-    ("optimisation.epochs=1", "unknown section 'optimisation'"),
+    ("optimization.epoch=1", r"unknown key optimization\.epoch \(did you mean optimization\.epochs\?\)"),
+    ("optimisation.epochs=1", r"unknown section 'optimisation' \(did you mean 'optimization'\?\)"),
+    ("optimization.batch_size=8", r"unknown key optimization\.batch_size \(did you mean data\.batch_size\?\)"),
+    ("optimization.zzz=1", r"unknown key optimization\.zzz; known keys"),
     ("data.batch_size=abc", r"data\.batch_size: got 'abc'.*expected an integer"),
     ("data.batch_size=1.5", "expected an integer"),
     ("mask.enc_mask_scale=[0.5]", r"two numbers"),

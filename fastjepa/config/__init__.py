@@ -158,10 +158,26 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     return parts[0], parts[1], value
 
 
+def _did_you_mean(sec: str | None, key: str) -> str:
+    """' (did you mean X?)' for a misspelt section or key, or a key put in the wrong
+    section; '' when nothing is close."""
+    import difflib
+
+    if sec is None:
+        close = difflib.get_close_matches(key, list(SCHEMA), n=1, cutoff=0.6)
+        return f" (did you mean {close[0]!r}?)" if close else ""
+    elsewhere = [f"{other}.{key}" for other in SCHEMA if other != sec and key in SCHEMA[other]]
+    if elsewhere:
+        return f" (did you mean {elsewhere[0]}?)"
+    close = difflib.get_close_matches(key, list(SCHEMA[sec]), n=1, cutoff=0.6)
+    return f" (did you mean {sec}.{close[0]}?)" if close else ""
+
+
 def merge(base: dict, update: Mapping, source: str) -> dict:
     for sec, fields in update.items():
         if sec not in SCHEMA:
-            raise ConfigError(f"{source}: unknown section {sec!r}; expected one of {', '.join(SCHEMA)}")
+            hint = _did_you_mean(None, str(sec))
+            raise ConfigError(f"{source}: unknown section {sec!r}{hint}; expected one of {', '.join(SCHEMA)}")
         if fields is None:
             continue
         if not isinstance(fields, Mapping):
@@ -169,7 +185,8 @@ def merge(base: dict, update: Mapping, source: str) -> dict:
         for key, value in fields.items():
             if key not in SCHEMA[sec]:
                 known = ", ".join(sorted(SCHEMA[sec]))
-                raise ConfigError(f"{source}: unknown key {sec}.{key}; known keys of {sec}: {known}")
+                hint = _did_you_mean(sec, str(key))
+                raise ConfigError(f"{source}: unknown key {sec}.{key}{hint}; known keys of {sec}: {known}")
             base[sec][key] = _check_value(f"{sec}.{key}", SCHEMA[sec][key][0], value)
     return base
 
