@@ -434,9 +434,10 @@ class Trainer:
         max_steps = cfg["meta"]["max_steps"]
         if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
+        tb = _TensorBoard(self.out, cfg) if self.dist.is_main else None  # first: "wandb is not installed" before any file is written
+        if self.dist.is_main:
             dump_config(cfg, self.out / "config.yaml")
         csv_file, writer = self._open_csv() if self.dist.is_main else (None, None)
-        tb = _TensorBoard(self.out, cfg) if self.dist.is_main else None
         previous = self._install_signals()
         eff = cfg["data"]["batch_size"] * self.dist.world_size
         self._say(
