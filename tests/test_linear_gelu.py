@@ -9,8 +9,8 @@ import torch.nn.functional as F
 
 from fastjepa import ops
 from fastjepa.models.vision_transformer import MLP
-from fastjepa.ops._dispatch import cpu_has_bf16
 from fastjepa.ops import fused_linear_gelu_applies, linear_gelu, linear_gelu_reference, use_backend
+from fastjepa.ops._dispatch import cpu_has_bf16
 
 linear_gelu_module = importlib.import_module("fastjepa.ops.linear_gelu")  # the module (ops.linear_gelu is the function)
 
@@ -45,9 +45,11 @@ def test_fp32_matches_reference(shape):
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("autocast", [True, False])
 def test_bf16_error_at_most_twice_eager(shape, autocast):
-    """STYLE's rule: error against fp32 at most 2x the same-dtype eager computation's (+ atol)."""
+    """STYLE's rule: error against the exact (float64) result at most 2x the same-dtype eager computation's (+ atol)."""
     x, w, b = make(*shape)
-    gold = F.gelu(F.linear(x.double(), w.double(), b.double()))
+    # the exact result for the inputs both paths get (autocast casts them to bf16 too):
+    # rounding the inputs is not the op's error, and it is the same for both paths
+    gold = F.gelu(F.linear(x.bfloat16().double(), w.bfloat16().double(), b.bfloat16().double()))
     if autocast:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert fused_linear_gelu_applies(x, w, b)
@@ -59,7 +61,11 @@ def test_bf16_error_at_most_twice_eager(shape, autocast):
     assert out.dtype == eager.dtype == torch.bfloat16
     err = (out.double() - gold).abs().max().item()
     eager_err = (eager.double() - gold).abs().max().item()
-    assert err <= 2 * eager_err + 1e-3, (err, eager_err)
+    # the small atol: half a bf16 ulp at the largest output, the error of rounding the result
+    # once. With a handful of outputs (the single token's 13) eager's max error can be far
+    # below that by luck, and a fixed 1e-3 made this test fail about once in 10 runs.
+    atol = gold.abs().max().item() * 2.0**-8
+    assert err <= 2 * eager_err + atol, (err, eager_err, atol)
 
 
 def test_takes_the_reference_when_it_must():
