@@ -673,7 +673,7 @@ def _eval_setup(args: argparse.Namespace, cfg: dict, quiet: bool) -> tuple[Datas
     cache_dir = None if args.no_cache else Path(args.cache_dir) if args.cache_dir else default_cache_dir()
     common = dict(
         layers=args.layers,
-        device=pick_device(args.device),
+        device=pick_device(args.device, "--device {}"),
         batch_size=args.batch_size,
         cache_dir=cache_dir,
         C=args.C,

@@ -47,11 +47,17 @@ class StopRequested(Exception):
 # -- construction
 
 
-def pick_device(name: str) -> torch.device:
+def pick_device(name: str, setting: str = "meta.device={}") -> torch.device:
+    """``auto`` | ``cpu`` | ``cuda`` as a device; ``cuda`` with none visible is a
+    :class:`ConfigError` naming ``setting`` (how the caller's user spells it)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("meta.device=cuda, but no CUDA device is visible here: set meta.device=cpu (or auto)")
+        why = f" (this torch, {torch.__version__}, is a CPU build)" if torch.version.cuda is None else ""
+        raise ConfigError(
+            f"{setting.format('cuda')}, but no CUDA device is visible here{why}: "
+            f"set {setting.format('cpu')} (or {setting.format('auto')})"
+        )
     return torch.device(name)
 
 

@@ -370,6 +370,14 @@ def test_cli_missing_checkpoint_says_what_to_do(tmp_path, capsys):
     assert "empty" in capsys.readouterr().err
 
 
+def test_cli_cuda_asked_for_but_absent_says_what_to_do(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert ev.main(["--random-init", "--device", "cuda", "--output", str(tmp_path / "ev")]) == 2
+    err = capsys.readouterr().err
+    assert "--device cuda, but no CUDA device is visible here" in err and "set --device cpu (or --device auto)" in err
+    assert not (tmp_path / "ev").exists()
+
+
 def test_quick_probe_writes_json(tmp_path, monkeypatch):
     cfg = tiny_cfg()
     ckpt = _fastjepa_checkpoint(tmp_path, cfg)

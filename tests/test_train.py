@@ -7,8 +7,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-from fastjepa.config import load_config
+from fastjepa.config import ConfigError, load_config
 from fastjepa.trainer import Trainer
 
 from ._tiny import TINY
@@ -68,6 +69,13 @@ def test_bad_config_exits_before_work(tmp_path):
     assert not (tmp_path / "x").exists()
     r = run_cli("--output", str(tmp_path / "y"), "--resume", timeout=60)
     assert r.returncode == 2 and "no checkpoint" in r.stderr
+
+
+def test_cuda_asked_for_but_absent_says_what_to_do(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match=r"meta\.device=cuda, but no CUDA device is visible here.*: set meta\.device=cpu \(or meta\.device=auto\)"):
+        Trainer(load_config(None, [*TINY, "meta.device=cuda"]), tmp_path / "x", quiet=True)
+    assert not (tmp_path / "x").exists()
 
 
 @pytest.mark.parametrize("accum", [2])
