@@ -94,11 +94,31 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(folder: str | os.PathLike) -> None:
+    """Make the renames in ``folder`` durable (POSIX: fsync the directory)."""
+    dir_fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def keep_as(src: Path, dst: Path) -> None:
+    """Make ``dst`` the file ``src`` is, atomically, while ``src`` stays in place (a hard
+    link renamed over ``dst``): at no moment is there neither. Where hard links are not
+    supported, ``src`` is renamed to ``dst`` instead (a crash right after leaves only
+    ``dst``; resume then falls back to it)."""
+    link = dst.with_name(f".{dst.name}.link")
+    try:
+        if link.exists():
+            link.unlink()
+        os.link(src, link)
+        os.replace(link, dst)
+    except OSError:
+        os.replace(src, dst)
 
 
 def _unwrap(module: nn.Module) -> nn.Module:

@@ -20,7 +20,7 @@ import torch.nn as nn
 from torch.utils.data import DataLoader
 
 from . import models
-from .checkpoint import CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint, save_states
+from .checkpoint import CheckpointError, fsync_dir, keep_as, load_checkpoint, read_checkpoint, save_checkpoint, save_states
 from .config import ConfigError, dump_config
 from .data import build_dataset
 from .distributed import DistInfo, ResumableSampler, all_reduce_mean, any_rank
@@ -174,6 +174,7 @@ class Trainer:
         self.fsdp = bool(meta["fsdp"] and self.dist.enabled)
         self.tag = cfg["logging"]["write_tag"]
         self.latest = self.out / f"{self.tag}-latest.pth.tar"
+        self.prev = self.out / f"{self.tag}-prev.pth.tar"
 
         seed_everything(meta["seed"])
         self.model = build_model(cfg).to(self.device)
@@ -247,13 +248,21 @@ class Trainer:
         path = Path(meta["read_checkpoint"]) if meta["read_checkpoint"] else self.latest
         if not path.is_absolute() and not path.exists():
             path = self.out / path
+        if path == self.latest and not path.exists() and self.prev.is_file():
+            # a crash between the two renames of a checkpoint write on a file system without hard links
+            self._say(f"fastjepa: {self.latest.name} is missing; resuming from {self.prev.name}")
+            path = self.prev
         if not path.is_file():
             raise CheckpointError(f"--resume: no checkpoint at {path} (train into {self.out} first, or set meta.read_checkpoint)")
         if self.fsdp:
             from .fsdp import load_full_state
 
             ckpt = read_checkpoint(path)
-            load_full_state(self.model, self.optimizer, ckpt)
+            try:
+                load_full_state(self.model, self.optimizer, ckpt)
+            except (RuntimeError, KeyError, ValueError) as exc:
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                raise CheckpointError(f"checkpoint {path} does not fit this model (FSDP2 resume): {type(exc).__name__}: {first}") from exc
         else:
             ckpt = load_checkpoint(path, self.model, self.optimizer, self.scaler)
         extra = ckpt.get("fastjepa", {})
@@ -293,6 +302,21 @@ class Trainer:
         return f, writer
 
     def _checkpoint(self, *, epoch: int, next_itr: int, extra_name: str | None = None) -> Path | None:
+        # never write non-finite weights over a good checkpoint (a finite loss can still
+        # come with an inf gradient, e.g. on the last step of an epoch)
+        params = list(self.model.parameters())
+        if self.fsdp:
+            from .fsdp import local
+
+            params = local(params)
+        finite = bool(torch.stack([torch.isfinite(p).all() for p in params]).all())
+        if self.dist.enabled:
+            finite = not any_rank(not finite, self.dist, self.device)
+        if not finite:
+            raise NonFiniteLoss(
+                f"the weights became non-finite by step {self.step}; not writing them over {self.latest}"
+                + (" (the last good checkpoint)" if self.latest.exists() else "")
+            )
         states = None
         if self.fsdp:  # gathering the full state is a collective: every rank takes part
             from .fsdp import full_state
@@ -325,8 +349,9 @@ class Trainer:
         tmp = self.out / f".{self.tag}-next.pth.tar"
         save(tmp)
         if self.latest.exists():
-            os.replace(self.latest, self.out / f"{self.tag}-prev.pth.tar")
+            keep_as(self.latest, self.prev)  # latest stays in place until the new one replaces it
         os.replace(tmp, self.latest)
+        fsync_dir(self.out)
         if extra_name:
             save(self.out / extra_name)
         return self.latest
@@ -549,7 +574,8 @@ class Trainer:
             "csv": str(self.out / "log.csv"),
         }
         if status == "interrupted":
-            signame = signal.Signals(self.stop_signal).name
+            # under torchrun only one rank may have received the signal; the others stopped with it
+            signame = signal.Signals(self.stop_signal).name if self.stop_signal is not None else "a signal to another rank"
             self._say(f"fastjepa: stopped by {signame} at step {self.step}; checkpoint {self.latest}; continue with --resume")
         return summary
 

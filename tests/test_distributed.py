@@ -2,6 +2,7 @@
 
 import csv
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -63,3 +64,12 @@ def test_fsdp_resume_continues_exactly(tmp_path):
     r = torchrun(tmp_path / "part", "meta.fsdp=true", "--resume")
     assert r.returncode == 0, r.stderr[-3000:]
     assert losses(tmp_path / "full") == losses(tmp_path / "part")
+
+
+def test_fsdp_resume_of_another_architecture_is_one_clear_error(tmp_path):
+    r = torchrun(tmp_path / "run", "meta.fsdp=true", "meta.max_steps=2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = torchrun(tmp_path / "run", "meta.fsdp=true", "--resume", "meta.model_kwargs={depth: 2, embed_dim: 32, num_heads: 2}")
+    assert r.returncode != 0
+    assert "does not fit this model (FSDP2 resume)" in r.stderr and "jepa-latest.pth.tar" in r.stderr, r.stderr[-3000:]
+    assert not re.search(r'File ".*fastjepa[/\\]', r.stderr), r.stderr[-3000:]  # the ranks print no traceback (torchrun may)

@@ -182,3 +182,57 @@ def test_damaged_checkpoint_on_resume_is_an_error_not_a_restart(tmp_path):
                        capture_output=True, text=True, timeout=120, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))  # fmt: skip
     assert r.returncode == 2 and "damaged or truncated" in r.stderr
     assert len(csv_rows(run)) == 6  # the log was not restarted
+
+
+def test_latest_checkpoint_exists_at_every_moment_of_a_write(tmp_path, monkeypatch):
+    """Keep the last two without a gap: latest is hard-linked to prev, then replaced, so a
+    kill at any point of a checkpoint write leaves a jepa-latest to resume from."""
+    run = tmp_path / "run"
+    latest = run / "jepa-latest.pth.tar"
+    seen, real_replace = [], os.replace
+
+    def replace(src, dst):
+        seen.append(latest.exists())
+        real_replace(src, dst)
+        seen.append(latest.exists())
+
+    monkeypatch.setattr(os, "replace", replace)
+    Trainer(load_config(None, [*TINY, "optimization.epochs=3"]), run, quiet=True).fit()
+    first = seen.index(True)
+    assert first > 0 and all(seen[first:]), seen  # once there, never gone
+    assert read_checkpoint(latest)["epoch"] == 3 and read_checkpoint(run / "jepa-prev.pth.tar")["epoch"] == 2
+    assert not [p.name for p in run.glob(".*")]  # no temporary or link file left behind
+
+
+def test_resume_falls_back_to_prev_when_latest_is_missing(tmp_path, monkeypatch):
+    """Without hard links the write renames latest -> prev first; a kill right after leaves
+    only prev, and --resume continues from it instead of saying there is no checkpoint."""
+    monkeypatch.setattr(os, "link", lambda *a: (_ for _ in ()).throw(OSError("no hard links here")))
+    run = tmp_path / "run"
+    Trainer(load_config(None, [*TINY, "meta.max_steps=8"]), run, quiet=True).fit()  # epoch 1 + 2 steps of epoch 2
+    (run / "jepa-latest.pth.tar").unlink()  # the moment between the two renames
+    assert read_checkpoint(run / "jepa-prev.pth.tar")["epoch"] == 1
+    t = Trainer(load_config(None, TINY), run, resume=True, quiet=True)
+    assert (t.epoch, t.next_itr, t.step) == (1, 0, 6)
+    assert t.fit()["status"] == "done"
+
+
+def test_non_finite_weights_are_never_written_over_a_good_checkpoint(tmp_path):
+    """An inf in the weights with a finite loss (an overflowing gradient on the last step of
+    an epoch): the run stops without overwriting the last good checkpoint."""
+    cfg = load_config(None, [*TINY, "optimization.epochs=3"])
+    t = Trainer(cfg, tmp_path / "run", quiet=True)
+    step = t.train_step
+
+    def poisoned(*a, **k):
+        out = step(*a, **k)
+        if t.step == 11:  # the last step of epoch 2 (6 iterations per epoch)
+            with torch.no_grad():
+                next(t.model.encoder.parameters()).view(-1)[0] = float("inf")
+        return out
+
+    t.train_step = poisoned
+    with pytest.raises(NonFiniteLoss, match=r"weights became non-finite by step 12; not writing them over .*jepa-latest"):
+        t.fit()
+    ckpt = read_checkpoint(tmp_path / "run" / "jepa-latest.pth.tar")
+    assert ckpt["epoch"] == 1 and all(torch.isfinite(v).all() for v in ckpt["encoder"].values())
