@@ -661,7 +661,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "overrides", nargs="*", metavar="SECTION.KEY=VALUE", help="config overrides (architecture of a reference checkpoint)"
     )
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # options may come between the overrides
 
 
 def _eval_setup(args: argparse.Namespace, cfg: dict, quiet: bool) -> tuple[Dataset, Dataset, str, dict[str, Any]]:

@@ -29,7 +29,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--trace-shapes", action="store_true", help="run one step, print the tensor shapes through it, and exit")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="an override (same as a positional one)")
     p.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE", help="config overrides, e.g. optimization.epochs=1")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # options may come between the overrides
 
 
 def default_output(cfg: dict) -> Path:
@@ -83,6 +83,9 @@ def main(argv=None) -> int:
     except NonFiniteLoss as exc:
         print(f"fastjepa.train: {exc}", file=sys.stderr)
         return 3
+    except ConfigError as exc:  # found once the run starts (e.g. logging.wandb=true without wandb)
+        print(f"fastjepa.train: {exc}", file=sys.stderr)
+        return 2
     finally:
         stop_signal = trainer.stop_signal
         if dist.enabled:

@@ -1,8 +1,11 @@
 """TensorBoard and Weights & Biases: what a run's log.csv holds, they receive too."""
 
 import csv
+import os
+import subprocess
 import sys
 import types
+from pathlib import Path
 
 import pytest
 
@@ -83,3 +86,18 @@ def test_wandb_asked_for_but_not_installed_says_what_to_install(tmp_path, monkey
     with pytest.raises(ConfigError, match=r"logging\.wandb=true, but wandb is not installed: pip install 'fastjepa\[wandb\]'"):
         Trainer(load_config(None, [*TINY, "logging.wandb=true"]), out, quiet=True).fit()
     assert not (out / "log.csv").exists() and not (out / "config.yaml").exists()  # failed before writing anything
+
+
+def test_train_cli_wandb_not_installed_exits_2_with_one_line(tmp_path):
+    """Through the command line: exit status 2 and the install command, not a traceback."""
+    fake = tmp_path / "site" / "wandb"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('simulated: wandb is not installed')\n")
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path / "site"), str(root)]))
+    out = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "fastjepa.train", "--output", str(out), *TINY, "logging.wandb=true"],
+                       capture_output=True, text=True, timeout=120, cwd=root, env=env)  # fmt: skip
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert r.stderr.strip().splitlines() == ["fastjepa.train: logging.wandb=true, but wandb is not installed: pip install 'fastjepa[wandb]'"]
+    assert not (out / "log.csv").exists()

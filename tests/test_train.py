@@ -85,3 +85,13 @@ def test_grad_accum_matches_full_batch(tmp_path, accum):
     assert a["step"] == b["step"] == 3
     for (s1, l1), (s2, l2) in zip(losses(tmp_path / "a"), losses(tmp_path / "b")):
         assert s1 == s2 and l1 == pytest.approx(l2, rel=1e-4, abs=1e-6)
+
+
+def test_options_may_come_between_overrides():
+    from fastjepa.eval import parse_args as eval_args
+    from fastjepa.train import parse_args as train_args
+
+    a = train_args(["--output", "r", "meta.fsdp=true", "--resume", "data.batch_size=8", "--quiet"])
+    assert a.resume and a.quiet and a.output == "r" and a.overrides == ["meta.fsdp=true", "data.batch_size=8"]
+    e = eval_args(["--checkpoint", "c", "meta.pred_depth=1", "--quiet", "data.crop_size=16"])
+    assert e.quiet and e.overrides == ["meta.pred_depth=1", "data.crop_size=16"]

@@ -139,7 +139,7 @@ def main(argv=None) -> int:
     p.add_argument("--cols", type=int, default=4, help="images per row")
     p.add_argument("--batch-index", type=int, default=0, help="which batch of epoch 0 to draw")
     p.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE", help="config overrides, e.g. mask.num_pred_masks=2")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # options may come between the overrides
     if not args.show:
         p.print_help()
         return 0
