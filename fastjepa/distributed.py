@@ -57,6 +57,16 @@ def any_rank(flag: bool, info: DistInfo, device: torch.device) -> bool:
     return bool(t.item() > 0)
 
 
+def min_over_ranks(value: int | None, info: DistInfo, device: torch.device) -> int | None:
+    """The smallest ``value`` over the ranks (``None`` where a rank has none); every rank gets it."""
+    if not info.enabled:
+        return value
+    big = float(2**52)
+    t = torch.tensor([big if value is None else float(value)], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return None if t.item() >= big else int(t.item())
+
+
 class ResumableSampler(Sampler[int]):
     """Shuffled, rank-sharded indices whose order is a function of (seed, epoch) only.
 

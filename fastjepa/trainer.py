@@ -23,7 +23,7 @@ from . import models
 from .checkpoint import CheckpointError, fsync_dir, keep_as, load_checkpoint, read_checkpoint, save_checkpoint, save_states
 from .config import ConfigError, dump_config
 from .data import build_dataset
-from .distributed import DistInfo, ResumableSampler, all_reduce_mean, any_rank
+from .distributed import DistInfo, ResumableSampler, all_reduce_mean, any_rank, min_over_ranks
 from .ijepa import IJEPA
 from .masks import MaskCollator
 from .ops import use_attention, use_backend
@@ -206,6 +206,8 @@ class Trainer:
         self.epoch, self.next_itr, self.step = 0, 0, 0
         self.last_loss = float("nan")
         self.stop_signal: int | None = None
+        nan_at = os.environ.get("FASTJEPA_TEST_NAN_AT")  # "RANK:STEP": a NaN loss there (fault tests in subprocesses)
+        self._nan_at = tuple(int(v) for v in nan_at.split(":")) if nan_at else None
         self.check_every = 1 if self.device.type == "cpu" else cfg["logging"]["log_freq"]
         self.images_seen = 0
         if resume:
@@ -411,15 +413,23 @@ class Trainer:
                 sync = _Both(self.model.encoder.no_sync(), self.model.predictor.no_sync())
             with sync, torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
                 loss = self.model(imgs[sl], [m[sl] for m in masks_enc], [m[sl] for m in masks_pred]) / accum
+                if self._nan_at == (self.dist.rank, self.step):  # fault-test hook (FASTJEPA_TEST_NAN_AT)
+                    loss = loss * float("nan")
             (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             total += loss.detach().float()
         skip = False
         if self.cfg["optimization"]["nan_policy"] == "skip":
-            skip = not bool(torch.isfinite(total).item())
+            # a non-finite loss, or a finite one with non-finite gradients; under DDP/FSDP all
+            # ranks skip together (the all-reduce has spread one rank's NaN gradients to all)
+            grads_ok = [torch.isfinite(p.grad).all() for p in self.model.parameters() if p.grad is not None]
+            skip = not bool(torch.isfinite(total).item()) or not bool(torch.stack(grads_ok).all())
+            if self.dist.enabled:
+                skip = any_rank(skip, self.dist, self.device)
         grads = self._grad_stats() if want_grads and not skip else None
         clip = self.cfg["optimization"]["clip_grad"]
         if skip:
-            self._say(f"step {self.step}: non-finite loss {float(total)}, skipping the update (optimization.nan_policy=skip)")
+            self._say(f"step {self.step}: non-finite loss or gradients (loss {float(total)} on this rank), skipping the update "
+                      "(optimization.nan_policy=skip)")  # fmt: skip
         else:
             if self.scaler is not None:
                 if clip:
@@ -599,10 +609,15 @@ class Trainer:
     def _check_finite(self, pending: list[dict], first_bad: int | None) -> int | None:
         if not pending:
             return first_bad
-        losses = torch.stack([p["loss"] for p in pending])
-        if bool(torch.isfinite(losses).all()) or self.cfg["optimization"]["nan_policy"] == "skip":
+        if self.cfg["optimization"]["nan_policy"] == "skip":
             return first_bad
-        bad = next(p for p, ok in zip(pending, torch.isfinite(losses).tolist()) if not ok)
+        finite = torch.isfinite(torch.stack([p["loss"] for p in pending])).tolist()
+        bad_step = next((p["step"] for p, ok in zip(pending, finite) if not ok), None)
+        if self.dist.enabled:  # every rank stops at the same check, at the first bad step of any rank
+            bad_step = min_over_ranks(bad_step, self.dist, self.device)
+        if bad_step is None:
+            return first_bad
+        bad = next(p for p in pending if p["step"] == bad_step)
         raise NonFiniteLoss(f"the loss became non-finite at step {bad['step']} (epoch {bad['epoch']}, iteration {bad['itr']})")
 
     def _flush(self, pending: list[dict], writer, csv_file, tb, ips: float, elapsed: float) -> None:

@@ -8,9 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from fastjepa import IJEPA
-from fastjepa.checkpoint import load_encoder
+from fastjepa.checkpoint import load_encoder, read_checkpoint
 from fastjepa.config import load_config
 from fastjepa.trainer import Trainer, build_model
 
@@ -19,8 +20,8 @@ from ._tiny import TINY
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def torchrun(out, *overrides, nproc=2, timeout=240):
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+def torchrun(out, *overrides, nproc=2, timeout=240, env=None):
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1", **(env or {}))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "fastjepa.train", "--quiet", "--output", str(out), *TINY, "data.synthetic_samples=64", *overrides]  # fmt: skip
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
@@ -73,3 +74,25 @@ def test_fsdp_resume_of_another_architecture_is_one_clear_error(tmp_path):
     assert r.returncode != 0
     assert "does not fit this model (FSDP2 resume)" in r.stderr and "jepa-latest.pth.tar" in r.stderr, r.stderr[-3000:]
     assert not re.search(r'File ".*fastjepa[/\\]', r.stderr), r.stderr[-3000:]  # the ranks print no traceback (torchrun may)
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_nan_on_one_rank_stops_every_rank_together(tmp_path, mode):
+    """A NaN loss on rank 1 only: both ranks stop at the same check, naming the step, and
+    the epoch-1 checkpoint stays (no hang in a collective the other rank never joins)."""
+    extra = ["meta.fsdp=true"] if mode == "fsdp" else []
+    r = torchrun(tmp_path / "run", *extra, "optimization.epochs=3", env={"FASTJEPA_TEST_NAN_AT": "1:6"}, timeout=120)
+    assert r.returncode != 0
+    assert r.stderr.count("the loss became non-finite at step 6 (epoch 2, iteration 2)") == 2, r.stderr[-3000:]  # both ranks
+    ckpt = read_checkpoint(tmp_path / "run" / "jepa-latest.pth.tar")
+    assert ckpt["epoch"] == 1 and all(torch.isfinite(v).all() for v in ckpt["encoder"].values())
+
+
+def test_nan_skip_on_one_rank_skips_on_every_rank(tmp_path):
+    """nan_policy=skip, a NaN loss on rank 1 only: every rank skips that update (the
+    all-reduce spread the NaN gradients to all), so the run ends finite and in sync."""
+    r = torchrun(tmp_path / "run", "optimization.nan_policy=skip", env={"FASTJEPA_TEST_NAN_AT": "1:2"}, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "step 2: non-finite loss or gradients" in r.stderr and "parameters identical across 2 ranks" in r.stderr
+    ckpt = read_checkpoint(tmp_path / "run" / "jepa-latest.pth.tar")
+    assert all(torch.isfinite(v).all() for k in ("encoder", "predictor", "target_encoder") for v in ckpt[k].values())
