@@ -3,8 +3,10 @@
 import csv
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -96,3 +98,46 @@ def test_nan_skip_on_one_rank_skips_on_every_rank(tmp_path):
     assert "step 2: non-finite loss or gradients" in r.stderr and "parameters identical across 2 ranks" in r.stderr
     ckpt = read_checkpoint(tmp_path / "run" / "jepa-latest.pth.tar")
     assert all(torch.isfinite(v).all() for k in ("encoder", "predictor", "target_encoder") for v in ckpt[k].values())
+
+
+def _worker_pid(parent: int, rank: int) -> int | None:
+    """The pid of torchrun's worker with RANK=rank (from /proc), if it is up yet."""
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            env = (d / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == parent and f"RANK={rank}".encode() in env:
+            return int(d.name)
+    return None
+
+
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the worker through /proc")
+def test_sigterm_to_one_rank_stops_every_rank_with_a_checkpoint(tmp_path):
+    """Only rank 1 gets SIGTERM (a preempted node): both ranks stop at the same step, rank 0
+    writes the checkpoint and says why, and --resume continues the run."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    run = tmp_path / "run"
+    args = [*TINY, "data.synthetic_samples=64", "optimization.epochs=40", "meta.max_steps=200"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "fastjepa.train", "--quiet", "--output", str(run), *args]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if (run / "log.csv").exists() and len(losses(run)) >= 3:
+            break
+        time.sleep(0.2)
+    pid = _worker_pid(proc.pid, 1)
+    assert pid is not None and proc.poll() is None
+    os.kill(pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert "ValueError" not in err, err[-3000:]
+    assert re.search(r"stopped by a signal to another rank at step (\d+)", err), err[-3000:]
+    ckpt = read_checkpoint(run / "jepa-latest.pth.tar")
+    assert 0 < ckpt["fastjepa"]["step"] < 160
+    r = torchrun(run, "optimization.epochs=40", "meta.max_steps=200", "--resume", timeout=240)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert [s for s, _ in losses(run)] == list(range(160))  # 40 epochs of 4 global batches, each step once
