@@ -206,6 +206,7 @@ class Trainer:
         self.epoch, self.next_itr, self.step = 0, 0, 0
         self.last_loss = float("nan")
         self.stop_signal: int | None = None
+        self._rng_after_loader = None
         nan_at = os.environ.get("FASTJEPA_TEST_NAN_AT")  # "RANK:STEP": a NaN loss there (fault tests in subprocesses)
         self._nan_at = tuple(int(v) for v in nan_at.split(":")) if nan_at else None
         self.check_every = 1 if self.device.type == "cpu" else cfg["logging"]["log_freq"]
@@ -274,6 +275,11 @@ class Trainer:
         self.images_seen = int(extra.get("images_seen", 0))
         if "rng" in extra:
             set_rng_state(extra["rng"])
+            # mid-epoch, the uninterrupted run made this epoch's loader iterator before the
+            # checkpoint (it draws the DataLoader's base seed from the global RNG): set the
+            # state again once the resumed run has made its own (see fit)
+            self._rng_after_loader = extra["rng"] if self.next_itr > 0 else None
+        self.collator.set_reference_counter(self.step)  # mask.compat=reference: its counter, one batch a step
         self.resumed_from = path
         self._say(f"resumed from {path}: epoch {self.epoch}, iteration {self.next_itr}, step {self.step}")
 
@@ -502,7 +508,11 @@ class Trainer:
                     leave=False,
                 )
                 t_last, n_since = time.perf_counter(), 0
-                for itr, (udata, masks_enc, masks_pred) in enumerate(loader, start=self.next_itr):
+                batches = iter(loader)
+                if self._rng_after_loader is not None:
+                    set_rng_state(self._rng_after_loader)
+                    self._rng_after_loader = None
+                for itr, (udata, masks_enc, masks_pred) in enumerate(batches, start=self.next_itr):
                     t0 = time.perf_counter()
                     imgs = (udata[0] if isinstance(udata, (list, tuple)) else udata).to(self.device, non_blocking=True)
                     masks_enc = [m.to(self.device, non_blocking=True) for m in masks_enc]

@@ -199,6 +199,12 @@ class MaskCollator:
         """Masks of batch ``start_batch + k`` of ``epoch`` are a function of (seed, epoch, batch)."""
         self.epoch, self.start_batch, self._calls = int(epoch), int(start_batch), 0
 
+    def set_reference_counter(self, batches_done: int) -> None:
+        """``compat="reference"``: continue the reference's batch counter after ``batches_done``
+        collated batches (on resume; the reference's own resume restarts it at 0)."""
+        with self._itr_counter.get_lock():
+            self._itr_counter.value = int(batches_done) - 1
+
     def _batch_index(self) -> int:
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
