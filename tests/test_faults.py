@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -148,14 +149,25 @@ def _image_folder(root, n_good=40):
     (root / "class1" / "full.jpg").write_bytes(data[:200])  # truncated JPEG
 
 
-def test_corrupt_images_are_skipped_counted_and_reported(tmp_path):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_corrupt_images_are_skipped_counted_and_reported(tmp_path, capfd, workers):
+    """Three bad files, three epochs (every file is read each epoch), in the main process
+    or in loader workers forked anew each epoch: one warning per file, each counted once,
+    and the count on each epoch's summary line."""
     _image_folder(tmp_path / "imgs")
-    cfg = load_config(None, [*TINY, "data.dataset=imagefolder", f"data.root_path={tmp_path}", "data.image_folder=imgs", "optimization.epochs=2"])
+    cfg = load_config(None, [*TINY, "data.dataset=imagefolder", f"data.root_path={tmp_path}", "data.image_folder=imgs",
+                             "data.batch_size=4", "optimization.epochs=3", f"data.num_workers={workers}"])  # fmt: skip
     t = Trainer(cfg, tmp_path / "run", quiet=True)
-    with pytest.warns(RuntimeWarning, match=r"skipping unreadable image .*(garbage\.jpg|truncated\.png|full\.jpg)"):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # every warning, not once per code location
         summary = t.fit()
-    assert summary["status"] == "done"
-    assert t.dataset.num_skipped >= 1
+    assert summary["status"] == "done" and summary["step"] == 3 * (43 // 4)
+    assert t.dataset.num_skipped == 3
+    err = capfd.readouterr().err
+    assert err.count("3 unreadable image(s) skipped so far") == 3, err[-3000:]  # each epoch's summary line
+    if workers == 0:  # (a forked worker's warnings go to its own copy of the recorder)
+        for name in ("garbage.jpg", "truncated.png", "full.jpg"):
+            assert sum(f"skipping unreadable image {tmp_path}" in str(w.message) and name in str(w.message) for w in caught) == 1, name
 
 
 @pytest.mark.parametrize("setup,match", [

@@ -50,34 +50,40 @@ class ImageFolder(SeededAugment, Dataset):
         self.crop_size = int(crop_size)
         self.normalize = Normalize()
         self.hflip = hflip and train_transform
+        # one flag per sample in memory shared with the loader workers (forked each epoch), so
+        # a bad file is warned about and counted once per run, whichever process meets it
         self._bad = multiprocessing.Value("i", 0)
-        self._warned: set[str] = set()
+        self._bad_flags = multiprocessing.Array("b", len(samples), lock=False)  # guarded by _bad's lock
 
     def __len__(self) -> int:
         return len(self.samples)
 
     @property
     def num_skipped(self) -> int:
-        """Unreadable files met so far (across loader workers)."""
+        """Distinct unreadable files met so far (across loader workers and epochs)."""
         return self._bad.value
 
-    def _load(self, path: str) -> Image.Image | None:
+    def _load(self, index: int) -> Image.Image | None:
+        path = self.samples[index][0]
         try:
             with Image.open(path) as img:
                 img.load()
                 return img.convert("RGB")
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
             with self._bad.get_lock():
-                self._bad.value += 1
-            if path not in self._warned:
-                self._warned.add(path)
+                first = not self._bad_flags[index]
+                if first:
+                    self._bad_flags[index] = 1
+                    self._bad.value += 1
+            if first:
                 warnings.warn(f"skipping unreadable image {path}: {type(exc).__name__}: {exc}", RuntimeWarning, stacklevel=2)
             return None
 
     def __getitem__(self, i: int):
         for step in range(len(self.samples)):
-            path, label = self.samples[(i + step) % len(self.samples)]
-            img = self._load(path)
+            index = (i + step) % len(self.samples)
+            label = self.samples[index][1]
+            img = self._load(index)
             if img is not None:
                 break
         else:
