@@ -128,17 +128,20 @@ def test_torch_compile_parity():
 @pytest.mark.parametrize(
     "case, exc, match",
     [
-        ("ctx_rank", ValueError, "ctx: expected shape"),
-        ("nenc", ValueError, "not a multiple of len"),
-        ("kc", ValueError, "masks_x: 4 indices per mask, expected ctx.size"),
-        ("target_batch", ValueError, "masks: masks have batch size 3"),
-        ("pos_width", ValueError, "pos_embed: expected shape"),
-        ("mask_token", ValueError, "mask_token: expected shape"),
-        ("index_dtype", ValueError, "int32 or int64"),
-        ("range", IndexError, r"masks\[1\]: index 12 is out of range for 12 tokens"),
+        ("ctx_rank", ValueError, r"ctx: expected shape \(B, N, D\), got \(5, 16\)"),
+        ("nenc", ValueError, r"ctx: batch 3 is not a multiple of len\(masks_x\)=2"),
+        ("kc", ValueError, r"masks_x: 4 indices per mask, expected ctx.size\(1\)=5"),
+        ("target_batch", ValueError, "masks: masks have batch size 3, expected 2"),
+        ("pos_width", ValueError, r"pos_embed: expected shape \(1, N, 16\), got \(1, 12, 8\)"),
+        ("mask_token", ValueError, r"mask_token: expected shape \(1, 1, 16\), got \(1, 1, 8\)"),
+        ("mask_token_flat", ValueError, r"mask_token: expected shape \(1, 1, 16\), got \(16,\)"),  # right size, wrong shape
+        ("index_dtype", ValueError, r"masks\[0\]: expected int32 or int64 indices, got torch.int16"),
+        ("range", IndexError, r"masks\[1\]: index 12 is out of range for 12 tokens \(expected 0 <= index < 12\)"),
     ],
 )
-def test_bad_inputs_raise(case, exc, match):
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_bad_inputs_raise(case, exc, match, backend):
+    """The same error from either backend, naming the argument, the value and what was expected."""
     ctx, masks_x, masks, pos, mask_token, _ = inputs((2, 12, 16, 2, 2, 5, 3))
     if case == "ctx_rank":
         ctx = ctx[0]
@@ -152,11 +155,13 @@ def test_bad_inputs_raise(case, exc, match):
         pos = torch.randn(1, 12, 8)
     elif case == "mask_token":
         mask_token = torch.randn(1, 1, 8)
+    elif case == "mask_token_flat":
+        mask_token = torch.randn(16)
     elif case == "index_dtype":
         masks = [m.to(torch.int16) for m in masks]
     elif case == "range":
         masks[1][0, 0] = 12
-    with use_backend("triton"), pytest.raises(exc, match=match):
+    with use_backend(backend), pytest.raises(exc, match=match):
         predictor_tokens(ctx, masks_x, masks, pos, mask_token)
 
 

@@ -127,7 +127,7 @@ def _check(ctx, masks_x, masks, pos_embed, mask_token, validate):
         raise ValueError(f"pos_embed: expected shape (1, N, {P}), got {shape}")
     if pos_embed.device != ctx.device:
         raise ValueError(f"pos_embed: on {pos_embed.device}, expected the device of ctx ({ctx.device})")
-    if not isinstance(mask_token, torch.Tensor) or mask_token.numel() != P:
+    if not isinstance(mask_token, torch.Tensor) or tuple(mask_token.shape) != (1, 1, P):
         shape = tuple(mask_token.shape) if isinstance(mask_token, torch.Tensor) else type(mask_token).__name__
         raise ValueError(f"mask_token: expected shape (1, 1, {P}), got {shape}")
     if mask_token.device != ctx.device:
