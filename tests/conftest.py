@@ -23,11 +23,25 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(autouse=True)
-def _seed_free_rng():
+def _seed_free_rng(request):
     """Fresh random inputs each run (no fixed seed); the seed is printed on failure."""
     seed = int.from_bytes(os.urandom(4), "little")
     torch.manual_seed(seed)
+    request.node.fastjepa_seed = seed
     yield seed
+
+
+def add_seed_section(item, report) -> None:
+    """A failed test's report gets a section naming the seed that reproduces its inputs."""
+    seed = getattr(item, "fastjepa_seed", None)
+    if report.failed and seed is not None:
+        report.sections.append(("random seed", f"this test's inputs came from torch.manual_seed({seed})"))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    add_seed_section(item, outcome.get_result())
 
 
 @pytest.fixture
