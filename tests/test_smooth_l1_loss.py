@@ -84,10 +84,13 @@ def test_bad_inputs_raise():
 def test_low_precision_tolerance_rule(dtype, atol):
     """Kernel error vs an fp32 reference ≤ 2× the same-dtype PyTorch error + atol (STYLE.md)."""
     z, h = torch.randn(512, 44, 1280, device="cuda") * 2, torch.randn(512, 44, 1280, device="cuda")
-    g = torch.tensor(1.0, device="cuda")
+    # upstream gradient n: each element's gradient is then clamp(z - h, -1, 1), O(1) — with
+    # 1 it would be at most 1/n ≈ 3.5e-8, far below atol, and a zero gradient would pass
+    g = torch.tensor(float(z.numel()), device="cuda")
     exact = run("reference", z, h, g)
     with_torch = run("reference", z.to(dtype), h.to(dtype), g)
     with_kernel = run("triton", z.to(dtype), h.to(dtype), g)
+    assert exact[1].abs().max().item() > 0.5  # the gradient check has something to check
     for k, t, e in zip(with_kernel[:2], with_torch[:2], exact[:2]):
         err_k = (k.float() - e).abs().max().item()
         err_t = (t.float() - e).abs().max().item()
