@@ -9,7 +9,9 @@ from fastjepa.ops.predictor_tokens import _predictor_tokens_triton, _predictor_t
 
 # (B, N, P, nenc, npred, Kc, Kt): B=1; P not a power of two with prime K; nenc=2, npred=4;
 # Kt > N forces repeated target indices
-SHAPES = [(1, 16, 24, 1, 4, 5, 3), (3, 20, 200, 2, 4, 7, 5), (2, 9, 40, 2, 3, 11, 13)]
+# the last: P = 300 gives 5 column tiles of 64 and Kt = 70 two passes of the 64-token loop
+# in the mask-token backward (ViT-H/14's predictor, P = 384, runs 3 column tiles of 128)
+SHAPES = [(1, 16, 24, 1, 4, 5, 3), (3, 20, 200, 2, 4, 7, 5), (2, 9, 40, 2, 3, 11, 13), (2, 80, 300, 1, 2, 5, 70)]
 
 
 def make_masks(B, N, count, K, dtype):
