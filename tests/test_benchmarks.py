@@ -73,3 +73,24 @@ def test_ops_table_runs_and_checks_every_op(tmp_path):
     result = json.loads(out.read_text())
     ops = {r["op"] for r in result["rows"]}
     assert result["failures"] == [] and ops >= {"gather_tokens", "predictor_tokens", "target_tokens"}
+
+
+@pytest.mark.parametrize("name", ["gather_tokens", "predictor_tokens", "target_tokens", "smooth_l1_loss"])
+def test_gpu_benchmark_shapes_are_the_models_at_224(name):
+    """The GPU tables are labelled ViT-B/16 and ViT-H/14 at 224 px: their token counts must
+    be those models' (14x14 = 196 and 16x16 = 256 patches), blocks a plausible part of them."""
+    import importlib
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        shapes = importlib.import_module(f"bench_{name}").GPU_SHAPES
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    widths = {"vitb16": (196, 768), "vith14": (256, 1280)}
+    for model, s in shapes.items():
+        N, D = widths[model]
+        assert s.get("N", N) == N, (model, s)
+        assert s.get("D", D) == D, (model, s)
+        for k in ("K", "Kc", "Kt"):
+            if k in s:
+                assert 0.1 * N <= s[k] <= 0.35 * N, (model, k, s)
