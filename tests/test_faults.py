@@ -24,11 +24,11 @@ ROOT = Path(__file__).resolve().parents[1]
 LONG = [*TINY, "optimization.epochs=40", "meta.max_steps=200"]
 
 
-def start(out, *overrides, env=None):
+def start(out, *overrides, env=None, new_session=False):
     e = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     e.update(env or {})
     cmd = [sys.executable, "-m", "fastjepa.train", "--quiet", "--output", str(out), *overrides]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=e, cwd=ROOT)
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=e, cwd=ROOT, start_new_session=new_session)
 
 
 def wait_for(pred, timeout=120.0):
@@ -66,6 +66,25 @@ def test_sigterm_checkpoints_and_resume_continues_exactly(tmp_path):
                        env=dict(os.environ, PYTHONPATH=str(ROOT)))  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     Trainer(load_config(None, LONG), tmp_path / "full", quiet=True).fit()
+    assert losses(tmp_path / "run") == losses(tmp_path / "full")
+
+
+def test_ctrl_c_with_loader_workers_checkpoints_and_resume_continues_exactly(tmp_path):
+    """Ctrl-C in a terminal signals the whole process group, DataLoader workers included:
+    the run still finishes its step, writes a checkpoint and exits 130; --resume continues."""
+    args = [*LONG, "data.num_workers=2"]
+    proc = start(tmp_path / "run", *args, new_session=True)
+    wait_for(lambda: len(csv_rows(tmp_path / "run")) >= 8 or proc.poll() is not None)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGINT, err[-3000:]
+    assert "SIGINT received" in err and "DataLoader worker" not in err and "Traceback" not in err
+    stopped_at = read_checkpoint(tmp_path / "run" / "jepa-latest.pth.tar")["fastjepa"]["step"]
+    assert 0 < stopped_at < 200
+    r = subprocess.run([sys.executable, "-m", "fastjepa.train", "--quiet", "--output", str(tmp_path / "run"), "--resume", *args],
+                       capture_output=True, text=True, timeout=240, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    Trainer(load_config(None, args), tmp_path / "full", quiet=True).fit()
     assert losses(tmp_path / "run") == losses(tmp_path / "full")
 
 
