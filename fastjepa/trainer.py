@@ -364,6 +364,14 @@ class Trainer:
             save(self.out / extra_name)
         return self.latest
 
+    def _remove_partial_writes(self) -> None:
+        """Delete what a killed checkpoint write left: ``.<tag>-next.pth.tar``, the
+        ``.*.tmp`` files of atomic_save and ``.*.link`` files, all of this run's tag."""
+        for p in self.out.glob(f".*{self.tag}-*"):
+            if p.is_file() and (p.name == f".{self.tag}-next.pth.tar" or p.name.endswith((".tmp", ".link"))):
+                p.unlink()
+                self._say(f"fastjepa: removed {p.name}, left by an interrupted checkpoint write")
+
     # -- signals
 
     def _install_signals(self):
@@ -481,6 +489,7 @@ class Trainer:
         max_steps = cfg["meta"]["max_steps"]
         if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
+            self._remove_partial_writes()
         tb = _TensorBoard(self.out, cfg) if self.dist.is_main else None  # first: "wandb is not installed" before any file is written
         if self.dist.is_main:
             dump_config(cfg, self.out / "config.yaml")
