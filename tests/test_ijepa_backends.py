@@ -38,3 +38,26 @@ def test_triton_step_equals_reference_step(nenc, npred):
     assert "predictor.mask_token" in grads and "encoder.patch_embed.proj.weight" in grads
     for name in grads:
         torch.testing.assert_close(grads[name], grads_ref[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_the_model_runs_the_fused_kernels_and_the_reference_none(monkeypatch):
+    """The equality above proves nothing if the model stopped calling the fused ops (it
+    would compare the reference with itself): count the kernel launches of one step."""
+    from fastjepa.ops import _dispatch
+
+    kernels = _dispatch.kernels()
+    launched = []
+    names = [n for n in dir(kernels) if n.endswith(("_fwd", "_bwd")) and callable(getattr(kernels, n))]
+    for name in names:
+        real = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, _real=real, _name=name, **k: launched.append(_name) or _real(*a, **k))
+    enc = vit_tiny(patch_size=4, img_size=16, depth=1, embed_dim=40, num_heads=2)
+    pred = vit_predictor(num_patches=16, embed_dim=40, predictor_embed_dim=24, depth=1, num_heads=2)
+    model = IJEPA(enc, pred)
+    collate = MaskCollator(input_size=16, patch_size=4, enc_mask_scale=(0.6, 0.9), pred_mask_scale=(0.15, 0.3),
+                           aspect_ratio=(0.75, 1.5), nenc=1, npred=4, min_keep=0)  # fmt: skip
+    imgs, masks_enc, masks_pred = collate([torch.randn(3, 16, 16) for _ in range(2)])
+    loss_and_grads(model, "reference", imgs, masks_enc, masks_pred)
+    assert launched == []
+    loss_and_grads(model, "triton", imgs, masks_enc, masks_pred)
+    assert {"gather_tokens_fwd", "predictor_tokens_fwd", "target_tokens_fwd", "gather_tokens_bwd", "predictor_tokens_bwd"} <= set(launched), launched
