@@ -188,3 +188,27 @@ def test_low_precision_tolerance_rule(dtype, atol):
         err_k = (kern.float() - exact).abs().max().item()
         err_t = (torch_.float() - exact).abs().max().item()
         assert err_k <= 2 * err_t + atol, (err_k, err_t)
+
+
+@pytest.mark.parametrize("bad", [-1, 9])
+def test_out_of_range_rows_come_out_nan_and_drop_their_gradient(bad):
+    """README's promise for CUDA without validate=True: the kernels never read outside
+    memory; a row with an out-of-range index is NaN and its gradient goes nowhere."""
+    B, N, D = 2, 9, 20
+    x, pos = torch.randn(B, N, D), torch.randn(1, N, D)
+    idx = torch.randint(0, N, (1, B, 5))
+    idx[0, 1, 3] = bad
+    out = kernels().gather_tokens_fwd(x, idx, pos).view(B, 5, D)
+    assert torch.isnan(out[1, 3]).all()
+    good = torch.ones(B, 5, dtype=torch.bool)
+    good[1, 3] = False
+    ref = torch.stack([(x[b] + pos[0])[idx[0, b].clamp(0, N - 1)] for b in range(B)])
+    torch.testing.assert_close(out[good], ref[good])
+    grad = torch.randn(B, 5, D)
+    gx, _ = kernels().gather_tokens_bwd(grad, idx, N, torch.float32)
+    grad[1, 3] = 0  # the bad row's gradient is dropped
+    expected = torch.zeros(B, N, D)
+    for b in range(B):
+        expected[b].index_add_(0, idx[0, b].clamp(0, N - 1), grad[b])
+    assert torch.isfinite(gx).all()
+    torch.testing.assert_close(gx, expected)
