@@ -1,7 +1,9 @@
 """Backend selection: which path each op takes, forced backends, float64, the cpp branch."""
 
+import subprocess
 import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -201,3 +203,29 @@ def test_triton_interpreter_known_broken_combination_is_reported(monkeypatch):
     assert _dispatch._interpreter_broken("3.10.0") is None
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     assert _dispatch._interpreter_broken("3.6.0") is None  # compiled kernels are fine
+
+
+def test_missing_triton_is_data_not_an_import_error():
+    """Without triton the package imports, available() says why, auto runs, and asking for
+    triton names the reason (in a fresh interpreter where `import triton` fails)."""
+    code = """
+import sys
+sys.modules["triton"] = None  # import triton -> ImportError, as when it is not installed
+import torch
+from fastjepa import ops
+from fastjepa.ops import available, gather_tokens, use_backend
+a = available()["triton"]
+assert not a and "triton is not installed" in a.reason, a
+x = torch.randn(2, 5, 8); m = [torch.randint(0, 5, (2, 3))]
+out = gather_tokens(x, m)  # auto: the reference (or the C++ extension) on the CPU
+try:
+    with use_backend("triton"):
+        gather_tokens(x, m)
+    raise SystemExit("forced triton without triton did not raise")
+except RuntimeError as exc:
+    assert "triton is not installed" in str(exc), exc
+print("ok")
+"""
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=root)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
