@@ -46,12 +46,13 @@ def pytest_runtest_makereport(item, call):
 
 @pytest.fixture
 def poison_empty(monkeypatch):
-    """Every float ``torch.empty`` in the test comes back NaN-filled, so an output or
-    gradient element a kernel forgets to write fails the comparison."""
-    real = torch.empty
+    """Every float ``torch.empty`` / ``torch.empty_like`` in the test comes back NaN-filled,
+    so an output or gradient element a kernel forgets to write fails the comparison."""
+    for name in ("empty", "empty_like"):
+        real = getattr(torch, name)
 
-    def nan_empty(*args, **kwargs):
-        t = real(*args, **kwargs)
-        return t.fill_(float("nan")) if t.is_floating_point() else t
+        def nan_filled(*args, _real=real, **kwargs):
+            t = _real(*args, **kwargs)
+            return t.fill_(float("nan")) if t.is_floating_point() else t
 
-    monkeypatch.setattr(torch, "empty", nan_empty)
+        monkeypatch.setattr(torch, name, nan_filled)
