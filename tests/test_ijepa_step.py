@@ -29,10 +29,14 @@ def test_target_is_frozen_copy():
 
 
 @pytest.mark.parametrize("nenc", [1, 2])
-def test_loss_matches_spec_written_out(nenc):
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_loss_matches_spec_written_out(nenc, backend):
     model, col = tiny(nenc=nenc)
+    with torch.no_grad():  # a target that is not the encoder (as after EMA steps): the targets must come from it
+        for p in model.target_encoder.parameters():
+            p.add_(0.05 * torch.randn_like(p))
     imgs, menc, mpred = col([torch.randn(3, 16, 16) for _ in range(3)])
-    with use_backend("reference"), use_attention("math"):
+    with use_backend(backend), use_attention("math"):
         loss = model(imgs, menc, mpred)
         with torch.no_grad():
             h = model.target_encoder(imgs)
@@ -40,7 +44,10 @@ def test_loss_matches_spec_written_out(nenc):
             h = repeat_interleave_batch(apply_masks(h, mpred), 3, repeat=nenc)
         z = model.predictor(model.encoder(imgs, menc), menc, mpred)
         expected = F.smooth_l1_loss(z, h)
+        with torch.no_grad():  # what a model that took its targets from the encoder would compute
+            h_enc = repeat_interleave_batch(apply_masks(F.layer_norm(model.encoder(imgs), (32,)), mpred), 3, repeat=nenc)
     torch.testing.assert_close(loss, expected)
+    assert (F.smooth_l1_loss(z, h_enc) - expected).abs() > 1e-4  # the check above can tell the two apart
 
 
 def test_one_step_changes_encoder_predictor_and_target_moves_by_ema():
