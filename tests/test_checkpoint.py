@@ -36,6 +36,9 @@ def test_round_trip_reference_keys(tmp_path):
 
 def test_reference_checkpoint_with_module_prefix(tmp_path):
     a, b = tiny(), tiny()
+    with torch.no_grad():  # three different networks, so a mixed-up key cannot pass
+        for p in a.target_encoder.parameters():
+            p.add_(0.05 * torch.randn_like(p))
     ref = {
         "encoder": {f"module.{k}": v for k, v in a.encoder.state_dict().items()},
         "predictor": {f"module.{k}": v for k, v in a.predictor.state_dict().items()},
@@ -48,8 +51,12 @@ def test_reference_checkpoint_with_module_prefix(tmp_path):
     for x, y in zip(a.state_dict().values(), b.state_dict().values()):
         assert torch.equal(x, y)
     enc = vit_tiny(patch_size=4, img_size=16, depth=1, embed_dim=32, num_heads=2)
-    load_encoder(tmp_path / "ref.pth.tar", enc)
-    assert torch.equal(enc.blocks[0].attn.qkv.weight, a.target_encoder.blocks[0].attn.qkv.weight)
+    load_encoder(tmp_path / "ref.pth.tar", enc)  # the target encoder, the one evaluated
+    for x, y in zip(enc.state_dict().values(), a.target_encoder.state_dict().values()):
+        assert torch.equal(x, y)
+    load_encoder(tmp_path / "ref.pth.tar", enc, which="encoder")
+    assert torch.equal(enc.blocks[0].attn.qkv.weight, a.encoder.blocks[0].attn.qkv.weight)
+    assert not torch.equal(a.encoder.blocks[0].attn.qkv.weight, a.target_encoder.blocks[0].attn.qkv.weight)
 
 
 def test_truncated_file_fails_loudly(tmp_path):
