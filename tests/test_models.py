@@ -138,3 +138,55 @@ def test_bad_image_size_raises():
         enc(torch.randn(1, 3, 32, 32))
     with pytest.raises(ValueError, match="multiple of patch_size"):
         VisionTransformer(img_size=30, patch_size=8)
+
+
+def _block_by_hand(x, blk, heads):
+    """SPEC §1's block written out: pre-norm (LayerNorm eps 1e-6), softmax attention scaled
+    by head_dim**-0.5, exact (erf) GELU, two residual adds."""
+    F = torch.nn.functional
+    B, N, C = x.shape
+    hd = C // heads
+    y = F.layer_norm(x, (C,), blk.norm1.weight, blk.norm1.bias, eps=1e-6)
+    q, k, v = (y @ blk.attn.qkv.weight.T + blk.attn.qkv.bias).view(B, N, 3, heads, hd).permute(2, 0, 3, 1, 4)
+    a = torch.softmax(q @ k.transpose(-2, -1) * hd**-0.5, dim=-1) @ v
+    x = x + (a.transpose(1, 2).reshape(B, N, C) @ blk.attn.proj.weight.T + blk.attn.proj.bias)
+    y = F.layer_norm(x, (C,), blk.norm2.weight, blk.norm2.bias, eps=1e-6)
+    h = y @ blk.mlp.fc1.weight.T + blk.mlp.fc1.bias
+    h = 0.5 * h * (1 + torch.erf(h / math.sqrt(2)))
+    return x + (h @ blk.mlp.fc2.weight.T + blk.mlp.fc2.bias)
+
+
+def test_encoder_and_predictor_equal_the_spec_written_out():
+    """Not backend against backend: the modules against an independent float64 computation
+    (eps, GELU variant, norm placement and scale all matter here)."""
+    F = torch.nn.functional
+    enc = models.vit_tiny(patch_size=4, img_size=16, depth=2, embed_dim=24, num_heads=2).double()
+    pred = vit_predictor(num_patches=16, embed_dim=24, predictor_embed_dim=12, depth=2, num_heads=3).double()
+    with torch.no_grad():  # non-trivial norms and biases, so a wrong eps or placement shows
+        for m in (enc, pred):
+            for name, p in m.named_parameters():
+                if "norm" in name or name.endswith("bias"):
+                    p.add_(0.3 * torch.randn_like(p))
+    imgs = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    x = F.conv2d(imgs, enc.patch_embed.proj.weight, enc.patch_embed.proj.bias, stride=4).flatten(2).transpose(1, 2)
+    # the table is built in fp32 (SPEC), so after .double() its values are fp32-rounded sin-cos
+    torch.testing.assert_close(enc.pos_embed[0].double(), torch.from_numpy(get_2d_sincos_pos_embed(24, 4)), rtol=0, atol=1e-7)
+    x = x + enc.pos_embed.double()
+    for blk in enc.blocks:
+        x = _block_by_hand(x, blk, 2)
+    want = F.layer_norm(x, (24,), enc.norm.weight, enc.norm.bias, eps=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(enc(imgs), want, rtol=1e-10, atol=1e-10)
+    # predictor: embed the context, append mask tokens + their positions, blocks, norm, proj, keep the targets
+    masks_x, masks = [torch.tensor([[0, 1, 5, 6], [2, 3, 7, 8]])], [torch.tensor([[10, 11], [14, 15]])]
+    ctx = torch.randn(2, 4, 24, dtype=torch.float64)
+    pos = pred.predictor_pos_embed[0].double()  # (16, 12)
+    c = ctx @ pred.predictor_embed.weight.T + pred.predictor_embed.bias + pos[masks_x[0]]
+    t = pred.mask_token.expand(2, 2, 12) + pos[masks[0]]
+    y = torch.cat([c, t], dim=1)
+    for blk in pred.predictor_blocks:
+        y = _block_by_hand(y, blk, 3)
+    y = F.layer_norm(y, (12,), pred.predictor_norm.weight, pred.predictor_norm.bias, eps=1e-6)[:, 4:]
+    want = y @ pred.predictor_proj.weight.T + pred.predictor_proj.bias
+    with torch.no_grad():
+        torch.testing.assert_close(pred(ctx, masks_x, masks), want, rtol=1e-10, atol=1e-10)
