@@ -62,3 +62,31 @@ def test_unknown_key_in_file(tmp_path):
         load_config(p)
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optimization.ema=[1.0,0.9]", r"optimization.ema=\[1.0, 0.9\]: expected 0 <= start <= end <= 1"),
+    ("optimization.ema=[0.9]", r"optimization.ema: got \[0.9\] \(list\), expected a list of two numbers"),
+    ("optimization.warmup=999", r"optimization.warmup=999.0: expected between 0 and epochs·ipe_scale=10.0"),
+    ("optimization.lr=fast", r"optimization.lr: got 'fast' \(str\), expected a number"),
+    ("data.batch_size=0", r"data.batch_size: got 0, expected an integer >= 1"),
+    ("mask.num_pred_masks=0", r"mask.num_pred_masks: got 0, expected an integer >= 1"),
+    ("meta.use_bfloat16=maybe", r"meta.use_bfloat16: got 'maybe' \(str\), expected true or false"),
+    ("meta.max_steps=0", r"meta.max_steps=0: expected an integer >= 1 or null"),
+    ("data.dataset=imagefolder", r"data.dataset=imagefolder needs data.root_path and data.image_folder"),
+    ("data.use_color_distortion=true", r"data.use_color_distortion / data.use_gaussian_blur: not supported .*; set false"),
+    ("mask.aspect_ratio=[2.0,1.0]", r"aspect_ratio=\[2.0, 1.0\]: expected low <= high"),
+])  # fmt: skip
+def test_bad_values_name_the_key_the_value_and_what_was_expected(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_bad_model_kwargs_say_which_keys_exist(tmp_path):
+    from fastjepa.trainer import Trainer
+
+    from ._tiny import TINY
+
+    with pytest.raises(ConfigError, match=r"meta.model_kwargs: unknown key\(s\) \['dpth'\]; expected some of \[.*'depth'"):
+        Trainer(load_config(None, [*TINY, "meta.model_kwargs={dpth: 1}"]), tmp_path / "r", quiet=True)
+    assert not (tmp_path / "r").exists()
