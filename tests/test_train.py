@@ -2,6 +2,7 @@
 
 import csv
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -42,7 +43,8 @@ def test_default_config_trains_in_subprocess(tmp_path):
     assert {"epoch", "itr", "loss", "lr", "wd", "momentum", "imgs_per_sec", "mask_enc", "mask_pred"} <= set(rows[0])
     assert len(rows) == 6
     assert "loss:" in r.stderr and "masks:" in r.stderr and "grad_stats" in r.stderr  # reference-style console lines
-    assert "fastjepa: max_steps" in r.stdout or "step 6" in r.stdout
+    # the summary line: how it ended, steps, images, wall time, final loss, where the files are
+    assert re.search(rf"fastjepa: max_steps: 0 epoch\(s\), step 6, 96 images in [\d.]+ s, final loss [\d.]+ — files in {re.escape(str(out))}/", r.stdout), r.stdout
 
 
 def test_resume_reproduces_uninterrupted_run_exactly(tmp_path):
@@ -134,3 +136,14 @@ def test_each_step_uses_the_schedules_as_spec_says(tmp_path):
     assert seen[0][2] == 0.99 and seen[0][0] == pytest.approx(0.0002 + (0.001 - 0.0002) / t.lr_sched.warmup_steps)
     assert seen[0][0] < seen[1][0] < seen[2][0]  # warming up
     assert sum(1 for g in t.optimizer.param_groups if g.get("WD_exclude")) >= 1
+
+
+def test_periodic_checkpoints_and_the_saved_config(tmp_path):
+    """jepa-ep<N> every logging.checkpoint_freq epochs and at the last; config.yaml is the
+    resolved config, overrides included, and loads back as the same config."""
+    over = [*TINY, "optimization.epochs=3", "logging.checkpoint_freq=2", "optimization.lr=0.0007"]
+    Trainer(load_config(None, over), tmp_path / "r", quiet=True).fit()
+    assert sorted(p.name for p in (tmp_path / "r").glob("jepa-ep*.pth.tar")) == ["jepa-ep2.pth.tar", "jepa-ep3.pth.tar"]
+    assert [read_checkpoint(tmp_path / "r" / f"jepa-ep{n}.pth.tar")["epoch"] for n in (2, 3)] == [2, 3]
+    saved = load_config(tmp_path / "r" / "config.yaml")
+    assert saved == load_config(None, over) and saved["optimization"]["lr"] == 0.0007
