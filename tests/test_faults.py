@@ -151,13 +151,50 @@ def test_nan_stops_with_step_and_keeps_good_checkpoint(tmp_path):
     assert all(torch.isfinite(v).all() for v in ckpt["encoder"].values())
 
 
-def test_nan_skip_policy_skips_the_step(tmp_path):
+def test_nan_skip_policy_skips_the_step(tmp_path, capsys):
     cfg = load_config(None, [*TINY, "optimization.nan_policy=skip", "meta.max_steps=4"])
     t = Trainer(cfg, tmp_path / "run", quiet=True)
     t.model.forward = _NaNAt(t.model, step=1)
     summary = t.fit()
     assert summary["step"] == 4
     assert all(torch.isfinite(p).all() for p in t.model.parameters())
+    assert "step 1: non-finite loss or gradients" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("fault", ["nan_loss", "inf_grad"])
+def test_a_skipped_step_changes_nothing(tmp_path, fault):
+    """nan_policy=skip: no optimizer step, no EMA update, no optimizer state change — for a
+    NaN loss and for a finite loss with an inf gradient."""
+    t = Trainer(load_config(None, [*TINY, "optimization.nan_policy=skip"]), tmp_path / "run", quiet=True)
+    imgs, masks_enc, masks_pred = t.collator([t.dataset[i] for i in range(8)])
+    imgs = imgs[0]
+    t.train_step(imgs, masks_enc, masks_pred)  # one normal step: optimizer state exists
+    t.step = 1
+    before = {k: v.clone() for k, v in t.model.state_dict().items()}
+    opt_before = [{k: v.clone() for k, v in st.items() if torch.is_tensor(v)} for st in t.optimizer.state.values()]
+    if fault == "nan_loss":
+        t.model.forward = _NaNAt(t.model, step=0)
+    else:
+        p0 = next(p for p in t.model.encoder.parameters() if p.requires_grad)
+        p0.register_hook(lambda g: torch.full_like(g, float("inf")))
+    loss, _, _ = t.train_step(imgs, masks_enc, masks_pred)
+    assert torch.isfinite(loss).item() == (fault == "inf_grad")
+    after = t.model.state_dict()
+    for k, v in before.items():
+        assert torch.equal(after[k], v), k
+    for st, old in zip(t.optimizer.state.values(), opt_before):
+        for k, v in old.items():
+            assert torch.equal(st[k], v), k
+
+
+def test_cli_non_finite_loss_exits_3_naming_step_and_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    proc = start(run, *TINY, "optimization.epochs=3", env={"FASTJEPA_TEST_NAN_AT": "0:8"})
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 3, err[-3000:]
+    assert re.search(r"the loss became non-finite at step 8 \(epoch 2, iteration 2\); stopping\. The last good checkpoint is "
+                     r".*jepa-latest\.pth\.tar — resume from it with --resume", err), err[-3000:]  # fmt: skip
+    assert read_checkpoint(run / "jepa-latest.pth.tar")["epoch"] == 1
 
 
 def _image_folder(root, n_good=40):
