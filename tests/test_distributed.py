@@ -38,12 +38,14 @@ def single(out, *overrides):
     return Trainer(cfg, out, quiet=True).fit()
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+@pytest.mark.parametrize("mode", ["ddp", "fsdp", "ddp-accum", "fsdp-accum"])
 def test_two_processes_equal_one_process_on_the_global_batch(tmp_path, mode):
-    extra = ["meta.fsdp=true"] if mode == "fsdp" else []
+    """-accum: 2 micro-batches of 4 per rank (DDP's no_sync / FSDP2's deferred reduce)."""
+    extra = ["meta.fsdp=true"] if mode.startswith("fsdp") else []
+    extra += ["optimization.grad_accum=2"] if mode.endswith("accum") else []
     r = torchrun(tmp_path / mode, *extra)
     assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
-    if mode == "ddp":
+    if mode.startswith("ddp"):
         assert "parameters identical across 2 ranks" in r.stderr
     assert "effective 16" in r.stderr  # batch 8 per process × 2
     single(tmp_path / "single")
