@@ -212,3 +212,23 @@ def test_out_of_range_rows_come_out_nan_and_drop_their_gradient(bad):
         expected[b].index_add_(0, idx[0, b].clamp(0, N - 1), grad[b])
     assert torch.isfinite(gx).all()
     torch.testing.assert_close(gx, expected)
+
+
+@pytest.mark.parametrize("backend", ["triton", "auto"])
+def test_mae_drop_in_with_the_class_token_sliced_off(backend):
+    """README's MAE example: gather_tokens(x, ids_keep, pos_embed[:, 1:, :]) — a view with a
+    storage offset — equals MAE's add-then-gather, forward and backward."""
+    B, N, D, K = 3, 16, 24, 5
+    x = torch.randn(B, N, D, requires_grad=True)
+    pos_embed = torch.randn(1, N + 1, D, requires_grad=True)  # row 0: the class token's
+    ids_keep = torch.rand(B, N).argsort(dim=1)[:, :K]
+    grad = torch.randn(B, K, D)
+    with use_backend(backend):
+        out = gather_tokens(x, ids_keep, pos_embed[:, 1:, :])
+    gx, gp = torch.autograd.grad(out, (x, pos_embed), grad)
+    ref = torch.gather(x + pos_embed[:, 1:, :], 1, ids_keep.unsqueeze(-1).repeat(1, 1, D))
+    rx, rp = torch.autograd.grad(ref, (x, pos_embed), grad)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(gx, rx)
+    torch.testing.assert_close(gp, rp)
+    assert gp[0, 0].abs().max() == 0  # the class token's row gets no gradient
