@@ -197,7 +197,7 @@ def test_default_mode_seeded_per_batch_not_by_global_rng():
 
 
 def test_impossible_configuration_raises_at_construction():
-    # 32 px / patch 16 -> 2x2 grid: blocks shrink to 1x1 and can never exceed min_keep=10
+    # 32 px / patch 8 -> 4x4 grid: target blocks of 15-20 % are 2-3 patches, never more than min_keep=10
     with pytest.raises(ValueError, match="can never produce a valid mask"):
         MaskCollator(input_size=32, patch_size=8, **PUBLISHED)
     with pytest.raises(ValueError, match="min_keep"):
