@@ -88,15 +88,20 @@ def test_strict_load_both_ways_and_prefixed():
         assert torch.equal(v, b.state_dict()[k])
 
 
-def test_init_net_effect():
+@pytest.mark.parametrize("which", ["encoder", "predictor"])
+def test_init_net_effect(which):
     torch.manual_seed(0)
-    enc = models.vit_base(patch_size=16, img_size=224, depth=4)
+    if which == "encoder":
+        enc = models.vit_base(patch_size=16, img_size=224, depth=4)
+    else:
+        enc = vit_predictor(num_patches=196, embed_dim=768, predictor_embed_dim=384, depth=4, num_heads=12)
+        assert abs(enc.mask_token.std().item() - 0.02) < 0.004  # trunc-normal 0.02 (384 values)
     for name, p in enc.named_parameters():
-        if name == "pos_embed":
+        if name in ("pos_embed", "predictor_pos_embed", "mask_token"):
             continue
         if name.endswith("bias"):
             assert torch.all(p == 0), name
-        elif ".norm" in name or name.startswith("norm"):
+        elif ".norm" in name or name.startswith(("norm", "predictor_norm")):
             assert torch.all(p == 1), name
         elif p.ndim >= 2:
             # trunc-normal 0.02 everywhere, no depth rescaling of attn.proj / fc2
@@ -190,3 +195,26 @@ def test_encoder_and_predictor_equal_the_spec_written_out():
     want = y @ pred.predictor_proj.weight.T + pred.predictor_proj.bias
     with torch.no_grad():
         torch.testing.assert_close(pred(ctx, masks_x, masks), want, rtol=1e-10, atol=1e-10)
+
+
+def test_drop_path_drops_whole_residual_branches_in_training_only():
+    """SPEC: drop-path is supported (off in every published config): in training, a
+    sample's residual branch is dropped whole or kept scaled by 1/(1-p); eval is identity."""
+    from fastjepa.models.vision_transformer import drop_path
+
+    x = torch.randn(4000, 3, 8, dtype=torch.float64)
+    y = drop_path(x, 0.25, True)
+    kept = (y != 0).flatten(1).all(1)
+    dropped = (y == 0).flatten(1).all(1)
+    assert bool((kept | dropped).all())  # per sample, all or nothing
+    assert 0.2 < dropped.double().mean().item() < 0.3
+    torch.testing.assert_close(y[kept], x[kept] / 0.75)
+    assert torch.equal(drop_path(x, 0.25, False), x) and torch.equal(drop_path(x, 0.0, True), x)
+    enc = models.vit_tiny(patch_size=4, img_size=16, depth=2, embed_dim=24, num_heads=2, drop_path_rate=0.5).double()
+    imgs = torch.randn(2, 3, 16, 16, dtype=torch.float64)
+    enc.eval()
+    with torch.no_grad():
+        a, b = enc(imgs), enc(imgs)
+        enc.train()
+        outs = [enc(imgs) for _ in range(8)]
+    assert torch.equal(a, b) and any(not torch.allclose(o, a) for o in outs)
