@@ -64,3 +64,41 @@ def test_sampler_shards_and_resumes():
     assert list(s) != full
     with pytest.raises(ValueError, match="needs at least"):
         ResumableSampler(3, 4, DistInfo())
+
+
+def test_crop_boxes_cover_the_scale_range_at_the_aspect_range():
+    """torchvision's RandomResizedCrop sampling, which the reference uses: area in scale·H·W
+    (up to rounding), aspect log-uniform in (3/4, 4/3), inside the image; both ends reached."""
+    from fastjepa.data.transforms import sample_crop_box
+
+    g = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    H, W = 224, 224
+    areas, aspects = [], []
+    for _ in range(3000):
+        top, left, h, w = sample_crop_box(H, W, (0.3, 1.0), (3 / 4, 4 / 3), g)
+        assert 0 <= top and 0 <= left and top + h <= H and left + w <= W
+        areas.append(h * w / (H * W))
+        aspects.append(w / h)
+    areas, aspects = np.array(areas), np.array(aspects)
+    assert areas.min() >= 0.3 - 0.01 and areas.max() <= 1.0
+    assert areas.min() < 0.33 and areas.max() > 0.9  # the range is used, not a constant
+    assert aspects.min() >= 0.75 - 0.01 and aspects.max() <= 4 / 3 + 0.01
+    assert abs(np.log(aspects).mean()) < 0.03  # log-uniform around 1
+
+
+def test_image_folder_labels_and_normalisation(tmp_path):
+    """Labels follow the sorted class folders; a grey image comes out (v - mean) / std with
+    the ImageNet statistics the reference normalises with."""
+    from fastjepa.data import ImageFolder
+    from fastjepa.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+    for cls, value in (("b_cat", 64), ("a_dog", 200)):
+        (tmp_path / cls).mkdir()
+        Image.new("RGB", (20, 20), (value,) * 3).save(tmp_path / cls / "x.png")
+    ds = ImageFolder(tmp_path, crop_size=16, train_transform=False)
+    assert ds.classes == ["a_dog", "b_cat"]
+    for i, (value, label) in enumerate(((200, 0), (64, 1))):
+        img, got = ds[i]
+        assert got == label and img.shape == (3, 16, 16)
+        expected = (value / 255 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
+        torch.testing.assert_close(img.mean(dim=(1, 2)), expected.float(), rtol=0, atol=1e-5)
