@@ -147,3 +147,12 @@ def test_periodic_checkpoints_and_the_saved_config(tmp_path):
     assert [read_checkpoint(tmp_path / "r" / f"jepa-ep{n}.pth.tar")["epoch"] for n in (2, 3)] == [2, 3]
     saved = load_config(tmp_path / "r" / "config.yaml")
     assert saved == load_config(None, over) and saved["optimization"]["lr"] == 0.0007
+
+
+def test_progress_bar_shows_loss_throughput_and_eta(tmp_path, capsys, monkeypatch):
+    """On a terminal, not quiet: the epoch bar carries loss, img/s and tqdm's elapsed<remaining
+    (off a terminal the trainer turns bars off by itself: test_eval's non-TTY test)."""
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    Trainer(load_config(None, [*TINY, "optimization.epochs=1"]), tmp_path / "r", quiet=False).fit()
+    err = capsys.readouterr().err
+    assert re.search(r"epoch 1/1: .*\d+/6 \[\d+:\d+<\d+:\d+, [\d.]+it/s, img_s=\d+, loss=\d\.\d{4}\]", err), err[-2000:]
