@@ -99,3 +99,28 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path, monkeypatch):
         _save(path, tiny(), None)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["c.pth.tar"]  # no temporary left behind
+
+
+@pytest.mark.skipif(not __import__("os").path.isdir("/proc/self/fd"), reason="tells a folder fd from a file fd through /proc")
+def test_atomic_save_syncs_the_data_before_the_rename_and_the_folder_after(tmp_path, monkeypatch):
+    """Durability, not just atomicity: the temporary file's data reach the disk before it is
+    renamed over the target, and the folder (the rename itself) after."""
+    import os
+
+    from fastjepa.checkpoint import atomic_save
+
+    events, real_fsync, real_replace = [], os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", "dir" if os.path.isdir(f"/proc/self/fd/{fd}") else "file"))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", os.path.basename(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    atomic_save({"a": torch.ones(3)}, tmp_path / "c.pth.tar")
+    assert events == [("fsync", "file"), ("replace", "c.pth.tar"), ("fsync", "dir")]
+    assert torch.equal(torch.load(tmp_path / "c.pth.tar")["a"], torch.ones(3))

@@ -68,14 +68,33 @@ def test_two_processes_equal_one_process_on_the_global_batch(tmp_path, mode):
     assert moved > 1e-5  # (measured 3.7e-5) the comparison above can tell an updated target from one left at init
 
 
-def test_fsdp_resume_continues_exactly(tmp_path):
-    r = torchrun(tmp_path / "full", "meta.fsdp=true")
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_resume_under_torchrun_continues_exactly(tmp_path, mode):
+    extra = ["meta.fsdp=true"] if mode == "fsdp" else []
+    r = torchrun(tmp_path / "full", *extra)
     assert r.returncode == 0, r.stderr[-3000:]
-    r = torchrun(tmp_path / "part", "meta.fsdp=true", "meta.max_steps=3")
+    assert r.stderr.count("fastjepa: vit_tiny on cpu (2 process(es))") == 1  # rank 0 alone speaks (and writes)
+    r = torchrun(tmp_path / "part", *extra, "meta.max_steps=3")
     assert r.returncode == 0, r.stderr[-3000:]
-    r = torchrun(tmp_path / "part", "meta.fsdp=true", "--resume")
+    r = torchrun(tmp_path / "part", *extra, "--resume")
     assert r.returncode == 0, r.stderr[-3000:]
     assert losses(tmp_path / "full") == losses(tmp_path / "part")
+
+
+@pytest.mark.parametrize("device_type, backend", [("cuda", "nccl"), ("cpu", "gloo")])
+def test_process_group_backend_follows_the_device(monkeypatch, device_type, backend):
+    from fastjepa import distributed
+
+    seen = {}
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda backend: seen.setdefault("backend", backend))
+    monkeypatch.setattr(distributed.torch.cuda, "set_device", lambda i: seen.setdefault("cuda_device", i))
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    info = distributed.init_distributed(device_type)
+    assert (info.rank, info.world_size, info.local_rank) == (3, 4, 1) and seen["backend"] == backend
+    assert seen.get("cuda_device") == (1 if device_type == "cuda" else None)
 
 
 def test_fsdp_resume_of_another_architecture_is_one_clear_error(tmp_path):

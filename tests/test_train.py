@@ -56,7 +56,12 @@ def test_resume_reproduces_uninterrupted_run_exactly(tmp_path):
     assert rest["status"] == "done" and rest["step"] == 12
     a, b = losses(tmp_path / "full"), losses(tmp_path / "part")
     assert [s for s, _ in b] == list(range(12))
-    assert a == b  # bit-exact loss sequence on CPU
+    assert a == b  # the loss sequence (log.csv keeps 6 decimals) ...
+    fa, fb = (read_checkpoint(tmp_path / r / "jepa-latest.pth.tar") for r in ("full", "part"))
+    for net in ("encoder", "predictor", "target_encoder"):  # ... and every weight, bit for bit
+        assert all(torch.equal(fa[net][k], fb[net][k]) for k in fa[net]), net
+    for sa, sb in zip(fa["opt"]["state"].values(), fb["opt"]["state"].values()):
+        assert all(torch.equal(sa[k], sb[k]) for k in sa if torch.is_tensor(sa[k]))
 
 
 def test_loss_falls(tmp_path):
@@ -156,3 +161,10 @@ def test_progress_bar_shows_loss_throughput_and_eta(tmp_path, capsys, monkeypatc
     Trainer(load_config(None, [*TINY, "optimization.epochs=1"]), tmp_path / "r", quiet=False).fit()
     err = capsys.readouterr().err
     assert re.search(r"epoch 1/1: .*\d+/6 \[\d+:\d+<\d+:\d+, [\d.]+it/s, img_s=\d+, loss=\d\.\d{4}\]", err), err[-2000:]
+
+
+def test_set_flag_and_positional_overrides_are_the_same():
+    from fastjepa.train import parse_args
+
+    a = parse_args(["--set", "data.batch_size=8", "--set", "optimization.lr=0.01", "meta.seed=3"])
+    assert {*a.overrides, *(a.set or [])} == {"data.batch_size=8", "optimization.lr=0.01", "meta.seed=3"}
