@@ -168,3 +168,11 @@ def test_set_flag_and_positional_overrides_are_the_same():
 
     a = parse_args(["--set", "data.batch_size=8", "--set", "optimization.lr=0.01", "meta.seed=3"])
     assert {*a.overrides, *(a.set or [])} == {"data.batch_size=8", "optimization.lr=0.01", "meta.seed=3"}
+
+
+def test_loader_workers_do_not_change_the_run(tmp_path):
+    """Masks and crops are functions of (seed, epoch, batch), not of which process made
+    them: 0 and 2 loader workers give the same losses."""
+    for w in (0, 2):
+        Trainer(load_config(None, [*TINY, f"data.num_workers={w}"]), tmp_path / f"w{w}", quiet=True).fit()
+    assert losses(tmp_path / "w0") == losses(tmp_path / "w2")
