@@ -229,3 +229,26 @@ print("ok")
     root = Path(__file__).resolve().parents[1]
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=root)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference", "auto"])
+def test_a_tensor_is_a_one_mask_list_and_index_dtypes_may_mix(backend):
+    """Every op takes a (B, K) tensor where it takes a list of one, and a list mixing int32
+    and int64 masks, with the same result."""
+    B, N, D, P = 2, 12, 16, 8
+    x, h, ctx = torch.randn(B, N, D), torch.randn(B, N, D), torch.randn(B, 4, P)
+    pos, pos_p, mt = torch.randn(1, N, D), torch.randn(1, N, P), torch.randn(1, 1, P)
+    m1, m2 = torch.randint(0, N, (B, 4)), torch.randint(0, N, (B, 3))
+    mixed = [torch.randint(0, N, (B, 3), dtype=torch.int32), torch.randint(0, N, (B, 3))]
+    with use_backend(backend):
+        pairs = [
+            (ops.gather_tokens(x, m1, pos), ops.gather_tokens(x, [m1], pos)),
+            (ops.target_tokens(h, m2, 1), ops.target_tokens(h, [m2], 1)),
+            (ops.predictor_tokens(ctx, m1, m2, pos_p, mt), ops.predictor_tokens(ctx, [m1], [m2], pos_p, mt)),
+            (ops.gather_tokens(x, mixed, pos), ops.gather_tokens(x, [m.long() for m in mixed], pos)),
+            (ops.target_tokens(h, mixed, 1), ops.target_tokens(h, [m.long() for m in mixed], 1)),
+        ]
+    for got, want in pairs:
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    with use_backend("reference"):
+        torch.testing.assert_close(pairs[2][0], ops.predictor_tokens(ctx, [m1], [m2], pos_p, mt))

@@ -104,8 +104,9 @@ def test_opcheck():
     idx_x, idx = torch.stack(masks_x), torch.stack(masks)
     torch.library.opcheck(_predictor_tokens_triton, (ctx, idx_x, idx, pos, mask_token))
     torch.library.opcheck(_predictor_tokens_triton, (ctx, idx_x, idx, pos.requires_grad_(), mask_token))
-    args = (grad, idx_x, idx, 9, torch.float32, torch.float32, torch.float32, True)
-    torch.library.opcheck(_predictor_tokens_triton_backward, args)
+    for pos_grad in (True, False):
+        args = (grad, idx_x, idx, 9, torch.float32, torch.float32, torch.float32, pos_grad)
+        torch.library.opcheck(_predictor_tokens_triton_backward, args)
 
 
 def test_torch_compile_parity():

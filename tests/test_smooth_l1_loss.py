@@ -51,7 +51,8 @@ def test_opcheck():
     z = torch.randn(3, 5, 16, requires_grad=True)
     h = torch.randn(3, 5, 16)
     torch.library.opcheck(_smooth_l1_loss_triton, (z, h))
-    torch.library.opcheck(_smooth_l1_loss_triton_backward, (torch.tensor(0.5), z.detach(), h, True))
+    for h_grad in (True, False):
+        torch.library.opcheck(_smooth_l1_loss_triton_backward, (torch.tensor(0.5), z.detach(), h, h_grad))
 
 
 def test_torch_compile_parity():
