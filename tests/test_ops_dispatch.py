@@ -252,3 +252,37 @@ def test_a_tensor_is_a_one_mask_list_and_index_dtypes_may_mix(backend):
         torch.testing.assert_close(got, want, rtol=0, atol=0)
     with use_backend("reference"):
         torch.testing.assert_close(pairs[2][0], ops.predictor_tokens(ctx, [m1], [m2], pos_p, mt))
+
+
+_B, _N, _D = 2, 9, 16
+_BAD_INPUTS = {
+    "pos not a tensor": (lambda x, m, p: ops.gather_tokens(x, m, [1.0]), ValueError, r"pos_embed: expected a tensor, got list"),
+    "pos too short": (lambda x, m, p: ops.gather_tokens(x, m, p[:, :7]), ValueError, r"pos_embed: expected shape \(1, 9, 16\), got \(1, 7, 16\)"),
+    "mask not a tensor": (lambda x, m, p: ops.gather_tokens(x, [m[0], [1, 2]], p), ValueError, r"masks\[1\]: expected a tensor, got list"),
+    "integer x": (lambda x, m, p: ops.gather_tokens(x.long(), m, p), ValueError, r"x: expected a floating-point tensor, got torch.int64"),
+    "3-D mask": (lambda x, m, p: ops.gather_tokens(x, [m[0][..., None]], p), ValueError, r"masks\[0\]: expected shape \(B, K\), got \(2, 3, 1\)"),
+    "ragged masks": (lambda x, m, p: ops.gather_tokens(x, [m[0], m[0][:, :2]], p), ValueError, r"masks\[1\]: shape \(2, 2\) differs from masks\[0\] \(2, 3\)"),
+    "integer h": (lambda x, m, p: ops.target_tokens(x.long(), m, 1), ValueError, r"h: expected a floating-point tensor, got torch.int64"),
+    "int16 masks": (lambda x, m, p: ops.target_tokens(x, [m[0].short()], 1), ValueError, r"masks_pred\[0\]: expected int32 or int64 indices, got torch.int16"),
+    "nenc 2.0": (lambda x, m, p: ops.target_tokens(x, m, 2.0), ValueError, r"nenc: expected a positive int, got 2.0"),
+    "nenc 0": (lambda x, m, p: ops.target_tokens(x, m, 0), ValueError, r"nenc: expected a positive int, got 0"),
+    "target index N": (lambda x, m, p: ops.target_tokens(x, [m[0].fill_(9)], 1), IndexError,
+                       r"masks_pred\[0\]: index 9 is out of range for 9 tokens \(expected 0 <= index < 9\)"),
+    "loss shapes": (lambda x, m, p: ops.smooth_l1_loss(x, x[:, :4]), ValueError,
+                    r"smooth_l1_loss: z has shape \(2, 9, 16\), expected the shape of h \(2, 4, 16\)"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", sorted(_BAD_INPUTS))
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_bad_inputs_name_argument_value_and_expectation(case, backend):
+    fn, exc, match = _BAD_INPUTS[case]
+    x, m, p = torch.randn(_B, _N, _D), [torch.randint(0, _N, (_B, 3))], torch.randn(1, _N, _D)
+    with use_backend(backend), pytest.raises(exc, match=match):
+        fn(x, m, p)
+
+
+def test_unknown_backend_lists_the_known_ones():
+    with pytest.raises(ValueError, match=r"use_backend='bogus' is not a fastjepa backend; expected one of auto, reference, triton, cpp"):
+        with use_backend("bogus"):
+            pass
