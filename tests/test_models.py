@@ -81,11 +81,21 @@ def test_state_dict_names_match_reference():
 
 
 def test_strict_load_both_ways_and_prefixed():
+    """A state dict under the reference's names with DDP's ``module.`` prefix (as published
+    checkpoints hold) loads strictly once stripped; ours, written back out, has exactly the
+    reference's names, so the reference code can load it strictly too."""
+    from fastjepa.checkpoint import strip_module_prefix
+
     a = models.vit_tiny(patch_size=8, img_size=16, depth=2)
     b = models.vit_tiny(patch_size=8, img_size=16, depth=2)
-    b.load_state_dict(a.state_dict(), strict=True)
-    for k, v in a.state_dict().items():
-        assert torch.equal(v, b.state_dict()[k])
+    names = _reference_encoder_names(2)
+    published = {f"module.{n}": torch.randn_like(a.state_dict()[n]) for n in names}  # the reference's names, prefixed
+    b.load_state_dict(strip_module_prefix(published), strict=True)
+    for n in names:
+        assert torch.equal(b.state_dict()[n], published[f"module.{n}"])
+    assert list(b.state_dict()) == names  # and back: a file the reference loads strictly
+    with pytest.raises(RuntimeError, match="Unexpected key"):
+        b.load_state_dict(published, strict=True)  # the prefix must go, not be silently ignored
 
 
 @pytest.mark.parametrize("which", ["encoder", "predictor"])
