@@ -2,7 +2,8 @@
 
 ``TRITON_INTERPRET=1`` must be set before triton is imported anywhere, so it is set
 here, at collection time. GPU-only tests carry ``@pytest.mark.gpu`` and are skipped
-when no CUDA device is present (never a collection error).
+when no CUDA device is present (never a collection error), and on a GPU unless
+``TRITON_INTERPRET=0`` (so that they test compiled kernels, not the interpreter).
 """
 
 import os
@@ -14,9 +15,15 @@ import torch  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
+    if not torch.cuda.is_available():
+        reason = "needs a CUDA GPU"
+    elif os.environ.get("TRITON_INTERPRET") == "1":
+        # the interpreter would run the Triton kernels of the GPU tests too, so they would
+        # pass without testing compiled code; benchmarks/gpu_check.sh sets TRITON_INTERPRET=0
+        reason = "TRITON_INTERPRET=1 (the CPU tests' default): run `TRITON_INTERPRET=0 pytest -m gpu` for compiled kernels"
+    else:
         return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    skip = pytest.mark.skip(reason=reason)
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
