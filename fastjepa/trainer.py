@@ -435,7 +435,12 @@ class Trainer:
         if self.cfg["optimization"]["nan_policy"] == "skip":
             # a non-finite loss, or a finite one with non-finite gradients; under DDP/FSDP all
             # ranks skip together (the all-reduce has spread one rank's NaN gradients to all)
-            grads_ok = [torch.isfinite(p.grad).all() for p in self.model.parameters() if p.grad is not None]
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            if self.fsdp:  # sharded gradients: each rank checks its shards, any_rank below joins them
+                from .fsdp import local
+
+                grads = local(grads)
+            grads_ok = [torch.isfinite(g).all() for g in grads]
             skip = not bool(torch.isfinite(total).item()) or not bool(torch.stack(grads_ok).all())
             if self.dist.enabled:
                 skip = any_rank(skip, self.dist, self.device)

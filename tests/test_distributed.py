@@ -118,12 +118,15 @@ def test_nan_on_one_rank_stops_every_rank_together(tmp_path, mode):
     assert ckpt["epoch"] == 1 and all(torch.isfinite(v).all() for v in ckpt["encoder"].values())
 
 
-def test_nan_skip_on_one_rank_skips_on_every_rank(tmp_path):
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_nan_skip_on_one_rank_skips_on_every_rank(tmp_path, mode):
     """nan_policy=skip, a NaN loss on rank 1 only: every rank skips that update (the
     all-reduce spread the NaN gradients to all), so the run ends finite and in sync."""
-    r = torchrun(tmp_path / "run", "optimization.nan_policy=skip", env={"FASTJEPA_TEST_NAN_AT": "1:2"}, timeout=120)
+    extra = ["meta.fsdp=true"] if mode == "fsdp" else []
+    r = torchrun(tmp_path / "run", *extra, "optimization.nan_policy=skip", env={"FASTJEPA_TEST_NAN_AT": "1:2"}, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "step 2: non-finite loss or gradients" in r.stderr and "parameters identical across 2 ranks" in r.stderr
+    assert "step 2: non-finite loss or gradients" in r.stderr
+    assert ("parameters identical across 2 ranks" if mode == "ddp" else "FSDP2 run finished on 2 ranks") in r.stderr
     ckpt = read_checkpoint(tmp_path / "run" / "jepa-latest.pth.tar")
     assert all(torch.isfinite(v).all() for k in ("encoder", "predictor", "target_encoder") for v in ckpt[k].values())
 
