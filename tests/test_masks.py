@@ -222,3 +222,18 @@ def test_block_size_matches_spec():
     # u=0 on a 16x16 grid with pred scale 0.15 and aspect 0.75: max_keep = int(256*0.15) = 38
     assert block_size(0.0, (0.15, 0.2), (0.75, 1.5), 16, 16) == (round(math.sqrt(38 * 0.75)), round(math.sqrt(38 / 0.75)))
     assert block_size(1.0, (0.85, 1.0), (1.0, 1.0), 16, 16) == (15, 15)  # reduced until < H, W
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(enc_mask_scale=(0.9, 0.5)), r"enc_mask_scale=\(0.9, 0.5\): expected low <= high"),
+    (dict(enc_mask_scale=(0.85, 1.2)), r"enc_mask_scale=\(0.85, 1.2\): expected 0 < low <= high <= 1"),
+    (dict(enc_mask_scale=(0.85,)), r"enc_mask_scale=\(0.85,\): expected two numbers \(low, high\)"),
+    (dict(input_size=4), r"input_size=\(4, 4\) with patch_size=4 gives a 1x1 grid; expected at least 2x2"),
+    (dict(min_keep=2.5), r"min_keep=2.5: expected an int >= 0"),
+    (dict(rank=2, world_size=2), r"rank=2: expected 0 <= rank < world_size=2"),
+    (dict(compat="bogus"), r"compat='bogus': expected one of fastjepa, reference"),
+])  # fmt: skip
+def test_collator_mistakes_say_what_is_wrong(kwargs, message):
+    args = dict(input_size=32, patch_size=4, enc_mask_scale=(0.85, 1.0), pred_mask_scale=(0.15, 0.2), aspect_ratio=(0.75, 1.5))
+    with pytest.raises(ValueError, match=message):
+        MaskCollator(**{**args, **kwargs})

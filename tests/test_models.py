@@ -228,3 +228,17 @@ def test_drop_path_drops_whole_residual_branches_in_training_only():
         enc.train()
         outs = [enc(imgs) for _ in range(8)]
     assert torch.equal(a, b) and any(not torch.allclose(o, a) for o in outs)
+
+
+@pytest.mark.parametrize("build, message", [
+    (lambda: models.vit_tiny(patch_size=4, img_size=16, depth=1, embed_dim=40, num_heads=3), r"dim=40 is not divisible by num_heads=3"),
+    (lambda: models.vit_tiny(patch_size=4, img_size=16, depth=1)(torch.randn(2, 3, 20, 20)), r"images: expected \(B, C, 16, 16\), got \(2, 3, 20, 20\)"),
+    (lambda: models.vit_tiny(patch_size=4, img_size=16, depth=1, embed_dim=30, num_heads=3),
+     r"embed_dim=30: a 2-D sin-cos embedding needs a width divisible by 4"),
+    (lambda: models.vit_tiny(patch_size=4, img_size=(16, 20), depth=1), r"img_size=\[16, 20\]: expected an int or a one-element list"),
+    (lambda: vit_predictor(num_patches=16, embed_dim=16, predictor_embed_dim=8, depth=1, num_heads=2)(torch.randn(2, 3, 16), None, None),
+     r"VisionTransformerPredictor: masks_x and masks are required"),
+])  # fmt: skip
+def test_model_mistakes_say_what_is_wrong(build, message):
+    with pytest.raises(ValueError, match=message):
+        build()
