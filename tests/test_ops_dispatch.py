@@ -286,3 +286,30 @@ def test_unknown_backend_lists_the_known_ones():
     with pytest.raises(ValueError, match=r"use_backend='bogus' is not a fastjepa backend; expected one of auto, reference, triton, cpp"):
         with use_backend("bogus"):
             pass
+
+
+@pytest.mark.parametrize("backend", ["triton", "auto", "reference"])
+def test_public_ops_compile_in_one_graph(backend):
+    """torch.compile(fullgraph=True) of code calling the public ops: one graph, the same
+    values and gradients as eager. (Backend selection runs once at trace time; it used to
+    break the graph on its availability checks, which import modules.)"""
+    B, N, D, P = 2, 9, 16, 8
+    x, ctx, mt = (torch.randn(*s, requires_grad=True) for s in ((B, N, D), (B, 4, P), (1, 1, P)))
+    pos, pos_p = torch.randn(1, N, D), torch.randn(1, N, P)
+    m1, m2 = torch.randint(0, N, (B, 4)), torch.randint(0, N, (B, 3))
+
+    def f(x, ctx, mt, m1, m2):
+        a = ops.gather_tokens(x, [m1], pos).sin().sum()
+        b = ops.predictor_tokens(ctx, [m1], [m2], pos_p, mt).cos().sum()
+        return a + b + ops.smooth_l1_loss(ops.gather_tokens(x, [m2], None), ops.target_tokens(x.detach(), [m2], 1))
+
+    torch._dynamo.reset()
+    with use_backend(backend):
+        eager = f(x, ctx, mt, m1, m2)
+        g_eager = torch.autograd.grad(eager, (x, ctx, mt))
+        compiled = torch.compile(f, fullgraph=True, backend="aot_eager")(x, ctx, mt, m1, m2)
+        g_compiled = torch.autograd.grad(compiled, (x, ctx, mt))
+    torch.testing.assert_close(compiled, eager)
+    for a, b in zip(g_compiled, g_eager):
+        torch.testing.assert_close(a, b)
+    torch._dynamo.reset()

@@ -217,8 +217,12 @@ def _cpp_has_cuda() -> bool:
     return bool(getattr(importlib.import_module("fastjepa._C"), "WITH_CUDA", False))
 
 
+@assume_constant_result
 def select(op: str, device: torch.device, dtype: torch.dtype, *, cpp_op: bool = True) -> str:
     """Pick ``"reference"``, ``"triton"`` or ``"cpp"`` for one call of ``op``.
+
+    Under ``torch.compile`` it runs once, when a graph is traced (its inputs are constants
+    there, and availability checks import modules, which Dynamo cannot trace).
 
     ``cpp_op=False`` for ops the extension does not implement (then ``cpp`` on such an
     op runs the reference in ``auto`` mode and raises when forced).
