@@ -312,15 +312,7 @@ class Trainer:
     def _checkpoint(self, *, epoch: int, next_itr: int, extra_name: str | None = None) -> Path | None:
         # never write non-finite weights over a good checkpoint (a finite loss can still
         # come with an inf gradient, e.g. on the last step of an epoch)
-        params = list(self.model.parameters())
-        if self.fsdp:
-            from .fsdp import local
-
-            params = local(params)
-        finite = bool(torch.stack([torch.isfinite(p).all() for p in params]).all())
-        if self.dist.enabled:
-            finite = not any_rank(not finite, self.dist, self.device)
-        if not finite:
+        if not self._finite_on_every_rank(list(self.model.parameters())):
             raise NonFiniteLoss(
                 f"the weights became non-finite by step {self.step}; not writing them over {self.latest}"
                 + (" (the last good checkpoint)" if self.latest.exists() else "")
@@ -363,6 +355,18 @@ class Trainer:
         if extra_name:
             save(self.out / extra_name)
         return self.latest
+
+    def _finite_on_every_rank(self, tensors: list[torch.Tensor]) -> bool:
+        """True on every rank iff every element of ``tensors`` is finite on every rank (FSDP2
+        shards are checked locally; one host sync, plus one all-reduce under torchrun)."""
+        if self.fsdp:
+            from .fsdp import local
+
+            tensors = local(tensors)
+        finite = bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+        if self.dist.enabled:
+            finite = not any_rank(not finite, self.dist, self.device)
+        return finite
 
     def _remove_partial_writes(self) -> None:
         """Delete what a killed checkpoint write left: ``.<tag>-next.pth.tar``, the
@@ -436,14 +440,7 @@ class Trainer:
             # a non-finite loss, or a finite one with non-finite gradients; under DDP/FSDP all
             # ranks skip together (the all-reduce has spread one rank's NaN gradients to all)
             grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-            if self.fsdp:  # sharded gradients: each rank checks its shards, any_rank below joins them
-                from .fsdp import local
-
-                grads = local(grads)
-            grads_ok = [torch.isfinite(g).all() for g in grads]
-            skip = not bool(torch.isfinite(total).item()) or not bool(torch.stack(grads_ok).all())
-            if self.dist.enabled:
-                skip = any_rank(skip, self.dist, self.device)
+            skip = not self._finite_on_every_rank([total, *grads])
         grads = self._grad_stats() if want_grads and not skip else None
         clip = self.cfg["optimization"]["clip_grad"]
         if skip:
