@@ -505,7 +505,6 @@ class Trainer:
         )
         t_start = time.perf_counter()
         pending: list[dict] = []
-        first_bad: int | None = None
         status, stopped_by = "done", None
         try:
             while self.epoch < epochs:
@@ -540,7 +539,7 @@ class Trainer:
                     self.images_seen += imgs.size(0) * self.dist.world_size
                     n_since += imgs.size(0) * self.dist.world_size
                     if self.step % self.check_every == 0 or log_now:
-                        first_bad = self._check_finite(pending, first_bad)
+                        self._check_finite(pending)
                     if log_now:
                         now = time.perf_counter()
                         ips = n_since / max(now - t_last, 1e-9)
@@ -551,12 +550,12 @@ class Trainer:
                     if self.dist.enabled:
                         stop = any_rank(stop, self.dist, self.device)
                     if stop or (max_steps is not None and self.step >= max_steps):
-                        first_bad = self._check_finite(pending, first_bad)
+                        self._check_finite(pending)
                         self._flush(pending, writer, csv_file, tb, float("nan"), 0.0)
                         pending = []
                         stopped_by = "signal" if stop else "max_steps"
                         raise StopRequested
-                first_bad = self._check_finite(pending, first_bad)
+                self._check_finite(pending)
                 self._flush(pending, writer, csv_file, tb, float("nan"), 0.0)
                 pending = []
                 self._bar.close()
@@ -627,17 +626,16 @@ class Trainer:
             raise RuntimeError("data-parallel ranks ended with different weights: this is a bug, please report it")
         self._say(f"fastjepa: parameters identical across {self.dist.world_size} ranks")
 
-    def _check_finite(self, pending: list[dict], first_bad: int | None) -> int | None:
-        if not pending:
-            return first_bad
-        if self.cfg["optimization"]["nan_policy"] == "skip":
-            return first_bad
+    def _check_finite(self, pending: list[dict]) -> None:
+        """Raise :class:`NonFiniteLoss` at the first non-finite loss in ``pending`` (of any rank)."""
+        if not pending or self.cfg["optimization"]["nan_policy"] == "skip":
+            return
         finite = torch.isfinite(torch.stack([p["loss"] for p in pending])).tolist()
         bad_step = next((p["step"] for p, ok in zip(pending, finite) if not ok), None)
         if self.dist.enabled:  # every rank stops at the same check, at the first bad step of any rank
             bad_step = min_over_ranks(bad_step, self.dist, self.device)
         if bad_step is None:
-            return first_bad
+            return
         bad = next(p for p in pending if p["step"] == bad_step)
         raise NonFiniteLoss(f"the loss became non-finite at step {bad['step']} (epoch {bad['epoch']}, iteration {bad['itr']})")
 
