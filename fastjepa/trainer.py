@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader
 
-from . import models
+from . import models, time_budget
 from .checkpoint import CheckpointError, fsync_dir, keep_as, load_checkpoint, read_checkpoint, save_checkpoint, save_states
 from .config import ConfigError, dump_config
 from .data import build_dataset
@@ -197,11 +197,7 @@ class Trainer:
         self.sampler = ResumableSampler(len(self.dataset), data["batch_size"], self.dist, seed=meta["seed"])
         self.collator = MaskCollator.from_config(cfg, rank=self.dist.rank, world_size=self.dist.world_size)
         self.ipe = self.sampler.batches_per_epoch
-        total = int(opt["epochs"] * self.ipe * opt["ipe_scale"])
-        warmup = int(opt["warmup"] * self.ipe)
-        self.lr_sched = WarmupCosineLR(opt["start_lr"], opt["lr"], opt["final_lr"], warmup, total)
-        self.wd_sched = CosineWD(opt["weight_decay"], opt["final_weight_decay"], total)
-        self.mom_sched = LinearMomentum(opt["ema"][0], opt["ema"][1], total)
+        self._build_schedules()
 
         self.epoch, self.next_itr, self.step = 0, 0, 0
         self.last_loss = float("nan")
@@ -211,8 +207,21 @@ class Trainer:
         self._nan_at = tuple(int(v) for v in nan_at.split(":")) if nan_at else None
         self.check_every = 1 if self.device.type == "cpu" else cfg["logging"]["log_freq"]
         self.images_seen = 0
+        self.plan = time_budget.plan(self, resume=resume)  # optimization.time_budget_s: fewer epochs where steps are slow
+        if self.plan is not None and self.plan.epochs != opt["epochs"]:
+            opt["epochs"] = self.plan.epochs  # the resolved config (config.yaml) records the choice
+            opt["warmup"] = min(opt["warmup"], self.plan.epochs * opt["ipe_scale"])
+            self._build_schedules()
         if resume:
             self._resume()
+
+    def _build_schedules(self) -> None:
+        opt = self.cfg["optimization"]
+        total = int(opt["epochs"] * self.ipe * opt["ipe_scale"])
+        warmup = int(opt["warmup"] * self.ipe)
+        self.lr_sched = WarmupCosineLR(opt["start_lr"], opt["lr"], opt["final_lr"], warmup, total)
+        self.wd_sched = CosineWD(opt["weight_decay"], opt["final_weight_decay"], total)
+        self.mom_sched = LinearMomentum(opt["ema"][0], opt["ema"][1], total)
 
     # -- setup helpers
 
@@ -503,6 +512,8 @@ class Trainer:
             f"{len(self.dataset)} images, {self.ipe} iterations/epoch, batch {cfg['data']['batch_size']} per process "
             f"(effective {eff}), output {self.out}"
         )
+        if self.plan is not None:
+            self._say(self.plan.describe())
         t_start = time.perf_counter()
         pending: list[dict] = []
         status, stopped_by = "done", None

@@ -23,6 +23,7 @@ TINY = [
     "logging.probe=false",
     "logging.plots=false",
     "logging.tensorboard=false",
+    "optimization.time_budget_s=null",  # the default config's budget would re-size the epochs by machine speed
     "meta.use_bfloat16=false",  # fp32: the tests compare paths at fp32 tolerance
 ]
 

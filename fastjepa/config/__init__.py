@@ -94,6 +94,7 @@ SCHEMA: dict[str, dict[str, tuple[Any, Any, str]]] = {
         "grad_accum": ("int", 1, "micro-batches per optimizer step (fastjepa)"),
         "clip_grad": ("opt_float", None, "max gradient norm (fastjepa; off as the reference)"),
         "nan_policy": (("stop", "skip"), "stop", "non-finite loss: stop the run, or skip the step (fastjepa)"),
+        "time_budget_s": ("opt_float", None, "train at most about this long: fewer epochs, chosen from a measured step time (fastjepa)"),
     },
 }
 
@@ -226,6 +227,8 @@ def validate(cfg: dict) -> dict:
         raise ConfigError(f"optimization.ema={o['ema']}: expected 0 <= start <= end <= 1")
     if o["warmup"] < 0 or o["warmup"] > o["epochs"] * o["ipe_scale"]:
         raise ConfigError(f"optimization.warmup={o['warmup']}: expected between 0 and epochs·ipe_scale={o['epochs'] * o['ipe_scale']}")
+    if o["time_budget_s"] is not None and not o["time_budget_s"] > 0:
+        raise ConfigError(f"optimization.time_budget_s={o['time_budget_s']}: expected a number of seconds > 0, or null for no budget")
     if meta["max_steps"] is not None and meta["max_steps"] < 1:
         raise ConfigError(f"meta.max_steps={meta['max_steps']}: expected an integer >= 1 or null")
     # mask feasibility: the collator's own check, with the config's names in the message

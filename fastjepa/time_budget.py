@@ -1,0 +1,134 @@
+"""``optimization.time_budget_s``: fit a run's epochs to a wall-time budget.
+
+The default CPU run must finish in a few minutes on any 2-core machine, with or without
+bf16 matrix units (the fp32 path is 1.5-4x slower per step). Instead of a fixed epoch
+count tuned for one machine, the trainer times a few real optimizer steps before
+training, on the run's own model and data, restores every piece of state those steps
+touched (weights, EMA target, optimizer state, RNG), and then trains
+``min(optimization.epochs, what fits the budget)`` epochs. It only ever lowers the epoch
+count, and it says what it chose.
+
+The chosen count is part of the run's resolved config (``config.yaml``), so ``--resume``
+reads it from there instead of measuring again: a resumed run keeps its schedule.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+# per-step cost the timed steps do not see: data loading, logging, the end-of-epoch checkpoint
+OVERHEAD = 1.15
+WARMUP_STEPS = 1  # the first step pays one-time allocation and dispatch costs
+TIMED_STEPS = 2
+
+
+@dataclass(frozen=True)
+class Plan:
+    epochs: int  # epochs the run will train
+    configured_epochs: int  # optimization.epochs
+    step_s: float  # measured seconds per optimizer step (0 where nothing was measured)
+    steps_per_epoch: int
+    budget_s: float
+
+    @property
+    def expected_s(self) -> float:
+        return self.epochs * self.steps_per_epoch * self.step_s * OVERHEAD
+
+    def describe(self) -> str:
+        if self.step_s == 0:
+            return (f"fastjepa: {self.epochs} epoch(s), as chosen for optimization.time_budget_s={self.budget_s:g} "
+                    "when the run started (from its config.yaml)")
+        what = (
+            f"{self.epochs} epoch(s)"
+            if self.epochs == self.configured_epochs
+            else f"{self.epochs} of the configured {self.configured_epochs} epochs"
+        )
+        return (
+            f"fastjepa: expected training time ~{self.expected_s:.0f} s: {what} x {self.steps_per_epoch} steps at "
+            f"{1000 * self.step_s:.0f} ms/step (measured; optimization.time_budget_s={self.budget_s:g})"
+        )
+
+
+def epochs_for_budget(budget_s: float, step_s: float, steps_per_epoch: int, max_epochs: int) -> int:
+    """The most epochs (at least 1, at most ``max_epochs``) whose steps fit ``budget_s``."""
+    if step_s <= 0 or steps_per_epoch <= 0:
+        return max_epochs
+    fit = math.floor(budget_s / (steps_per_epoch * step_s * OVERHEAD))
+    return max(1, min(max_epochs, fit))
+
+
+def measure_step_seconds(trainer) -> float:
+    """Seconds per optimizer step of ``trainer``, timed on a batch of its own data.
+
+    Every piece of state a step touches is put back afterwards, bit for bit: the model
+    (encoder, predictor, EMA target), the optimizer state, the global RNGs, the mask
+    collator (a new one draws the masks) and the dataset (samples are read, not iterated).
+    """
+    from .masks import MaskCollator
+    from .trainer import rng_state, set_rng_state
+
+    model_state = copy.deepcopy(trainer.model.state_dict())
+    opt_state = copy.deepcopy(trainer.optimizer.state_dict())
+    rng = rng_state()
+    nan_at, trainer._nan_at = trainer._nan_at, None  # the fault-test hook fires in training steps only
+    try:
+        collator = MaskCollator.from_config(trainer.cfg, rank=trainer.dist.rank, world_size=trainer.dist.world_size)
+        samples = [trainer.dataset[i % len(trainer.dataset)] for i in range(trainer.cfg["data"]["batch_size"])]
+        udata, masks_enc, masks_pred = collator(samples)
+        imgs = (udata[0] if isinstance(udata, (list, tuple)) else udata).to(trainer.device)
+        masks_enc = [m.to(trainer.device) for m in masks_enc]
+        masks_pred = [m.to(trainer.device) for m in masks_pred]
+        times = []
+        with trainer._backend_context():
+            for i in range(WARMUP_STEPS + TIMED_STEPS):
+                if trainer.device.type == "cuda":
+                    torch.cuda.synchronize(trainer.device)
+                t0 = time.perf_counter()
+                loss, _, _ = trainer.train_step(imgs, masks_enc, masks_pred)
+                float(loss)  # waits for the step
+                if i >= WARMUP_STEPS:
+                    times.append(time.perf_counter() - t0)
+    finally:
+        trainer.model.load_state_dict(model_state)
+        trainer.optimizer.load_state_dict(opt_state)
+        trainer.optimizer.zero_grad(set_to_none=True)
+        set_rng_state(rng)
+        trainer._nan_at = nan_at
+    step_s = sum(times) / len(times)
+    if trainer.dist.enabled:  # every rank must train the same number of epochs: the slowest decides
+        t = torch.tensor([step_s], dtype=torch.float64, device=trainer.device if trainer.device.type == "cuda" else "cpu")
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        step_s = float(t)
+    return step_s
+
+
+def resumed_epochs(out: Path) -> int | None:
+    """The epoch count a budgeted run chose, from its folder's ``config.yaml`` (None if absent)."""
+    from .config import read_yaml
+
+    path = Path(out) / "config.yaml"
+    if not path.is_file():
+        return None
+    saved = read_yaml(path).get("optimization", {})
+    return saved.get("epochs") if isinstance(saved.get("epochs"), int) else None
+
+
+def plan(trainer, *, resume: bool) -> Plan | None:
+    """Decide the run's epochs under ``optimization.time_budget_s`` (None: no budget set)."""
+    opt = trainer.cfg["optimization"]
+    budget = opt["time_budget_s"]
+    if budget is None:
+        return None
+    configured = opt["epochs"]
+    if resume:
+        chosen = resumed_epochs(trainer.out)
+        if chosen is not None:
+            return Plan(chosen, configured, 0.0, trainer.ipe, budget)
+    step_s = measure_step_seconds(trainer)
+    return Plan(epochs_for_budget(budget, step_s, trainer.ipe, configured), configured, step_s, trainer.ipe, budget)
