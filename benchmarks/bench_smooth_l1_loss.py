@@ -5,7 +5,7 @@
 Minimal bytes: forward reads z and h once; backward reads z and h and writes z's gradient.
 PyTorch's own forward (one reduction) and backward (one elementwise kernel) already move
 exactly these bytes, so the fused kernels can at best match it: this benchmark is the
-evidence for the README's answer to "Is the loss fused?".
+evidence for the answer to "Is the loss fused?" in docs/ops.md.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """FLOPs of one I-JEPA training step, and the machine's measured matmul peak.
 
-Counted from the model shapes and the step's actual mask sizes (SPEC §5), matrix
+Counted from the model shapes and the step's actual mask sizes (docs/design.md §5), matrix
 products only (2 FLOPs per multiply-add; layer norms, softmax, GELU, the loss are
 bandwidth work and left out, as in the usual MFU convention):
 

@@ -10,12 +10,12 @@
 
 namespace fastjepa {
 
-// SPEC §4 default mode for a whole batch: (enc (nenc, B, Kc), pred (npred, B, Kt)) int64.
+// docs/design.md §4 default mode for a whole batch: (enc (nenc, B, Kc), pred (npred, B, Kt)) int64.
 std::tuple<at::Tensor, at::Tensor> sample_masks(
     int64_t B, int64_t H, int64_t W, at::ArrayRef<double> enc_scale, at::ArrayRef<double> pred_scale,
     at::ArrayRef<double> aspect, int64_t nenc, int64_t npred, int64_t min_keep, bool allow_overlap, int64_t seed);
 
-// (h, w) of a block for one uniform draw u used for both scale and aspect (SPEC §4).
+// (h, w) of a block for one uniform draw u used for both scale and aspect (docs/design.md §4).
 std::pair<int64_t, int64_t> block_size(double u, double s_lo, double s_hi, double a_lo, double a_hi, int64_t H, int64_t W);
 
 // x (B, N, D), idx (M, B, K), pos (1, Npos >= N, D) or undefined -> (M·B, K, D).

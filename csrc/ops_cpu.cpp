@@ -1,4 +1,4 @@
-// CPU kernels of the fused ops (SPEC §7): gather_tokens, predictor_tokens, target_tokens.
+// CPU kernels of the fused ops (docs/design.md §7): gather_tokens, predictor_tokens, target_tokens.
 //
 // Loops over output rows with at::parallel_for (OpenMP); feature loops in fp32 that the
 // compiler vectorises. Every output row is written by exactly one task, so the results,

@@ -1,4 +1,4 @@
-// Multi-block mask sampler (SPEC §4, fastjepa's default mode) for a whole batch.
+// Multi-block mask sampler (docs/design.md §4, fastjepa's default mode) for a whole batch.
 //
 // Same distribution as MaskCollator.sample in fastjepa/masks/multiblock.py:
 //   * one uniform draw u per block kind (targets, then context) sets both scale and aspect;

@@ -1,4 +1,4 @@
-"""Checkpoints in the reference format (SPEC §6), written atomically, read strictly.
+"""Checkpoints in the reference format (docs/design.md §6), written atomically, read strictly.
 
 A checkpoint is a ``torch.save`` dict with keys ``encoder, predictor, target_encoder,
 opt, scaler, epoch, loss, batch_size, world_size, lr``. fastjepa's additions (global

@@ -1,4 +1,4 @@
-"""``IJEPA``: encoder, predictor and EMA target encoder, with the loss of SPEC §5."""
+"""``IJEPA``: encoder, predictor and EMA target encoder, with the loss of docs/design.md §5."""
 
 from __future__ import annotations
 

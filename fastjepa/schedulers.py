@@ -1,4 +1,4 @@
-"""LR, weight-decay and EMA-momentum schedules (SPEC §5).
+"""LR, weight-decay and EMA-momentum schedules (docs/design.md §5).
 
 All three are pure functions of the global step, so a resumed run recomputes them from
 the restored step counter; the small classes hold the constants.

@@ -1,7 +1,7 @@
 """The shape trace: one I-JEPA step, tensor by tensor (``python -m fastjepa.train --trace-shapes``).
 
 It builds the model and one masked batch from the config, then walks the step of
-SPEC §5 with the same ops the models use (``fastjepa.ops``, ``apply_masks``,
+docs/design.md §5 with the same ops the models use (``fastjepa.ops``, ``apply_masks``,
 ``repeat_interleave_batch``), printing each tensor's shape beside its symbolic form —
 the walk-through people use to learn how I-JEPA's batched predictor lays out its rows.
 At the end the traced prediction and loss are checked against the model's own forward.

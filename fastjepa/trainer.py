@@ -1,4 +1,4 @@
-"""The I-JEPA training loop (SPEC §5): build, step, log, checkpoint, resume, stop cleanly."""
+"""The I-JEPA training loop (docs/design.md §5): build, step, log, checkpoint, resume, stop cleanly."""
 
 from __future__ import annotations
 
@@ -125,7 +125,7 @@ def make_optimizer(model: IJEPA, device: torch.device, reference: bool) -> torch
 
 
 def autocast_dtype(use_bfloat16: bool, device: torch.device, reference: bool) -> torch.dtype | None:
-    """bf16 autocast on CUDA (SPEC §5), and on CPUs with bf16 matrix units — where it pays
+    """bf16 autocast on CUDA (docs/design.md §5), and on CPUs with bf16 matrix units — where it pays
     (measured 1.4-1.5x on AVX512-BF16) — except for the reference step, which runs fp32 off
     CUDA as the reference code does. None: fp32."""
     if not use_bfloat16:

@@ -1,4 +1,4 @@
-"""Batched predictor input (SPEC §2 step 2): kernels and launchers.
+"""Batched predictor input (docs/design.md §2 step 2): kernels and launchers.
 
 Forward, one pass: output sequence ``r = (j·nenc + i)·B + b`` (L = Kc + Kt tokens) is
 ``[ctx[i·B + b] + pos[idx_x[i, b]] ; mask_token + pos[idx[j, b]]]``.

@@ -1,4 +1,4 @@
-"""Target path (SPEC §5): layer-norm + gather + ``repeat_interleave_batch``, one pass.
+"""Target path (docs/design.md §5): layer-norm + gather + ``repeat_interleave_batch``, one pass.
 
 ``out[(j·nenc + i)·B + b, k, :] = LN(h[b, idx[j, b, k], :])`` with LN over D, no affine,
 eps 1e-5, statistics in fp32 (mean, then the variance of the centred values). Each

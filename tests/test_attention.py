@@ -4,7 +4,7 @@ CPU: SDPA (and math) in fp32 and float64 on random inputs, forward and backward 
 random upstream gradient; flash-attn and xformers are skipped with the reason they cannot
 run. A forced backend that cannot run raises, naming why. The whole I-JEPA loss and its
 gradients agree across backends. GPU-marked tests check flash-attn, xformers and SDPA's
-flash kernel in bf16 with the tolerance rule of STYLE.md: the error against an fp32
+flash kernel in bf16 with the tolerance rule of docs/design.md §8: the error against an fp32
 reference is at most twice that of the same-dtype math attention, plus a small atol.
 """
 
@@ -178,7 +178,7 @@ def test_whole_model_same_loss_and_grads_each_backend(dtype):
             torch.testing.assert_close(grads[name], grads_ref[name], **TOL[dtype], msg=f"{backend} {name}")
 
 
-# -- GPU: bf16 kernels against an fp32 reference, STYLE.md's tolerance rule
+# -- GPU: bf16 kernels against an fp32 reference, the tolerance rule of docs/design.md §8
 
 
 def _rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:

@@ -1,4 +1,4 @@
-"""The C++ multi-block sampler (``torch.ops.fastjepa.sample_masks``) against SPEC §4.
+"""The C++ multi-block sampler (``torch.ops.fastjepa.sample_masks``) against docs/design.md §4.
 
 Invariants on every batch, determinism, thread-count independence, errors, and
 distribution agreement with the Python default mode (``MaskCollator.sample``) over many

@@ -176,7 +176,7 @@ def test_bad_inputs_raise(case, exc, match):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype, atol", [(torch.bfloat16, 1e-2), (torch.float16, 1e-3)])
 def test_low_precision_tolerance_rule(dtype, atol):
-    """Kernel error vs an fp32 reference ≤ 2× the same-dtype PyTorch error + atol (STYLE.md)."""
+    """Kernel error vs an fp32 reference ≤ 2× the same-dtype PyTorch error + atol (docs/design.md §8)."""
     B, N, D, M, K = 8, 256, 768, 2, 71
     x32, pos32 = torch.randn(B, N, D, device="cuda"), torch.randn(1, N, D, device="cuda")
     masks = [torch.randint(0, N, (B, K), device="cuda") for _ in range(M)]
@@ -193,7 +193,7 @@ def test_low_precision_tolerance_rule(dtype, atol):
 
 @pytest.mark.parametrize("bad", [-1, 9])
 def test_out_of_range_rows_come_out_nan_and_drop_their_gradient(bad):
-    """README's promise for CUDA without validate=True: the kernels never read outside
+    """docs/ops.md's promise for CUDA without validate=True: the kernels never read outside
     memory; a row with an out-of-range index is NaN and its gradient goes nowhere."""
     B, N, D = 2, 9, 20
     x, pos = torch.randn(B, N, D), torch.randn(1, N, D)
@@ -217,7 +217,7 @@ def test_out_of_range_rows_come_out_nan_and_drop_their_gradient(bad):
 
 @pytest.mark.parametrize("backend", ["triton", "auto"])
 def test_mae_drop_in_with_the_class_token_sliced_off(backend):
-    """README's MAE example: gather_tokens(x, ids_keep, pos_embed[:, 1:, :]) — a view with a
+    """docs/ops.md's MAE example: gather_tokens(x, ids_keep, pos_embed[:, 1:, :]) — a view with a
     storage offset — equals MAE's add-then-gather, forward and backward."""
     B, N, D, K = 3, 16, 24, 5
     x = torch.randn(B, N, D, requires_grad=True)

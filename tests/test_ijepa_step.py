@@ -1,4 +1,4 @@
-"""One training step: the loss of SPEC §5, encoder & predictor change, target = EMA."""
+"""One training step: the loss of docs/design.md §5, encoder & predictor change, target = EMA."""
 
 import copy
 

@@ -45,7 +45,7 @@ def test_fp32_matches_reference(shape):
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("autocast", [True, False])
 def test_bf16_error_at_most_twice_eager(shape, autocast):
-    """STYLE's rule: error against the exact (float64) result at most 2x the same-dtype eager computation's (+ atol)."""
+    """The tolerance rule of docs/design.md §8: error against the exact (float64) result at most 2x the same-dtype eager computation's (+ atol)."""
     x, w, b = make(*shape)
     # the exact result for the inputs both paths get (autocast casts them to bf16 too):
     # rounding the inputs is not the op's error, and it is the same for both paths

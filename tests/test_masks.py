@@ -108,7 +108,7 @@ def test_corner_range_default_reaches_last_row_reference_never():
 
 
 def _reference_transcription(B, H, W, seed, p_scale, e_scale, aspect, nenc, npred, min_keep, allow_overlap):
-    """SPEC §4's reference procedure, transcribed line by line."""
+    """docs/design.md §4's reference procedure, transcribed line by line."""
     g = torch.Generator()
     g.manual_seed(seed)
 

@@ -156,7 +156,7 @@ def test_bad_image_size_raises():
 
 
 def _block_by_hand(x, blk, heads):
-    """SPEC §1's block written out: pre-norm (LayerNorm eps 1e-6), softmax attention scaled
+    """docs/design.md §1's block written out: pre-norm (LayerNorm eps 1e-6), softmax attention scaled
     by head_dim**-0.5, exact (erf) GELU, two residual adds."""
     F = torch.nn.functional
     B, N, C = x.shape
@@ -184,7 +184,7 @@ def test_encoder_and_predictor_equal_the_spec_written_out():
                     p.add_(0.3 * torch.randn_like(p))
     imgs = torch.randn(2, 3, 16, 16, dtype=torch.float64)
     x = F.conv2d(imgs, enc.patch_embed.proj.weight, enc.patch_embed.proj.bias, stride=4).flatten(2).transpose(1, 2)
-    # the table is built in fp32 (SPEC), so after .double() its values are fp32-rounded sin-cos
+    # the table is built in fp32 (docs/design.md §1.1), so after .double() its values are fp32-rounded sin-cos
     torch.testing.assert_close(enc.pos_embed[0].double(), torch.from_numpy(get_2d_sincos_pos_embed(24, 4)), rtol=0, atol=1e-7)
     x = x + enc.pos_embed.double()
     for blk in enc.blocks:
@@ -208,7 +208,7 @@ def test_encoder_and_predictor_equal_the_spec_written_out():
 
 
 def test_drop_path_drops_whole_residual_branches_in_training_only():
-    """SPEC: drop-path is supported (off in every published config): in training, a
+    """docs/design.md §1: drop-path is supported (off in every published config): in training, a
     sample's residual branch is dropped whole or kept scaled by 1/(1-p); eval is identity."""
     from fastjepa.models.vision_transformer import drop_path
 

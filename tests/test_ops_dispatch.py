@@ -155,7 +155,7 @@ def test_masks_on_another_device_are_rejected():
 
 
 def test_loss_stays_on_pytorch_unless_triton_is_forced(monkeypatch):
-    """Fusing the loss saves no bytes (README, "Is the loss fused?"): auto keeps ATen's kernels even where
+    """Fusing the loss saves no bytes (docs/ops.md, "Is the loss fused?"): auto keeps ATen's kernels even where
     it picks Triton for the other ops; a forced ``triton`` runs the fused kernels."""
     kernels = _dispatch.kernels()
     real, launched = kernels.smooth_l1_loss_fwd, []

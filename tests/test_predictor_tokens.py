@@ -175,7 +175,7 @@ def test_bad_inputs_raise(case, exc, match, backend):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype, atol", [(torch.bfloat16, 1e-2), (torch.float16, 1e-3)])
 def test_low_precision_tolerance_rule(dtype, atol):
-    """Kernel error vs an fp32 reference ≤ 2× the same-dtype PyTorch error + atol (STYLE.md)."""
+    """Kernel error vs an fp32 reference ≤ 2× the same-dtype PyTorch error + atol (docs/design.md §8)."""
     args32 = [t.cuda() if isinstance(t, torch.Tensor) else [m.cuda() for m in t] for t in inputs((16, 256, 384, 1, 4, 71, 43))]
     exact = run("reference", *args32)
     low = [t.to(dtype) if isinstance(t, torch.Tensor) else t for t in args32]

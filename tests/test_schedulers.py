@@ -1,4 +1,4 @@
-"""LR / WD / EMA schedules at chosen steps (SPEC §5)."""
+"""LR / WD / EMA schedules at chosen steps (docs/design.md §5)."""
 
 import math
 

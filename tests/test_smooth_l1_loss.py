@@ -83,7 +83,7 @@ def test_bad_inputs_raise():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype, atol", [(torch.bfloat16, 1e-2), (torch.float16, 1e-3)])
 def test_low_precision_tolerance_rule(dtype, atol):
-    """Kernel error vs an fp32 reference ≤ 2× the same-dtype PyTorch error + atol (STYLE.md)."""
+    """Kernel error vs an fp32 reference ≤ 2× the same-dtype PyTorch error + atol (docs/design.md §8)."""
     z, h = torch.randn(512, 44, 1280, device="cuda") * 2, torch.randn(512, 44, 1280, device="cuda")
     # upstream gradient n: each element's gradient is then clamp(z - h, -1, 1), O(1) — with
     # 1 it would be at most 1/n ≈ 3.5e-8, far below atol, and a zero gradient would pass

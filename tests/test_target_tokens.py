@@ -98,7 +98,7 @@ def test_bad_inputs_raise(case, exc, match):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype, atol", [(torch.bfloat16, 1e-2), (torch.float16, 1e-3)])
 def test_low_precision_tolerance_rule(dtype, atol):
-    """Kernel error vs an fp32 reference ≤ 2× the same-dtype PyTorch error + atol (STYLE.md)."""
+    """Kernel error vs an fp32 reference ≤ 2× the same-dtype PyTorch error + atol (docs/design.md §8)."""
     B, N, D, npred, nenc, Kt = 16, 256, 1280, 4, 1, 43
     h = make_h(B, N, D, True).cuda()
     masks = [torch.randint(0, N, (B, Kt), device="cuda") for _ in range(npred)]

@@ -120,7 +120,7 @@ def test_resume_mid_epoch_is_exact_in_both_mask_modes(tmp_path, compat):
 
 
 def test_each_step_uses_the_schedules_as_spec_says(tmp_path):
-    """SPEC §5: the lr/wd schedules step before each optimizer step, counting from 1; the
+    """docs/design.md §5: the lr/wd schedules step before each optimizer step, counting from 1; the
     EMA uses exactly ema[0] on the first step; groups excluded from wd keep 0."""
     cfg = load_config(None, [*TINY, "optimization.start_lr=0.0002", "optimization.lr=0.001", "optimization.ema=[0.99,1.0]"])
     t = Trainer(cfg, tmp_path / "r", quiet=True)

@@ -1,4 +1,4 @@
-// CUDA kernels of gather_tokens (SPEC §7), registered under TORCH_LIBRARY_IMPL(fastjepa, CUDA).
+// CUDA kernels of gather_tokens (docs/design.md §7), registered under TORCH_LIBRARY_IMPL(fastjepa, CUDA).
 //
 // Forward: one warp-strided pass per output row; out[(m·B+b)·K+k] = x[b, idx] + pos[idx],
 // math in fp32, one rounding to the output dtype. An out-of-range index writes a NaN row

@@ -1,5 +1,5 @@
 // C++ tests of the fastjepa._C sources, run by ctest (see CMakeLists.txt).
-// Sampler invariants (SPEC §4) and gather_tokens forward/backward against a naive loop,
+// Sampler invariants (docs/design.md §4) and gather_tokens forward/backward against a naive loop,
 // called both directly and through the dispatcher (torch::ops are registered by the library).
 
 #include <ATen/core/dispatch/Dispatcher.h>

@@ -1,4 +1,4 @@
-"""Multi-block masks (SPEC §4) and the masking helpers (SPEC §3)."""
+"""Multi-block masks (docs/design.md §4) and the masking helpers (docs/design.md §3)."""
 
 from .multiblock import MaskCollator, block_size
 from .utils import apply_masks, repeat_interleave_batch

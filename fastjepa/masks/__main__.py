@@ -3,7 +3,7 @@
 Draws one batch as training sees it — the config's dataset, crops and ``MaskCollator`` —
 with the context block tinted blue and each target block in its own colour, in a grid
 PNG. Blocks are outlined patch by patch, so the truncation of every mask to the
-batch-wide shortest one (SPEC §4) shows as a block with a few patches missing.
+batch-wide shortest one (docs/design.md §4) shows as a block with a few patches missing.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Multi-block masking (SPEC §4): ``MaskCollator``.
+"""Multi-block masking (docs/design.md §4): ``MaskCollator``.
 
 Two modes:
 
@@ -42,7 +42,7 @@ def _pair(v, name: str) -> tuple[float, float]:
 
 
 def block_size(u: float, scale: tuple[float, float], aspect: tuple[float, float], H: int, W: int) -> tuple[int, int]:
-    """Block (h, w) for one uniform draw ``u`` used for both scale and aspect (SPEC §4)."""
+    """Block (h, w) for one uniform draw ``u`` used for both scale and aspect (docs/design.md §4)."""
     s = scale[0] + u * (scale[1] - scale[0])
     max_keep = int(H * W * s)
     ar = aspect[0] + u * (aspect[1] - aspect[0])

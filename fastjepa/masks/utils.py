@@ -1,4 +1,4 @@
-"""``apply_masks`` and ``repeat_interleave_batch`` (SPEC §3), plain PyTorch.
+"""``apply_masks`` and ``repeat_interleave_batch`` (docs/design.md §3), plain PyTorch.
 
 These are the reference definitions; the fused paths in :mod:`fastjepa.ops` are
 tested against them.

@@ -1,4 +1,4 @@
-"""Fixed 2-D sin-cos positional embeddings (SPEC §1)."""
+"""Fixed 2-D sin-cos positional embeddings (docs/design.md §1)."""
 
 from __future__ import annotations
 

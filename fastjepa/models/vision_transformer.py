@@ -1,4 +1,4 @@
-"""I-JEPA's ViT encoder and predictor (SPEC §1–2).
+"""I-JEPA's ViT encoder and predictor (docs/design.md §1–2).
 
 Parameter names equal the public reference implementation's, so its checkpoints load
 with ``load_state_dict(strict=True)`` (after stripping a leading ``module.``).
@@ -234,7 +234,7 @@ class VisionTransformer(nn.Module):
 
 
 class VisionTransformerPredictor(nn.Module):
-    """The I-JEPA predictor: narrow ViT over [context ; mask tokens] (SPEC §2)."""
+    """The I-JEPA predictor: narrow ViT over [context ; mask tokens] (docs/design.md §2)."""
 
     def __init__(
         self,

@@ -1,4 +1,4 @@
-"""Context gather with the positional-embedding add (SPEC §7).
+"""Context gather with the positional-embedding add (docs/design.md §7).
 
 ``gather_tokens(x, masks, pos_embed)`` ≡ ``apply_masks(x + pos_embed, masks)``, but the
 fused paths add the pos-embed only at the kept indices and never build an expanded

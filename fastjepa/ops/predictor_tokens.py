@@ -1,4 +1,4 @@
-"""Batched predictor input (SPEC §2 step 2, §7).
+"""Batched predictor input (docs/design.md §2 step 2, §7).
 
 From the embedded context ``ctx`` (nenc·B, Kc, P), the context and target masks, the
 predictor pos table (1, N, P) and ``mask_token`` (1, 1, P), build the

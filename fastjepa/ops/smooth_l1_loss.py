@@ -6,7 +6,7 @@ h, one write of the gradient). These move the same minimal bytes as PyTorch's ow
 kernels, so fusing cannot beat it by more than launch overhead: ``auto`` keeps PyTorch's
 loss (which torch.compile can also fuse into its producer), and the kernels run only when
 the ``triton`` backend is forced. ``benchmarks/bench_smooth_l1_loss.py`` measures both
-(see README.md, "Is the loss fused?").
+(see docs/ops.md, "Is the loss fused?").
 The C++ extension has no loss kernel of its own: its backend (``cpp``) runs PyTorch's
 ATen loss, which already is one C++ reduction and one elementwise backward.
 """

@@ -1,4 +1,4 @@
-"""Target path (SPEC §5, §7): layer-norm (no affine, eps 1e-5) + gather + repeat.
+"""Target path (docs/design.md §5, §7): layer-norm (no affine, eps 1e-5) + gather + repeat.
 
 ``target_tokens(h, masks_pred, nenc)`` ≡
 ``repeat_interleave_batch(apply_masks(F.layer_norm(h, (D,)), masks_pred), B, nenc)``.
