@@ -176,3 +176,15 @@ def test_loader_workers_do_not_change_the_run(tmp_path):
     for w in (0, 2):
         Trainer(load_config(None, [*TINY, f"data.num_workers={w}"]), tmp_path / f"w{w}", quiet=True).fit()
     assert losses(tmp_path / "w0") == losses(tmp_path / "w2")
+
+
+@pytest.mark.parametrize("probed", [True, False])
+def test_summary_says_what_the_probe_means_when_there_is_one(tmp_path, monkeypatch, capsys, probed):
+    import fastjepa.train as train
+
+    monkeypatch.setattr(train, "_after_training", lambda *a: ", linear probe 80.0% / k-NN 30.0% (random init 81.0% / 31.0%)" if probed else "")
+    assert train.main(["--output", str(tmp_path / "run"), "--quiet", *TINY]) == 0
+    out = capsys.readouterr().out
+    assert (train.PROBE_MEANING in out) is probed
+    assert "not expected to beat its random initialisation" in train.PROBE_MEANING and "ijepa issue #55" in train.PROBE_MEANING
+    assert "34.0%" in train.PROBE_MEANING and "87.1%" in train.PROBE_MEANING and "84.1%" in train.PROBE_MEANING
