@@ -232,7 +232,7 @@ def validate(cfg: dict) -> dict:
     if meta["max_steps"] is not None and meta["max_steps"] < 1:
         raise ConfigError(f"meta.max_steps={meta['max_steps']}: expected an integer >= 1 or null")
     # mask feasibility: the collator's own check, with the config's names in the message
-    from ..masks import MaskCollator
+    from .masks import MaskCollator
 
     try:
         MaskCollator.from_config(cfg, backend="python")
