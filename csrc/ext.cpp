@@ -43,6 +43,9 @@ TORCH_LIBRARY(fastjepa, m) {
   m.def(
       "sample_masks(int B, int H, int W, float[] enc_scale, float[] pred_scale, float[] aspect, int nenc, "
       "int npred, int min_keep, bool allow_overlap, int seed) -> (Tensor, Tensor)");
+  m.def(
+      "sample_masks_sized(int B, int H, int W, int[] pred_size, int[] enc_size, int nenc, int npred, int min_keep, "
+      "bool allow_overlap, bool exclusive_corners, int seed) -> (Tensor, Tensor)");
   m.def("gather_tokens_fwd(Tensor x, Tensor idx, Tensor? pos) -> Tensor");
   m.def("gather_tokens_bwd(Tensor grad, Tensor idx, int n, ScalarType x_dtype, bool pos_grad) -> (Tensor, Tensor)");
   m.def("predictor_tokens_fwd(Tensor ctx, Tensor idx_x, Tensor idx, Tensor pos, Tensor mask_token) -> Tensor");

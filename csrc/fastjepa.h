@@ -15,6 +15,11 @@ std::tuple<at::Tensor, at::Tensor> sample_masks(
     int64_t B, int64_t H, int64_t W, at::ArrayRef<double> enc_scale, at::ArrayRef<double> pred_scale,
     at::ArrayRef<double> aspect, int64_t nenc, int64_t npred, int64_t min_keep, bool allow_overlap, int64_t seed);
 
+// Same, for given block sizes (h, w); exclusive_corners draws top in [0, H - h) as the public reference.
+std::tuple<at::Tensor, at::Tensor> sample_masks_sized(
+    int64_t B, int64_t H, int64_t W, at::IntArrayRef pred_size, at::IntArrayRef enc_size, int64_t nenc, int64_t npred,
+    int64_t min_keep, bool allow_overlap, bool exclusive_corners, int64_t seed);
+
 // (h, w) of a block for one uniform draw u used for both scale and aspect (docs/design.md §4).
 std::pair<int64_t, int64_t> block_size(double u, double s_lo, double s_hi, double a_lo, double a_hi, int64_t H, int64_t W);
 

@@ -83,35 +83,17 @@ std::pair<int64_t, int64_t> block_size(double u, double s_lo, double s_hi, doubl
   return {h, w};
 }
 
-std::tuple<at::Tensor, at::Tensor> sample_masks(
-    int64_t B, int64_t H, int64_t W, at::ArrayRef<double> enc_scale, at::ArrayRef<double> pred_scale,
-    at::ArrayRef<double> aspect, int64_t nenc, int64_t npred, int64_t min_keep, bool allow_overlap, int64_t seed) {
-  // -- validation (the messages of MaskCollator's checks)
-  TORCH_CHECK_VALUE(B >= 1, "sample_masks: B=", B, ": expected a batch size >= 1");
-  TORCH_CHECK_VALUE(H >= 2 && W >= 2, "sample_masks: a ", H, "x", W, " patch grid; expected at least 2x2");
-  check_pair(enc_scale, "enc_mask_scale");
-  check_pair(pred_scale, "pred_mask_scale");
-  check_pair(aspect, "aspect_ratio");
-  TORCH_CHECK_VALUE(enc_scale[0] > 0 && enc_scale[1] <= 1, "sample_masks: enc_mask_scale=(", enc_scale[0], ", ",
-                    enc_scale[1], "): expected 0 < low <= high <= 1");
-  TORCH_CHECK_VALUE(pred_scale[0] > 0 && pred_scale[1] <= 1, "sample_masks: pred_mask_scale=(", pred_scale[0], ", ",
-                    pred_scale[1], "): expected 0 < low <= high <= 1");
-  TORCH_CHECK_VALUE(aspect[0] > 0, "sample_masks: aspect_ratio=(", aspect[0], ", ", aspect[1],
-                    "): expected positive ratios");
-  TORCH_CHECK_VALUE(nenc >= 1, "sample_masks: nenc=", nenc, ": expected an int >= 1");
-  TORCH_CHECK_VALUE(npred >= 1, "sample_masks: npred=", npred, ": expected an int >= 1");
-  TORCH_CHECK_VALUE(min_keep >= 0, "sample_masks: min_keep=", min_keep, ": expected an int >= 0");
-
-  // -- one block size per kind for the whole batch
-  SplitMix64 batch_rng(mix(static_cast<uint64_t>(seed), 0));
-  const double u_pred = batch_rng.uniform(), u_enc = batch_rng.uniform();
-  const auto p = block_size(u_pred, pred_scale[0], pred_scale[1], aspect[0], aspect[1], H, W);  // (h, w)
-  const auto e = block_size(u_enc, enc_scale[0], enc_scale[1], 1.0, 1.0, H, W);
+// The batch for given block sizes p = (h, w) of the targets and e of the context. Corners
+// are uniform on top ∈ [0, H − h] (inclusive) or, with `exclusive`, on [0, H − h) as the
+// public reference draws them (its last row and column are then never a block's corner row).
+static std::tuple<at::Tensor, at::Tensor> sample_blocks(
+    int64_t B, int64_t H, int64_t W, std::pair<int64_t, int64_t> p, std::pair<int64_t, int64_t> e, int64_t nenc,
+    int64_t npred, int64_t min_keep, bool allow_overlap, bool exclusive, int64_t seed, const char* op) {
   // Targets are plain rectangles and a context relaxes to one, so this also guarantees termination.
-  TORCH_CHECK_VALUE(p.first * p.second > min_keep && e.first * e.second > min_keep, "sample_masks: mask block sizes (",
+  TORCH_CHECK_VALUE(p.first * p.second > min_keep && e.first * e.second > min_keep, op, ": mask block sizes (",
                     p.first, ", ", p.second, ") / (", e.first, ", ", e.second, ") cannot exceed min_keep=", min_keep,
                     " on a ", H, "x", W, " grid; raise the mask scales or lower min_keep");
-
+  const int64_t span = exclusive ? 0 : 1;  // corner range [0, H − h + span)
   // -- per image: npred target rectangles, then nenc contexts (rectangle minus targets)
   const int64_t N = H * W, Kt = p.first * p.second;
   std::vector<Rect> targets(B * npred);
@@ -122,14 +104,14 @@ std::tuple<at::Tensor, at::Tensor> sample_masks(
       SplitMix64 rng(mix(static_cast<uint64_t>(seed), static_cast<uint64_t>(b) + 1));
       Rect* tb = &targets[b * npred];
       for (int64_t j = 0; j < npred; ++j) {
-        const int64_t top = rng.below(H - p.first + 1), left = rng.below(W - p.second + 1);
+        const int64_t top = rng.below(H - p.first + span), left = rng.below(W - p.second + span);
         tb[j] = Rect{top, left, p.first, p.second};
       }
       for (int64_t i = 0; i < nenc; ++i) {
         int64_t tries = 0, left_before_relax = kTriesBeforeRelax;
         int64_t* out = &ctx_idx[(b * nenc + i) * N];
         while (true) {
-          const int64_t top = rng.below(H - e.first + 1), left = rng.below(W - e.second + 1);
+          const int64_t top = rng.below(H - e.first + span), left = rng.below(W - e.second + span);
           const int64_t active = allow_overlap ? 0 : std::max<int64_t>(npred - tries, 0);
           int64_t k = 0;
           for (int64_t r = top; r < top + e.first; ++r) {
@@ -172,6 +154,57 @@ std::tuple<at::Tensor, at::Tensor> sample_masks(
   return {enc, pred};
 }
 
-TORCH_LIBRARY_IMPL(fastjepa, CompositeExplicitAutograd, m) { m.impl("sample_masks", &sample_masks); }
+std::tuple<at::Tensor, at::Tensor> sample_masks(
+    int64_t B, int64_t H, int64_t W, at::ArrayRef<double> enc_scale, at::ArrayRef<double> pred_scale,
+    at::ArrayRef<double> aspect, int64_t nenc, int64_t npred, int64_t min_keep, bool allow_overlap, int64_t seed) {
+  // -- validation (the messages of MaskCollator's checks)
+  TORCH_CHECK_VALUE(B >= 1, "sample_masks: B=", B, ": expected a batch size >= 1");
+  TORCH_CHECK_VALUE(H >= 2 && W >= 2, "sample_masks: a ", H, "x", W, " patch grid; expected at least 2x2");
+  check_pair(enc_scale, "enc_mask_scale");
+  check_pair(pred_scale, "pred_mask_scale");
+  check_pair(aspect, "aspect_ratio");
+  TORCH_CHECK_VALUE(enc_scale[0] > 0 && enc_scale[1] <= 1, "sample_masks: enc_mask_scale=(", enc_scale[0], ", ",
+                    enc_scale[1], "): expected 0 < low <= high <= 1");
+  TORCH_CHECK_VALUE(pred_scale[0] > 0 && pred_scale[1] <= 1, "sample_masks: pred_mask_scale=(", pred_scale[0], ", ",
+                    pred_scale[1], "): expected 0 < low <= high <= 1");
+  TORCH_CHECK_VALUE(aspect[0] > 0, "sample_masks: aspect_ratio=(", aspect[0], ", ", aspect[1],
+                    "): expected positive ratios");
+  TORCH_CHECK_VALUE(nenc >= 1, "sample_masks: nenc=", nenc, ": expected an int >= 1");
+  TORCH_CHECK_VALUE(npred >= 1, "sample_masks: npred=", npred, ": expected an int >= 1");
+  TORCH_CHECK_VALUE(min_keep >= 0, "sample_masks: min_keep=", min_keep, ": expected an int >= 0");
+
+  // -- one block size per kind for the whole batch
+  SplitMix64 batch_rng(mix(static_cast<uint64_t>(seed), 0));
+  const double u_pred = batch_rng.uniform(), u_enc = batch_rng.uniform();
+  const auto p = block_size(u_pred, pred_scale[0], pred_scale[1], aspect[0], aspect[1], H, W);  // (h, w)
+  const auto e = block_size(u_enc, enc_scale[0], enc_scale[1], 1.0, 1.0, H, W);
+  return sample_blocks(B, H, W, p, e, nenc, npred, min_keep, allow_overlap, /*exclusive=*/false, seed, "sample_masks");
+}
+
+
+std::tuple<at::Tensor, at::Tensor> sample_masks_sized(
+    int64_t B, int64_t H, int64_t W, at::IntArrayRef pred_size, at::IntArrayRef enc_size, int64_t nenc, int64_t npred,
+    int64_t min_keep, bool allow_overlap, bool exclusive_corners, int64_t seed) {
+  TORCH_CHECK_VALUE(B >= 1, "sample_masks_sized: B=", B, ": expected a batch size >= 1");
+  TORCH_CHECK_VALUE(H >= 2 && W >= 2, "sample_masks_sized: a ", H, "x", W, " patch grid; expected at least 2x2");
+  TORCH_CHECK_VALUE(pred_size.size() == 2 && enc_size.size() == 2, "sample_masks_sized: pred_size and enc_size ",
+                    "must be (h, w) pairs, got ", pred_size.size(), " and ", enc_size.size(), " values");
+  const int64_t hmax = exclusive_corners ? H - 1 : H, wmax = exclusive_corners ? W - 1 : W;
+  for (auto sz : {pred_size, enc_size}) {
+    TORCH_CHECK_VALUE(sz[0] >= 1 && sz[0] <= hmax && sz[1] >= 1 && sz[1] <= wmax, "sample_masks_sized: block (",
+                      sz[0], ", ", sz[1], ") on a ", H, "x", W, " grid; expected 1 <= h <= ", hmax, " and 1 <= w <= ",
+                      wmax, exclusive_corners ? " (exclusive corner range)" : "");
+  }
+  TORCH_CHECK_VALUE(nenc >= 1, "sample_masks_sized: nenc=", nenc, ": expected an int >= 1");
+  TORCH_CHECK_VALUE(npred >= 1, "sample_masks_sized: npred=", npred, ": expected an int >= 1");
+  TORCH_CHECK_VALUE(min_keep >= 0, "sample_masks_sized: min_keep=", min_keep, ": expected an int >= 0");
+  return sample_blocks(B, H, W, {pred_size[0], pred_size[1]}, {enc_size[0], enc_size[1]}, nenc, npred, min_keep,
+                       allow_overlap, exclusive_corners, seed, "sample_masks_sized");
+}
+
+TORCH_LIBRARY_IMPL(fastjepa, CompositeExplicitAutograd, m) {
+  m.impl("sample_masks", &sample_masks);
+  m.impl("sample_masks_sized", &sample_masks_sized);
+}
 
 }  // namespace fastjepa

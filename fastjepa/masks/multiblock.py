@@ -67,6 +67,37 @@ def derive_seed(*parts: int) -> int:
     return x & MAX_SEED
 
 
+def sample_reference_cpp(
+    B: int,
+    H: int,
+    W: int,
+    pred_size: tuple[int, int],
+    enc_size: tuple[int, int],
+    nenc: int,
+    npred: int,
+    min_keep: int,
+    allow_overlap: bool,
+    seed: int,
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The reference procedure's masks for given block sizes, sampled in the C++ extension.
+
+    Same distribution as ``compat="reference"`` for the same block sizes: corners uniform
+    on the reference's exclusive range ``top ∈ [0, H − h)``, ``left ∈ [0, W − w)``; the
+    same relaxation of the target constraints and truncation to the batch's shortest
+    mask. The corners come from the extension's own generator seeded with ``seed`` (not
+    the global torch RNG), so the masks are not the reference's index for index.
+
+    :returns: ``masks_enc`` (nenc × (B, Kc)), ``masks_pred`` (npred × (B, Kt)), int64.
+    """
+    from .. import _C  # noqa: F401 — registers torch.ops.fastjepa
+
+    enc, pred = torch.ops.fastjepa.sample_masks_sized(
+        B, H, W, [int(v) for v in pred_size], [int(v) for v in enc_size], nenc, npred, min_keep,
+        bool(allow_overlap), True, int(seed) & MAX_SEED,
+    )  # (nenc, B, Kc), (npred, B, Kt)
+    return list(enc.unbind(0)), list(pred.unbind(0))
+
+
 class MaskCollator:
     """Collate a batch and sample its context (``masks_enc``) and target (``masks_pred``) masks.
 

@@ -11,11 +11,15 @@ from collections.abc import Sequence
 import torch
 
 
-def apply_masks(x: torch.Tensor, masks: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+def apply_masks(
+    x: torch.Tensor, masks: torch.Tensor | Sequence[torch.Tensor], concat: bool = True
+) -> torch.Tensor | list[torch.Tensor]:
     """Keep the tokens of ``x`` at each mask's indices, mask-major.
 
     :param x: (B, N, D) tokens.
     :param masks: list of (B, K) integer index tensors (a single tensor is a list of one).
+    :param concat: False returns the list of per-mask (B, K_m, D) gathers instead (V-JEPA's
+        call form; the masks may then differ in length).
     :returns: (len(masks)·B, K, D): for each mask m in order, ``x[b, m[b, k], :]``.
 
     :Equivalent pytorch code:
@@ -27,6 +31,8 @@ def apply_masks(x: torch.Tensor, masks: torch.Tensor | Sequence[torch.Tensor]) -
     for m in masks:
         mask_keep = m.long().unsqueeze(-1).repeat(1, 1, x.size(-1))  # (B, K, D)
         all_x.append(torch.gather(x, dim=1, index=mask_keep))  # (B, K, D)
+    if not concat:
+        return all_x
     return torch.cat(all_x, dim=0)  # (M·B, K, D)
 
 

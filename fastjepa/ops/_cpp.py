@@ -44,6 +44,16 @@ def _(B, H, W, enc_scale, pred_scale, aspect, nenc, npred, min_keep, allow_overl
     return torch.empty((nenc, B, kc), dtype=torch.int64), torch.empty((npred, B, kt), dtype=torch.int64)
 
 
+if hasattr(_ops, "sample_masks_sized"):  # absent from an extension built before it existed
+
+    @torch.library.register_fake("fastjepa::sample_masks_sized")
+    def _(B, H, W, pred_size, enc_size, nenc, npred, min_keep, allow_overlap, exclusive_corners, seed):
+        fctx = torch.library.get_ctx()
+        kc = fctx.new_dynamic_size()  # data-dependent context length
+        kt = pred_size[0] * pred_size[1]  # targets are whole rectangles
+        return torch.empty((nenc, B, kc), dtype=torch.int64), torch.empty((npred, B, kt), dtype=torch.int64)
+
+
 @torch.library.register_fake("fastjepa::gather_tokens_fwd")
 def _(x, idx, pos):
     M, B, K = idx.shape

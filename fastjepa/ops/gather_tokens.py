@@ -132,10 +132,31 @@ def gather_tokens(
     return _cpp.gather_tokens(x, idx, pos_embed)
 
 
-def apply_masks(x: torch.Tensor, masks: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
-    """Drop-in for the reference ``apply_masks`` (same signature, same result), fused.
+def apply_masks(
+    x: torch.Tensor, masks: torch.Tensor | Sequence[torch.Tensor], concat: bool = True
+) -> torch.Tensor | list[torch.Tensor]:
+    """Drop-in for the reference ``apply_masks`` (I-JEPA's and V-JEPA's signature), fused.
+
+    :param x: (B, N, D) tokens.
+    :param masks: M (B, K_m) index tensors (a single tensor is a list of one).
+    :param concat: True: one (M·B, K, D) tensor, mask-major (every K_m equal). False: the
+        list of the M per-mask (B, K_m, D) gathers, as V-JEPA's ``concat=False``; here the
+        masks may differ in length.
 
     Also MAE's ``torch.gather(x, 1, ids_keep[..., None].expand(-1, -1, D))`` with
     ``ids_keep`` of shape (B, K) is ``apply_masks(x, ids_keep)``.
+
+    :Equivalent pytorch code:
+        ``out = [torch.gather(x, 1, m[..., None].expand(-1, -1, D)) for m in masks]``;
+        ``torch.cat(out) if concat else out``
     """
-    return gather_tokens(x, masks)
+    if concat:
+        return gather_tokens(x, masks)
+    if isinstance(masks, torch.Tensor):
+        masks = [masks]
+    if not isinstance(masks, (list, tuple)) or len(masks) == 0:
+        raise ValueError(f"masks: expected a non-empty list of (B, K) index tensors, got {type(masks).__name__}")
+    lengths = {m.shape[-1] if isinstance(m, torch.Tensor) else None for m in masks}
+    if len(lengths) == 1:  # one fused call for the whole list, then per-mask views
+        return list(gather_tokens(x, masks).split(x.size(0)))  # M × (B, K, D)
+    return [gather_tokens(x, [m]) for m in masks]  # ragged K: one call per mask
