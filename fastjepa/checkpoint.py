@@ -22,7 +22,6 @@ fastjepa (NumPy RNG state pickled as an array) as a weights-only one.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import pickle
@@ -618,7 +617,8 @@ def _old_numpy_allowlist() -> list[Any]:
         from numpy._core.multiarray import _reconstruct
     except ImportError:  # NumPy 1
         from numpy.core.multiarray import _reconstruct
-    return [(_reconstruct, name) for name in OLD_NUMPY_GLOBALS[:2]] + [np.ndarray, np.dtype]
+    # the uint32 dtype's class: a dtype's pickle builds one (its state is byte order and flags)
+    return [(_reconstruct, name) for name in OLD_NUMPY_GLOBALS[:2]] + [np.ndarray, np.dtype, type(np.dtype(np.uint32))]
 
 
 def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, trust: bool = False) -> str:
@@ -653,11 +653,12 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, trust:
         ckpt = plain(ckpt, "checkpoint")
     except TypeError as exc:
         raise CheckpointError(f"convert: {src} cannot be rewritten weights-only: {exc}") from None
-    buf = io.BytesIO()
-    torch.save(ckpt, buf)
-    buf.seek(0)
-    torch.load(buf, map_location="cpu", weights_only=True)  # what is written opens weights-only
     atomic_save(ckpt, dst)
+    try:
+        read_checkpoint(dst)  # what was written opens weights-only
+    except CheckpointError:
+        dst.unlink()
+        raise
     return how
 
 
@@ -665,11 +666,12 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, trust:
 
 
 def _parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    argv = list(sys.argv[1:] if argv is None else argv)
+    top = argparse.ArgumentParser(
         prog="python -m fastjepa.checkpoint",
         description="Checkpoint tools: share an encoder as safetensors, rewrite an old checkpoint to load weights-only.",
     )
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = top.add_subparsers(dest="command", required=True)
     ex = sub.add_parser(
         "export",
         help="write a run's target encoder (with its architecture) to a .safetensors file",
@@ -691,7 +693,11 @@ def _parse_args(argv=None) -> argparse.Namespace:
     cv.add_argument("old", metavar="OLD")
     cv.add_argument("new", metavar="NEW")
     cv.add_argument("--trust-checkpoint", action="store_true", help="open OLD even if it needs more than the NumPy array types")
-    return p.parse_intermixed_args(argv)
+    if not argv or argv[0] not in sub.choices:
+        return top.parse_args(argv)  # help, or the error naming the commands
+    args = sub.choices[argv[0]].parse_intermixed_args(argv[1:])  # options may come between the overrides
+    args.command = argv[0]
+    return args
 
 
 def main(argv=None) -> int:
