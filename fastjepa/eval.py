@@ -41,6 +41,9 @@ from ``--config`` and ``section.key=value`` overrides, or, without them, is read
 weights' shapes (width, depth, patch, image size, MLP ratio; the head count is the
 standard one for that width). ``--random-init`` evaluates only the random initialisation
 (the run's own step-0 weights: ``meta.seed`` seeds them exactly as training does).
+An encoder exported with ``python -m fastjepa.checkpoint export`` (``.safetensors``) is
+rebuilt from the architecture in its metadata. Checkpoints are opened weights-only (no
+code in a file runs); ``--trust-checkpoint`` opens one that needs more, with a warning.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""``python -m fastjepa.train [--config FILE] [--output DIR] [--resume] [section.key=value ...]``
+"""``python -m fastjepa.train [--config FILE] [--output DIR] [--resume [--trust-checkpoint]] [section.key=value ...]``
 
 With no arguments: the packaged CPU config (a small ViT on the embedded MNIST-5k digits,
 a few minutes on a laptop). Under ``torchrun`` it trains data-parallel (DDP, or FSDP2

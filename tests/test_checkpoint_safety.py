@@ -168,7 +168,11 @@ def test_reference_layout_with_module_prefix_and_adamw_state_loads_weights_only(
     a = build_model(cfg)
     groups = [  # the reference's groups carry its own keys (WD_exclude) beside AdamW's
         {"params": [p for n, p in a.encoder.named_parameters() if "bias" not in n and p.ndim != 1]},
-        {"params": [p for n, p in a.encoder.named_parameters() if "bias" in n or p.ndim == 1], "WD_exclude": True, "weight_decay": 0},
+        {
+            "params": [p for n, p in a.encoder.named_parameters() if "bias" in n or p.ndim == 1],
+            "WD_exclude": True,
+            "weight_decay": 0,
+        },
         {"params": list(a.predictor.parameters())},
     ]
     opt = torch.optim.AdamW(groups, lr=1e-3)
@@ -206,7 +210,9 @@ def test_reference_layout_with_module_prefix_and_adamw_state_loads_weights_only(
         assert all(torch.equal(sa[k], sb[k]) for k in ("exp_avg", "exp_avg_sq", "step"))
     assert opt_b.param_groups[1]["WD_exclude"] is True
     enc, _, info = ev.load_target_encoder(path)  # evaluation opens it too (architecture from the shapes)
-    assert info["format"] == "reference" and torch.equal(enc.blocks[0].attn.qkv.weight, a.target_encoder.blocks[0].attn.qkv.weight)
+    assert info["format"] == "reference" and torch.equal(
+        enc.blocks[0].attn.qkv.weight, a.target_encoder.blocks[0].attn.qkv.weight
+    )
 
 
 # -- checkpoints of earlier fastjepa versions
@@ -295,7 +301,13 @@ def test_export_round_trip_bit_equal_reference_names_and_eval_gives_the_same_num
     assert not any(k.startswith("module.") for k in state)
     assert all(torch.equal(state[k], want[k]) and state[k].dtype == want[k].dtype for k in want)
     assert meta["network"] == "target_encoder" and meta["model_name"] == "vit_tiny" and meta["epoch"] == "0"
-    assert (meta["embed_dim"], meta["depth"], meta["num_heads"], meta["patch_size"], meta["img_size"]) == ("32", "1", "2", "4", "16")
+    assert (meta["embed_dim"], meta["depth"], meta["num_heads"], meta["patch_size"], meta["img_size"]) == (
+        "32",
+        "1",
+        "2",
+        "4",
+        "16",
+    )
     assert json.loads(meta["model_kwargs"]) == {"depth": 1, "embed_dim": 32, "num_heads": 2}
     enc = _tiny_encoder()
     got = load_encoder(dst, enc)
@@ -340,7 +352,9 @@ def test_wrong_architecture_safetensors_fails_naming_what_differs(trained, tmp_p
     # a file whose metadata claims two blocks but holds one: eval names the missing tensors
     state, meta = read_safetensors(dst)
     lying = tmp_path / "lying.safetensors"
-    ck.save_safetensors(state, {**meta, "depth": "2", "model_kwargs": json.dumps({"depth": 2, "embed_dim": 32, "num_heads": 2})}, lying)
+    ck.save_safetensors(
+        state, {**meta, "depth": "2", "model_kwargs": json.dumps({"depth": 2, "embed_dim": 32, "num_heads": 2})}, lying
+    )
     assert ev.main(["--checkpoint", str(lying), "--no-baseline", "--no-cache", "--output", str(tmp_path / "e")]) == 2
     line = _one_line(capsys.readouterr().err)
     assert str(lying) in line and "blocks.1." in line and "do not fit" in line
@@ -400,7 +414,11 @@ def test_weights_only_false_appears_only_in_the_trust_path():
         rel = path.relative_to(ROOT).as_posix()
         for fn, call in _calls(ast.parse(text)):
             f = call.func
-            dotted = f"{f.value.id}.{f.attr}" if isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name) else getattr(f, "id", "")
+            dotted = (
+                f"{f.value.id}.{f.attr}"
+                if isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name)
+                else getattr(f, "id", "")
+            )
             if dotted in ("torch.load", "pickle.load", "pickle.loads", "pickle.Unpickler", "dill.load", "joblib.load"):
                 loads.append((rel, fn, dotted))
             for kw in call.keywords:
@@ -416,7 +434,12 @@ def test_weights_only_false_appears_only_in_the_trust_path():
         ("fastjepa/checkpoint.py", "_torch_load", "torch.load"),
     ]
     # the trusted load is reached only from _torch_load, below its `if not trust: raise`
-    callers = [fn for path in PKG.rglob("*.py") for fn, c in _calls(ast.parse(path.read_text())) if getattr(c.func, "id", "") == "_load_trusted"]
+    callers = [
+        fn
+        for path in PKG.rglob("*.py")
+        for fn, c in _calls(ast.parse(path.read_text()))
+        if getattr(c.func, "id", "") == "_load_trusted"
+    ]
     assert callers == ["_torch_load"]
 
 
