@@ -1,17 +1,37 @@
-"""Checkpoints in the reference format (docs/design.md §6), written atomically, read strictly.
+"""Checkpoints in the reference format (docs/design.md §6), written atomically, read
+strictly and safely.
 
 A checkpoint is a ``torch.save`` dict with keys ``encoder, predictor, target_encoder,
 opt, scaler, epoch, loss, batch_size, world_size, lr``. fastjepa's additions (global
-step, RNG states, resolved config, format version) live under ``"fastjepa"``.
+step, RNG states, resolved config, format version) live under ``"fastjepa"``, stored
+only as tensors, numbers, strings and plain containers.
+
+Every read of a checkpoint goes through :func:`_torch_load`, which loads with
+``weights_only=True``: opening a file never runs code from it. A file that needs more
+(a pickle naming other Python globals) is refused with :class:`UnsafeCheckpointError`,
+unless the caller opts in with ``trust=True`` (``--trust-checkpoint`` on the command
+lines), which warns once per file.
+
+Sharing an encoder: ``python -m fastjepa.checkpoint export RUN_OR_FILE OUT.safetensors``
+writes one network (the target encoder by default) with its architecture in the
+safetensors metadata; :func:`load_encoder` and ``python -m fastjepa.eval`` read it.
+``python -m fastjepa.checkpoint convert OLD NEW`` rewrites a checkpoint of an earlier
+fastjepa (NumPy RNG state pickled as an array) as a weights-only one.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import pickle
+import re
+import sys
 import tempfile
+import warnings
 import zipfile
-from collections.abc import Mapping
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +40,13 @@ import torch.nn as nn
 
 REFERENCE_KEYS = ("encoder", "predictor", "target_encoder", "opt", "scaler", "epoch", "loss", "batch_size", "world_size", "lr")
 MODEL_KEYS = ("encoder", "predictor", "target_encoder")
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: everything under "fastjepa" loads weights-only (1 pickled NumPy's RNG state as an array)
+ENCODER_FORMAT = "fastjepa.encoder"  # the safetensors metadata's "format"
+ENCODER_FORMAT_VERSION = 1
+SAFETENSORS_SUFFIX = ".safetensors"
+# What fastjepa <= format 1 pickled beyond weights-only types: NumPy's RNG state array
+# (module path under NumPy 2, and under NumPy 1). Allowed by the converter alone.
+OLD_NUMPY_GLOBALS = ("numpy._core.multiarray._reconstruct", "numpy.core.multiarray._reconstruct", "numpy.ndarray", "numpy.dtype")
 _SAVE_HOOK = None  # tests set this to act inside a write (see tests/test_checkpoint.py)
 _SAVES = 0
 
@@ -41,6 +67,22 @@ def _env_pause_hook(tmp: str) -> None:
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, damaged or does not fit the model."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint whose pickle names Python globals beyond weights-only types: loading
+    it could run code, so it was not opened. ``wanted`` lists those globals."""
+
+    def __init__(self, message: str, path: Path, wanted: Sequence[str]):
+        super().__init__(message)
+        self.path, self.wanted = path, list(wanted)
+
+
+class TrustedCheckpointWarning(UserWarning):
+    """A checkpoint was opened with ``trust=True`` although it needs more than weights-only."""
+
+
+_WARNED: set[str] = set()  # files already warned about (trust=True warns once per file)
 
 
 def strip_module_prefix(state: Mapping[str, Any]) -> dict[str, Any]:
@@ -130,6 +172,72 @@ def model_state(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu() for k, v in strip_module_prefix(_unwrap(module).state_dict()).items()}
 
 
+_PRIMITIVES = (bool, int, float, str, bytes, type(None), torch.Tensor, torch.dtype, torch.device, torch.Size)
+
+
+def plain(obj: Any, where: str = "value") -> Any:
+    """``obj`` as types a weights-only load accepts: tensors, numbers, strings, None and
+    dicts / lists / tuples of them. NumPy arrays become tensors and NumPy scalars Python
+    numbers; anything else is a ``TypeError`` naming where it sits (``where``)."""
+    if isinstance(obj, _PRIMITIVES):
+        return obj
+    if isinstance(obj, Mapping):
+        out = OrderedDict() if isinstance(obj, OrderedDict) else {}
+        for key, value in obj.items():
+            if not isinstance(key, (str, int, float, bool, type(None))):
+                raise TypeError(f"{where}: key {key!r} is a {type(key).__name__}; a weights-only checkpoint holds str or number keys")
+            out[key] = plain(value, f"{where}.{key}")
+        if hasattr(obj, "_metadata"):  # a module state dict's version record
+            out._metadata = obj._metadata
+        return out
+    if isinstance(obj, (list, tuple)):
+        items = [plain(v, f"{where}[{i}]") for i, v in enumerate(obj)]
+        return tuple(items) if isinstance(obj, tuple) else items
+    np = sys.modules.get("numpy")
+    if np is not None:
+        if isinstance(obj, np.ndarray):
+            if obj.dtype.kind not in "biufc":
+                raise TypeError(f"{where}: a NumPy array of dtype {obj.dtype}; a weights-only checkpoint holds numeric arrays only")
+            return torch.from_numpy(obj.copy())
+        if isinstance(obj, np.generic):
+            return obj.item()
+    raise TypeError(
+        f"{where}: a {type(obj).__module__}.{type(obj).__qualname__} cannot be stored weights-only "
+        "(expected tensors, numbers, strings, None, or dicts / lists / tuples of them)"
+    )
+
+
+def numpy_rng_to_plain(state: Any) -> dict[str, Any]:
+    """NumPy's legacy global RNG state (``np.random.get_state()``, a tuple holding a uint32
+    array, or its dict form) as weights-only types: the 624-word key as an int64 tensor."""
+    import numpy as np
+
+    if isinstance(state, Mapping):
+        name, key, pos = state["bit_generator"], state["state"]["key"], state["state"]["pos"]
+        has_gauss, gauss = state["has_gauss"], state["gauss"]
+    else:
+        name, key, pos, has_gauss, gauss = state
+    key = torch.as_tensor(np.asarray(key, dtype=np.uint32).astype(np.int64))
+    return {"bit_generator": str(name), "state": {"key": key, "pos": int(pos)}, "has_gauss": int(has_gauss), "gauss": float(gauss)}
+
+
+def numpy_rng_from_plain(state: Any) -> Any:
+    """The inverse of :func:`numpy_rng_to_plain`, for ``np.random.set_state`` (a legacy
+    tuple from an older checkpoint is passed through)."""
+    import numpy as np
+
+    if not isinstance(state, Mapping):
+        return state
+    key = state["state"]["key"]
+    key = key.numpy() if torch.is_tensor(key) else np.asarray(key)
+    return {
+        "bit_generator": state["bit_generator"],
+        "state": {"key": key.astype(np.uint32), "pos": int(state["state"]["pos"])},
+        "has_gauss": int(state["has_gauss"]),
+        "gauss": float(state["gauss"]),
+    }
+
+
 def save_checkpoint(
     path: str | os.PathLike,
     model: nn.Module,
@@ -176,22 +284,107 @@ def save_states(
         "batch_size": int(batch_size),
         "world_size": int(world_size),
         "lr": float(lr),
-        "fastjepa": {"format_version": FORMAT_VERSION, **(dict(extra) if extra else {})},
+        "fastjepa": plain({"format_version": FORMAT_VERSION, **(dict(extra) if extra else {})}, "fastjepa"),
     }
     atomic_save(ckpt, path)
 
 
-def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Load a checkpoint dict onto the CPU, failing loudly on a missing or damaged file."""
+def _first_line(exc: BaseException) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
+def _damaged(path: Path, exc: BaseException) -> CheckpointError:
+    return CheckpointError(f"checkpoint {path} is damaged or truncated and cannot be read: {type(exc).__name__}: {_first_line(exc)}")
+
+
+def _unsafe_globals(path: Path, exc: BaseException) -> list[str]:
+    """The globals a file's pickle names beyond weights-only types, read off its opcodes
+    (nothing is executed); from the error message when the file is not a zip archive."""
+    found: list[str] = []
+    scan = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)
+    if scan is not None:
+        try:
+            found = list(scan(path))
+        except Exception:  # legacy (non-zip) format, or a damaged archive
+            found = []
+    if not found:
+        found = re.findall(r"GLOBAL ([\w.]+) was not an allowed global", str(exc))
+    return sorted(dict.fromkeys(found))
+
+
+def _refusal(path: Path, wanted: Sequence[str]) -> str:
+    head = (
+        f"checkpoint {path} was not opened: loading it would call {', '.join(wanted)}, which a weights-only load refuses "
+        "(a checkpoint needs only tensors, numbers, strings and containers; anything else can run code)"
+    )
+    if set(wanted) <= set(OLD_NUMPY_GLOBALS):
+        return (
+            f"{head}. It looks like a checkpoint of an earlier fastjepa: rewrite it once with "
+            f"`python -m fastjepa.checkpoint convert {path} NEW.pth.tar`, or, if you trust its source, "
+            "pass --trust-checkpoint (Python: trust=True)"
+        )
+    return (
+        f"{head}. If you trust its source: pass --trust-checkpoint (Python: trust=True), or rewrite it once as a "
+        f"weights-only file with `python -m fastjepa.checkpoint convert --trust-checkpoint {path} NEW.pth.tar`"
+    )
+
+
+def _load_trusted(path: Path) -> Any:
+    """The only place fastjepa unpickles arbitrary objects: reached with ``trust=True`` alone."""
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def _torch_load(path: Path, *, trust: bool = False, allow: Sequence[Any] = ()) -> Any:
+    """Every read of a ``torch.save`` file in fastjepa: ``weights_only=True``, so the file
+    cannot run code. ``allow``: exact extra globals for :func:`torch.serialization.safe_globals`
+    (the converter's NumPy array types only). A file that needs more raises
+    :class:`UnsafeCheckpointError` naming the globals; with ``trust=True`` it is loaded
+    in full instead, with a :class:`TrustedCheckpointWarning` (once per file)."""
+    try:
+        if allow:
+            with torch.serialization.safe_globals(list(allow)):
+                return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "weights only load failed" not in str(exc).lower():
+            raise _damaged(path, exc) from exc
+        wanted = _unsafe_globals(path, exc)
+        if not trust:
+            if not wanted:  # refused, but for no global: a damaged or foreign pickle
+                raise _damaged(path, exc) from None
+            raise UnsafeCheckpointError(_refusal(path, wanted), path, wanted) from None
+        key = str(path.resolve())
+        if key not in _WARNED:
+            _WARNED.add(key)
+            warnings.warn(
+                f"fastjepa: opening {path} with trust=True (--trust-checkpoint): it needs "
+                f"{', '.join(wanted) or 'more than weights-only'}, and any code it carries runs now",
+                TrustedCheckpointWarning,
+                stacklevel=3,
+            )
+        try:
+            return _load_trusted(path)
+        except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as exc2:
+            raise _damaged(path, exc2) from exc2
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
+        raise _damaged(path, exc) from exc
+
+
+def read_checkpoint(path: str | os.PathLike, *, trust: bool = False) -> dict[str, Any]:
+    """Load a checkpoint dict onto the CPU, weights-only, failing loudly on a missing,
+    damaged or unsafe file (``trust=True`` opens the last kind anyway, with a warning)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     if path.stat().st_size == 0:
         raise CheckpointError(f"checkpoint {path} is empty (0 bytes): damaged or an interrupted write")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as exc:
-        raise CheckpointError(f"checkpoint {path} is damaged or truncated and cannot be read: {type(exc).__name__}: {exc}") from exc
+    if path.name.endswith(SAFETENSORS_SUFFIX):
+        raise CheckpointError(
+            f"checkpoint {path} is a safetensors file (one encoder, no training state): load it with "
+            "load_encoder or python -m fastjepa.eval --checkpoint; resuming needs a .pth.tar"
+        )
+    ckpt = _torch_load(path, trust=trust)
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(ckpt).__name__}, expected a dict")
     return ckpt
@@ -213,14 +406,16 @@ def load_checkpoint(
     scaler: Any = None,
     *,
     strict: bool = True,
+    trust: bool = False,
 ) -> dict[str, Any]:
     """Restore ``model`` (IJEPA-like) and, if given, ``optimizer`` / ``scaler`` from ``path``.
 
-    Reads fastjepa checkpoints and the reference's (keys with or without ``module.``).
+    Reads fastjepa checkpoints and the reference's (keys with or without ``module.``),
+    weights-only; ``trust=True`` also opens a file that needs more (it may run code).
     Returns the whole checkpoint dict (``epoch``, ``loss``, ``fastjepa`` extras, …).
     """
     path = Path(path)
-    ckpt = read_checkpoint(path)
+    ckpt = read_checkpoint(path, trust=trust)
     missing = [k for k in MODEL_KEYS if k not in ckpt]
     if missing:
         raise CheckpointError(f"checkpoint {path} has no {', '.join(missing)} (keys: {sorted(ckpt)})")
@@ -239,12 +434,294 @@ def load_checkpoint(
     return ckpt
 
 
-def load_encoder(path: str | os.PathLike, encoder: nn.Module, *, which: str = "target_encoder", strict: bool = True) -> dict[str, Any]:
-    """Load one network (default the target encoder, as used for evaluation) from a
-    fastjepa or reference checkpoint into ``encoder``."""
+def load_encoder(
+    path: str | os.PathLike, encoder: nn.Module, *, which: str = "target_encoder", strict: bool = True, trust: bool = False
+) -> dict[str, Any]:
+    """Load one network (default the target encoder, as used for evaluation) into
+    ``encoder`` from a fastjepa or reference checkpoint, or from a ``.safetensors`` file
+    written by ``python -m fastjepa.checkpoint export`` (its architecture is checked
+    against ``encoder`` first). Returns the checkpoint dict; for safetensors
+    ``{which: state, "metadata": {...}}``."""
     path = Path(path)
-    ckpt = read_checkpoint(path)
+    if path.name.endswith(SAFETENSORS_SUFFIX):
+        state, meta = read_safetensors(path)
+        stored = meta.get("network")
+        if stored and stored != which:
+            raise CheckpointError(f"{path} holds the {stored}, not the {which} (export it with --encoder {_ENCODER_FLAG.get(which, which)})")
+        if meta.get("format") == ENCODER_FORMAT:
+            check_architecture(path, meta, encoder)
+        _load_module(encoder, state, which, path, strict)
+        return {which: state, "metadata": meta, "epoch": _int_or_none(meta.get("epoch"))}
+    ckpt = read_checkpoint(path, trust=trust)
     if which not in ckpt:
         raise CheckpointError(f"checkpoint {path} has no '{which}' (keys: {sorted(ckpt)})")
     _load_module(encoder, ckpt[which], which, path, strict)
     return ckpt
+
+
+# -- safetensors: one encoder with its architecture, for sharing
+
+_ENCODER_FLAG = {"target_encoder": "target", "encoder": "context"}
+ARCH_FIELDS = ("embed_dim", "depth", "num_heads", "mlp_ratio", "patch_size", "img_size", "in_chans")
+
+
+def _int_or_none(text: str | None) -> int | None:
+    try:
+        return int(text) if text not in (None, "", "None") else None
+    except ValueError:
+        return None
+
+
+def encoder_architecture(encoder: nn.Module) -> dict[str, Any]:
+    """What rebuilding ``encoder`` (a fastjepa / reference ViT) takes, read off the module:
+    width, depth, heads, MLP ratio, patch and image size, input channels."""
+    enc = _unwrap(encoder)
+    try:
+        embed_dim = int(enc.embed_dim)
+        fc1 = enc.blocks[0].mlp.fc1 if len(enc.blocks) else None
+        return {
+            "embed_dim": embed_dim,
+            "depth": len(enc.blocks),
+            "num_heads": int(enc.num_heads),
+            "mlp_ratio": float(fc1.out_features / embed_dim) if fc1 is not None else None,
+            "patch_size": int(enc.patch_embed.patch_size),
+            "img_size": int(enc.patch_embed.img_size),
+            "in_chans": int(enc.patch_embed.proj.in_channels),
+        }
+    except AttributeError as exc:
+        raise CheckpointError(f"{type(enc).__name__} is not a fastjepa VisionTransformer encoder ({exc})") from None
+
+
+def encoder_metadata(encoder: nn.Module, cfg: Mapping[str, Any], *, network: str = "target_encoder", epoch: Any = None, source: str = "") -> dict[str, str]:
+    """The safetensors metadata of an exported encoder (all values strings)."""
+    from . import __version__
+
+    arch = encoder_architecture(encoder)
+    meta = {
+        "format": ENCODER_FORMAT,
+        "format_version": str(ENCODER_FORMAT_VERSION),
+        "network": network,
+        "model_name": str(cfg["meta"]["model_name"]),
+        "model_kwargs": json.dumps(cfg["meta"]["model_kwargs"] or {}, sort_keys=True),
+        "seed": str(cfg["meta"]["seed"]),
+        "epoch": str(epoch) if epoch is not None else "",
+        "source": source,
+        "fastjepa_version": __version__,
+    }
+    meta.update({k: repr(v) if isinstance(v, float) else str(v) for k, v in arch.items()})
+    return meta
+
+
+def check_architecture(path: Path, meta: Mapping[str, str], encoder: nn.Module) -> None:
+    """Fail, naming every field that differs, when ``encoder`` is not the architecture
+    a safetensors file's metadata records (shapes alone miss a different head count)."""
+    have = encoder_architecture(encoder)
+    bad = []
+    for field in ARCH_FIELDS:
+        if field not in meta or have[field] is None:
+            continue
+        try:
+            want = float(meta[field])
+        except ValueError:
+            raise CheckpointError(f"{path}: metadata {field}={meta[field]!r} is not a number") from None
+        if abs(want - have[field]) > 1e-9 * max(1.0, abs(want)):
+            bad.append(f"{field} {meta[field]} in the file, {have[field]} in the model")
+    if bad:
+        raise CheckpointError(
+            f"{path} holds a different encoder architecture ({meta.get('model_name', '?')}): " + "; ".join(bad)
+        )
+
+
+def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """``(state dict, metadata)`` of a safetensors file (no code can run: it holds raw
+    tensors and a JSON header)."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = dict(f.metadata() or {})
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise _damaged(path, exc) from exc
+    return strip_module_prefix(state), meta
+
+
+def save_safetensors(state: Mapping[str, torch.Tensor], metadata: Mapping[str, str], path: str | os.PathLike) -> None:
+    """Write ``state`` (names as given, e.g. the reference's) and ``metadata`` atomically."""
+    from safetensors.torch import save
+
+    data = save({k: v.detach().cpu().contiguous() for k, v in state.items()}, metadata=dict(metadata))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    fsync_dir(path.parent)
+
+
+def _resolve_source(src: Path) -> Path:
+    """A run folder's latest checkpoint, or ``src`` itself."""
+    if not src.is_dir():
+        return src
+    found = sorted(src.glob("*-latest.pth.tar"))
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise CheckpointError(f"{src} is a folder without a <tag>-latest.pth.tar: pass a run folder or a checkpoint file")
+    raise CheckpointError(f"{src} holds several latest checkpoints ({', '.join(p.name for p in found)}): pass one of them")
+
+
+def export_encoder(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    *,
+    which: str = "target",
+    config: str | os.PathLike | None = None,
+    overrides: Sequence[str] = (),
+    trust: bool = False,
+) -> dict[str, str]:
+    """Write ``src``'s target encoder (``which="context"``: the context encoder) to the
+    safetensors file ``dst``, parameter names as the reference's, its architecture in the
+    metadata. ``src``: a run folder, a fastjepa or reference checkpoint, or a safetensors
+    file. The architecture of a reference checkpoint comes from ``config`` / ``overrides``
+    or its weight shapes, as for evaluation. Returns the metadata."""
+    from .eval import ENCODER_KEYS, load_target_encoder
+
+    src, dst = _resolve_source(Path(src)), Path(dst)
+    if not dst.name.endswith(SAFETENSORS_SUFFIX):
+        raise CheckpointError(f"export: {dst} should end in {SAFETENSORS_SUFFIX}")
+    encoder, cfg, info = load_target_encoder(src, config, overrides, which, trust=trust)
+    meta = encoder_metadata(encoder, cfg, network=ENCODER_KEYS[which], epoch=info.get("epoch"), source=src.name)
+    save_safetensors(encoder.state_dict(), meta, dst)
+    return meta
+
+
+# -- converting checkpoints of earlier versions
+
+
+def _old_numpy_allowlist() -> list[Any]:
+    import numpy as np
+
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # NumPy 1
+        from numpy.core.multiarray import _reconstruct
+    # the uint32 dtype's class: a dtype's pickle builds one (its state is byte order and flags)
+    return [(_reconstruct, name) for name in OLD_NUMPY_GLOBALS[:2]] + [np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, trust: bool = False) -> str:
+    """Rewrite ``src`` as ``dst`` that loads weights-only. A checkpoint of an earlier
+    fastjepa (its NumPy RNG state pickled as an array) is read weights-only with exactly
+    NumPy's array types allowed; anything else that needs more takes ``trust=True``.
+    The RNG state is kept bit for bit (resume stays exact). Returns what was done."""
+    src, dst = Path(src), Path(dst)
+    if src.resolve() == dst.resolve():
+        raise CheckpointError(f"convert: {src} would be overwritten; write the converted file to another path")
+    how = "already weights-only; rewritten"
+    try:
+        ckpt = read_checkpoint(src)
+    except UnsafeCheckpointError as exc:
+        if set(exc.wanted) <= set(OLD_NUMPY_GLOBALS):
+            ckpt, how = _torch_load(src, allow=_old_numpy_allowlist()), "NumPy RNG state rewritten as a tensor"
+        elif trust:
+            ckpt, how = read_checkpoint(src, trust=True), f"opened with trust ({', '.join(exc.wanted)}); rewritten"
+        else:
+            raise
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"checkpoint {src} holds a {type(ckpt).__name__}, expected a dict")
+    extra = ckpt.get("fastjepa")
+    if isinstance(extra, dict):
+        extra = dict(extra)
+        rng = extra.get("rng")
+        if isinstance(rng, dict) and "numpy" in rng:
+            extra["rng"] = {**rng, "numpy": numpy_rng_to_plain(rng["numpy"])}
+        extra["format_version"] = FORMAT_VERSION
+        ckpt = {**ckpt, "fastjepa": extra}
+    try:
+        ckpt = plain(ckpt, "checkpoint")
+    except TypeError as exc:
+        raise CheckpointError(f"convert: {src} cannot be rewritten weights-only: {exc}") from None
+    atomic_save(ckpt, dst)
+    try:
+        read_checkpoint(dst)  # what was written opens weights-only
+    except CheckpointError:
+        dst.unlink()
+        raise
+    return how
+
+
+# -- command line
+
+
+def _parse_args(argv=None) -> argparse.Namespace:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    top = argparse.ArgumentParser(
+        prog="python -m fastjepa.checkpoint",
+        description="Checkpoint tools: share an encoder as safetensors, rewrite an old checkpoint to load weights-only.",
+    )
+    sub = top.add_subparsers(dest="command", required=True)
+    ex = sub.add_parser(
+        "export",
+        help="write a run's target encoder (with its architecture) to a .safetensors file",
+        description="Write the target encoder of a run folder or checkpoint to OUT.safetensors, parameter names as "
+        "the reference's, the architecture in the metadata (load_encoder and fastjepa.eval read it).",
+    )
+    ex.add_argument("source", metavar="RUN_OR_FILE", help="a run folder (its <tag>-latest.pth.tar) or a checkpoint file")
+    ex.add_argument("output", metavar="OUT.safetensors")
+    ex.add_argument("--encoder", choices=("target", "context"), default="target", help="which network (default: target)")
+    ex.add_argument("--config", help="YAML config for the architecture of a reference checkpoint (default: its weight shapes)")
+    ex.add_argument("--trust-checkpoint", action="store_true", help="open a checkpoint that needs more than weights-only (it may run code)")
+    ex.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE", help="architecture overrides for a reference checkpoint")
+    cv = sub.add_parser(
+        "convert",
+        help="rewrite a checkpoint of an earlier fastjepa (or a trusted one) so that it loads weights-only",
+        description="Rewrite OLD as NEW, which loads weights-only. Checkpoints of earlier fastjepa versions convert as "
+        "they are; any other file that needs more than weights-only takes --trust-checkpoint.",
+    )
+    cv.add_argument("old", metavar="OLD")
+    cv.add_argument("new", metavar="NEW")
+    cv.add_argument("--trust-checkpoint", action="store_true", help="open OLD even if it needs more than the NumPy array types")
+    if not argv or argv[0] not in sub.choices:
+        return top.parse_args(argv)  # help, or the error naming the commands
+    args = sub.choices[argv[0]].parse_intermixed_args(argv[1:])  # options may come between the overrides
+    args.command = argv[0]
+    return args
+
+
+def main(argv=None) -> int:
+    args = _parse_args(argv)
+    from .config import ConfigError
+    from .eval import EvalError
+
+    try:
+        if args.command == "export":
+            meta = export_encoder(
+                args.source, args.output, which=args.encoder, config=args.config, overrides=args.overrides, trust=args.trust_checkpoint
+            )
+            arch = ", ".join(f"{k} {meta[k]}" for k in ARCH_FIELDS)
+            print(f"fastjepa.checkpoint: wrote {args.output}: {meta['network']}, {meta['model_name']} ({arch})")
+        else:
+            how = convert_checkpoint(args.old, args.new, trust=args.trust_checkpoint)
+            print(f"fastjepa.checkpoint: wrote {args.new} ({how})")
+    except (CheckpointError, ConfigError, EvalError, FileNotFoundError) as exc:
+        print(f"fastjepa.checkpoint: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    from fastjepa.checkpoint import main as _main  # the package's module, not this __main__ copy: one CheckpointError class
+
+    sys.exit(_main())

@@ -41,6 +41,9 @@ from ``--config`` and ``section.key=value`` overrides, or, without them, is read
 weights' shapes (width, depth, patch, image size, MLP ratio; the head count is the
 standard one for that width). ``--random-init`` evaluates only the random initialisation
 (the run's own step-0 weights: ``meta.seed`` seeds them exactly as training does).
+An encoder exported with ``python -m fastjepa.checkpoint export`` (``.safetensors``) is
+rebuilt from the architecture in its metadata. Checkpoints are opened weights-only (no
+code in a file runs); ``--trust-checkpoint`` opens one that needs more, with a warning.
 """
 
 from __future__ import annotations
@@ -64,7 +67,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from .checkpoint import CheckpointError, atomic_write_text, read_checkpoint, strip_module_prefix
+from .checkpoint import SAFETENSORS_SUFFIX, CheckpointError, atomic_write_text, read_checkpoint, strip_module_prefix
 from .config import ConfigError, load_config, merge, validate
 
 FEATURE_VERSION = 1  # bump when the feature definition changes (invalidates caches)
@@ -149,8 +152,14 @@ def load_target_encoder(
     config: str | os.PathLike | None = None,
     overrides: Sequence[str] = (),
     which: str = "target",
+    *,
+    trust: bool = False,
 ) -> tuple[nn.Module, dict, dict[str, Any]]:
     """Build the model and load the checkpoint's target encoder (strictly).
+
+    ``path``: a ``.pth.tar`` (read weights-only; ``trust=True`` also opens one that needs
+    more, which may run code) or a ``.safetensors`` file from ``python -m fastjepa.checkpoint
+    export`` (the architecture comes from its metadata).
 
     ``which="context"`` loads the context encoder (the network trained by gradients)
     instead: a diagnostic, not the paper's protocol — it shows whether a collapse starts
@@ -163,7 +172,9 @@ def load_target_encoder(
         raise ValueError(f"which={which!r}: expected one of {', '.join(ENCODER_KEYS)}")
     key = ENCODER_KEYS[which]
     path = Path(path)
-    ckpt = read_checkpoint(path)
+    if path.name.endswith(SAFETENSORS_SUFFIX):
+        return _load_safetensors_encoder(path, config, overrides, key)
+    ckpt = read_checkpoint(path, trust=trust)
     if key not in ckpt:
         raise CheckpointError(
             f"checkpoint {path} has no {key!r} (keys: {sorted(ckpt)}); expected a fastjepa or I-JEPA training checkpoint"
@@ -201,6 +212,62 @@ def load_target_encoder(
         "epoch": ckpt.get("epoch"),
         "format": "fastjepa" if extra else "reference",
         "encoder": which,
+    }
+    return encoder, cfg, info
+
+
+def _load_safetensors_encoder(
+    path: Path, config: str | os.PathLike | None, overrides: Sequence[str], key: str
+) -> tuple[nn.Module, dict, dict[str, Any]]:
+    """:func:`load_target_encoder` for an exported ``.safetensors`` encoder: the model is
+    built from the metadata's architecture (or ``--config``), checked against it field by
+    field, then loaded strictly."""
+    from .checkpoint import ENCODER_FORMAT, check_architecture, read_safetensors
+
+    state, meta = read_safetensors(path)
+    stored = meta.get("network")
+    if stored and stored != key:
+        flag = {v: k for k, v in ENCODER_KEYS.items()}
+        raise CheckpointError(f"{path} holds the {stored}, not the {key}: evaluate it with --encoder {flag.get(stored, 'target')}")
+    ours = meta.get("format") == ENCODER_FORMAT
+    if config is not None:
+        cfg, source = load_config(config, overrides), f"--config {config}"
+    elif ours:
+        try:
+            arch = {
+                "model_name": meta["model_name"],
+                "model_kwargs": json.loads(meta.get("model_kwargs") or "{}"),
+                "patch_size": int(meta["patch_size"]),
+                "crop_size": int(meta["img_size"]),
+            }
+        except (KeyError, ValueError) as exc:
+            raise CheckpointError(f"{path}: its metadata does not describe an encoder ({type(exc).__name__}: {exc}); pass --config FILE") from None
+        try:
+            cfg = _config_for_architecture(arch, overrides)
+            if meta.get("seed", "").lstrip("-").isdigit() and not any(o.startswith("meta.seed=") for o in overrides):
+                cfg["meta"]["seed"] = int(meta["seed"])  # the random-init baseline of the run it came from
+        except ConfigError as exc:
+            raise CheckpointError(f"{path}: its metadata's architecture does not validate ({exc}); pass --config FILE") from None
+        source = "the file's metadata"
+    else:  # a safetensors file of another tool: read the architecture off the shapes
+        cfg, source = _config_for_architecture(infer_architecture(state), overrides), "the file's weight shapes"
+    encoder = _build_encoder(cfg)
+    if ours:
+        check_architecture(path, meta, encoder)
+    try:
+        encoder.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()
+        raise CheckpointError(
+            f"{path}: its tensors do not fit the encoder built from {source} ({_describe(cfg)}): "
+            + " ".join(ln.strip() for ln in first)
+        ) from None
+    info = {
+        "path": str(path),
+        "architecture_from": source,
+        "epoch": int(meta["epoch"]) if meta.get("epoch", "").isdigit() else None,
+        "format": "safetensors",
+        "encoder": {v: k for k, v in ENCODER_KEYS.items()}[key],
     }
     return encoder, cfg, info
 
@@ -623,7 +690,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         epilog="example: python -m fastjepa.eval --checkpoint runs/a/jepa-latest.pth.tar --output runs/a/eval",
     )
     p.add_argument(
-        "--checkpoint", help="a fastjepa checkpoint, or a reference I-JEPA one (keys encoder/predictor/target_encoder)"
+        "--checkpoint",
+        help="a fastjepa checkpoint, a reference I-JEPA one (keys encoder/predictor/target_encoder), or an encoder "
+        "exported to .safetensors (python -m fastjepa.checkpoint export); opened weights-only",
+    )
+    p.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="open a checkpoint that needs more than a weights-only load (it can run code: only for files you trust)",
     )
     p.add_argument("--random-init", action="store_true", help="evaluate the random initialisation only (the baseline)")
     p.add_argument(
@@ -763,7 +837,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )
     info: dict[str, Any] = {}
     if args.checkpoint is not None:
-        encoder, cfg, info = load_target_encoder(args.checkpoint, args.config, args.overrides, args.encoder)
+        encoder, cfg, info = load_target_encoder(args.checkpoint, args.config, args.overrides, args.encoder, trust=args.trust_checkpoint)
     else:
         cfg, encoder = load_config(args.config, args.overrides), None
     train, val, desc, common = _eval_setup(args, cfg, quiet)
@@ -797,7 +871,8 @@ def run_epochs(args: argparse.Namespace, quiet: bool) -> dict[str, Any]:
         raise EvalError("--epochs needs --checkpoint RUN_FOLDER (or a checkpoint in it), and not --random-init")
     chosen = epoch_checkpoints(args.checkpoint, args.epochs)
     t0 = time.perf_counter()
-    encoder, cfg, info = load_target_encoder(chosen[0][1], args.config, args.overrides, args.encoder)  # its config: data, baseline
+    trust = args.trust_checkpoint
+    encoder, cfg, info = load_target_encoder(chosen[0][1], args.config, args.overrides, args.encoder, trust=trust)  # its config: data, baseline
     train, val, desc, common = _eval_setup(args, cfg, quiet)
     print(
         f"fastjepa.eval: {_describe(cfg)} on {desc}, {common['device']}, epochs {[e for e, _ in chosen]}",
@@ -810,7 +885,7 @@ def run_epochs(args: argparse.Namespace, quiet: bool) -> dict[str, Any]:
     per_epoch: list[dict[str, Any]] = []
     for i, (epoch, path) in enumerate(chosen):
         if i:  # the first one is loaded above
-            encoder, _, info = load_target_encoder(path, args.config, args.overrides, args.encoder)
+            encoder, _, info = load_target_encoder(path, args.config, args.overrides, args.encoder, trust=trust)
         result = evaluate_encoder(encoder, train, val, name=f"epoch {epoch}", **common)
         rows.append((f"epoch {epoch}{_encoder_note(args)}", result))
         per_epoch.append({"epoch": epoch, **result, "checkpoint": info})

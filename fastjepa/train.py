@@ -1,4 +1,4 @@
-"""``python -m fastjepa.train [--config FILE] [--output DIR] [--resume] [section.key=value ...]``
+"""``python -m fastjepa.train [--config FILE] [--output DIR] [--resume [--trust-checkpoint]] [section.key=value ...]``
 
 With no arguments: the packaged CPU config (a small ViT on the embedded MNIST-5k digits,
 a few minutes on a laptop). Under ``torchrun`` it trains data-parallel (DDP, or FSDP2
@@ -25,6 +25,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--config", help="YAML config (default: the packaged CPU config, fastjepa/configs/default.yaml)")
     p.add_argument("--output", help="output folder (default: logging.folder, else a fresh folder under runs/)")
     p.add_argument("--resume", action="store_true", help="continue from the output folder's latest checkpoint")
+    p.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="resume even from a checkpoint that needs more than a weights-only load (it can run code: only for files you trust)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars (also off when stderr is not a terminal)")
     p.add_argument("--trace-shapes", action="store_true", help="run one step, print the tensor shapes through it, and exit")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="an override (same as a positional one)")
@@ -74,7 +79,7 @@ def main(argv=None) -> int:
     try:
         device = pick_device(cfg["meta"]["device"])
         dist = init_distributed(device.type)
-        trainer = Trainer(cfg, out, resume=resume, quiet=args.quiet, dist=dist)
+        trainer = Trainer(cfg, out, resume=resume, quiet=args.quiet, dist=dist, trust_checkpoint=args.trust_checkpoint)
     except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as exc:
         print(f"fastjepa.train: {exc}", file=sys.stderr)
         return 2

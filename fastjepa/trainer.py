@@ -20,7 +20,17 @@ import torch.nn as nn
 from torch.utils.data import DataLoader
 
 from . import models, time_budget
-from .checkpoint import CheckpointError, fsync_dir, keep_as, load_checkpoint, read_checkpoint, save_checkpoint, save_states
+from .checkpoint import (
+    CheckpointError,
+    fsync_dir,
+    keep_as,
+    load_checkpoint,
+    numpy_rng_from_plain,
+    numpy_rng_to_plain,
+    read_checkpoint,
+    save_checkpoint,
+    save_states,
+)
 from .config import ConfigError, dump_config
 from .data import build_dataset
 from .distributed import DistInfo, ResumableSampler, all_reduce_mean, any_rank, min_over_ranks
@@ -144,15 +154,18 @@ def seed_everything(seed: int) -> None:
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """The global RNG states of Python, NumPy and torch (and CUDA), in types a
+    weights-only load accepts (NumPy's key as a tensor; Python's state is a tuple of ints)."""
+    state = {"python": random.getstate(), "numpy": numpy_rng_to_plain(np.random.get_state()), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    np.random.set_state(numpy_rng_from_plain(state["numpy"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -164,8 +177,20 @@ def set_rng_state(state: dict) -> None:
 class Trainer:
     """One run: ``Trainer(cfg, output).fit()``. See ``python -m fastjepa.train --help``."""
 
-    def __init__(self, cfg: dict, output: str | os.PathLike, *, resume: bool = False, quiet: bool = False, dist: DistInfo | None = None):
+    def __init__(
+        self,
+        cfg: dict,
+        output: str | os.PathLike,
+        *,
+        resume: bool = False,
+        quiet: bool = False,
+        dist: DistInfo | None = None,
+        trust_checkpoint: bool = False,
+    ):
+        """``trust_checkpoint``: resume even from a checkpoint that needs more than a
+        weights-only load (it may run code; see :func:`fastjepa.checkpoint.read_checkpoint`)."""
         self.cfg, self.out = cfg, Path(output)
+        self.trust_checkpoint = trust_checkpoint
         self.dist = dist or DistInfo()
         self.quiet = quiet or not sys.stderr.isatty()
         meta, data, opt = cfg["meta"], cfg["data"], cfg["optimization"]
@@ -269,14 +294,14 @@ class Trainer:
         if self.fsdp:
             from .fsdp import load_full_state
 
-            ckpt = read_checkpoint(path)
+            ckpt = read_checkpoint(path, trust=self.trust_checkpoint)
             try:
                 load_full_state(self.model, self.optimizer, ckpt)
             except (RuntimeError, KeyError, ValueError) as exc:
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
                 raise CheckpointError(f"checkpoint {path} does not fit this model (FSDP2 resume): {type(exc).__name__}: {first}") from exc
         else:
-            ckpt = load_checkpoint(path, self.model, self.optimizer, self.scaler)
+            ckpt = load_checkpoint(path, self.model, self.optimizer, self.scaler, trust=self.trust_checkpoint)
         extra = ckpt.get("fastjepa", {})
         self.epoch = int(ckpt["epoch"])
         self.next_itr = int(extra.get("next_itr", 0))
