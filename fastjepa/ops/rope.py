@@ -163,11 +163,12 @@ _OMEGA: dict[tuple, torch.Tensor] = {}
 
 
 def omega_table(half: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """(half,) fp32: :func:`frequencies` in ``dtype``, cached per (half, dtype, device)."""
+    """(half,) :func:`frequencies` in ``dtype``, held in fp32 (fp64 for float64: the
+    values are exact there), cached per (half, dtype, device)."""
     key = (half, dtype, device)
     omega = _OMEGA.get(key)
     if omega is None:
-        omega = _OMEGA[key] = frequencies(half, dtype, device).float()
+        omega = _OMEGA[key] = frequencies(half, dtype, device).to(torch.float64 if dtype == torch.float64 else torch.float32)
     return omega
 
 
