@@ -110,14 +110,14 @@ def _rope_kernel(
     ok_p = n_ok[:, None] & (rot & (partner < D))[None, :]
     off_q = b * sqb + n[:, None] * sqn  # (BLOCK_N, 1) int64, head h at off_q + h·sqh
     off_k = b * skb + n[:, None] * skn
-    off_o = (b * NH * N + n[:, None]) * D + c[None, :]  # (BLOCK_N, BLOCK_D) in the contiguous outputs
+    off_o = (b * NH * N + n[:, None]) * D  # (BLOCK_N, 1) row offsets in the contiguous outputs
     for _h in range(0, NH):
         x = tl.load(Q + off_q + c[None, :] * sqd, mask=ok, other=0.0).to(tl.float32)
         xp = tl.load(Q + off_q + partner[None, :] * sqd, mask=ok_p, other=0.0).to(tl.float32)
-        tl.store(QO + off_o, (x * cos + xp * sin).to(QO.dtype.element_ty), mask=ok)
+        tl.store(QO + off_o + c[None, :], (x * cos + xp * sin).to(QO.dtype.element_ty), mask=ok)
         x = tl.load(K + off_k + c[None, :] * skd, mask=ok, other=0.0).to(tl.float32)
         xp = tl.load(K + off_k + partner[None, :] * skd, mask=ok_p, other=0.0).to(tl.float32)
-        tl.store(KO + off_o, (x * cos + xp * sin).to(KO.dtype.element_ty), mask=ok)
+        tl.store(KO + off_o + c[None, :], (x * cos + xp * sin).to(KO.dtype.element_ty), mask=ok)
         off_q += sqh
         off_k += skh
         off_o += SOH
