@@ -138,7 +138,7 @@ def main(argv=None) -> int:
     backends = ["triton"] + (["cpp"] if not ON_GPU and available()["cpp"] else [])
     peak = copy_bandwidth()
     rows = []
-    print(f"| shape | pass | fused | chain ms | fused ms | speed-up | fused GB/s | % of copy |\n|---|---|---|---|---|---|---|---|")
+    print("| shape | pass | fused | chain ms | fused ms | speed-up | fused GB/s | % of copy |\n|---|---|---|---|---|---|---|---|")
     for shape in shapes:
         for backend in backends:
             dtype = DTYPE

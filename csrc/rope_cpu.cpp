@@ -16,6 +16,7 @@
 // the thread count. The schema is a fragment of the fastjepa library (csrc/ext.cpp holds
 // the main one); fake and autograd are registered from Python (fastjepa/ops/_rope_cpp.py).
 
+#include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
