@@ -10,6 +10,7 @@ from .attention import attention, attention_available, attention_reference, curr
 from .gather_tokens import apply_masks, gather_tokens, gather_tokens_reference
 from .linear_gelu import fused_linear_gelu_applies, linear_gelu, linear_gelu_reference
 from .predictor_tokens import predictor_tokens, predictor_tokens_reference
+from .rope import rope_qk, rope_qk_reference
 from .smooth_l1_loss import smooth_l1_loss, smooth_l1_loss_reference
 from .target_tokens import target_tokens, target_tokens_reference
 
@@ -30,6 +31,8 @@ __all__ = [
     "linear_gelu_reference",
     "predictor_tokens",
     "predictor_tokens_reference",
+    "rope_qk",
+    "rope_qk_reference",
     "smooth_l1_loss",
     "smooth_l1_loss_reference",
     "target_tokens",
