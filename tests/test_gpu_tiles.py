@@ -24,6 +24,8 @@ from fastjepa.ops import (
 )
 from fastjepa.ops._dispatch import kernels
 
+pytestmark = pytest.mark.triton  # the interpreter on the CPU: skipped where this Triton's cannot run
+
 
 @pytest.fixture
 def gpu_tiles(monkeypatch):
