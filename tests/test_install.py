@@ -30,7 +30,7 @@ def fake_installed(site: Path, name: str, version: str, requires: list[str]) -> 
     """A .dist-info that pip counts as an installed ``name==version`` requiring ``requires``."""
     info = site / f"{name}-{version}.dist-info"
     info.mkdir(parents=True)
-    meta = [f"Metadata-Version: 2.1", f"Name: {name}", f"Version: {version}", *(f"Requires-Dist: {r}" for r in requires)]
+    meta = ["Metadata-Version: 2.1", f"Name: {name}", f"Version: {version}", *(f"Requires-Dist: {r}" for r in requires)]
     (info / "METADATA").write_text("\n".join(meta) + "\n")
     (info / "INSTALLER").write_text("pip\n")
     (info / "RECORD").write_text("")
