@@ -40,10 +40,13 @@ def test_default_arch_list_has_ptx_for_newer_gpus():
 @pytest.mark.skipif(_cuda_home() is None, reason="no CUDA toolkit (nvcc under $CUDA_HOME or /usr/local/cuda)")
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
 def test_cuda_extension_builds_against_a_cuda_torch(tmp_path):
+    """FASTJEPA_CUDA_BUILD_DIR: a build folder to reuse (ninja rebuilds only what changed;
+    a fresh build of both architectures takes minutes on a few cores)."""
     import sys
 
+    build = os.environ.get("FASTJEPA_CUDA_BUILD_DIR") or str(tmp_path / "build")
     env = dict(os.environ, PYTHON=sys.executable, CUDA_HOME=_cuda_home(), MAX_JOBS=os.environ.get("MAX_JOBS", "1"))
-    r = subprocess.run(["bash", str(ROOT / "benchmarks" / "cuda_build_check.sh"), str(tmp_path / "build")], cwd=ROOT, env=env,
+    r = subprocess.run(["bash", str(ROOT / "benchmarks" / "cuda_build_check.sh"), build], cwd=ROOT, env=env,
                        capture_output=True, text=True, timeout=3600)  # fmt: skip
     assert r.returncode == 0 and "CUDA BUILD OK" in r.stdout, (r.stdout + r.stderr)[-4000:]
 
