@@ -2,7 +2,8 @@
 
 * torch without CUDA (e.g. a CPU machine): a ``CppExtension`` (CPU sampler and ops).
 * torch with CUDA: a ``CUDAExtension`` (adds the ``csrc/cuda/*.cu`` kernels);
-  ``TORCH_CUDA_ARCH_LIST`` defaults to "8.0;9.0".
+  ``TORCH_CUDA_ARCH_LIST`` defaults to "8.0;9.0+PTX" (A100 and H100/H200 machine code,
+  plus sm_90 PTX that the driver compiles for newer GPUs at first load).
 * ``FASTJEPA_NO_EXT=1``: no extension (the package runs on its Python/Triton paths).
 * ``MAX_JOBS`` bounds ninja's parallel compile jobs.
 
@@ -19,6 +20,7 @@ from setuptools import find_packages, setup
 ROOT = os.path.dirname(os.path.abspath(__file__))
 PACKAGES = find_packages(include=["fastjepa", "fastjepa.*"]) + ["fastjepa.kernels"]
 PACKAGE_DIR = {"fastjepa.kernels": "kernels"}
+DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"  # +PTX: GPUs newer than sm_90 JIT-compile the embedded PTX
 
 
 def extension_build():
@@ -45,7 +47,7 @@ def extension_build():
     define_macros = []
     kwargs = dict(extra_link_args=["-fopenmp"])
     if with_cuda:
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)
         sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
         define_macros.append(("WITH_CUDA", None))
         ext = CUDAExtension(

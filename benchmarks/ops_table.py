@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 from _common import DEVICE, ON_GPU, PROVIDERS, check, measure, sync  # sets TRITON_INTERPRET on CPU
 
+from fastjepa.checkpoint import atomic_write_text  # noqa: E402 — _common put the checkout on sys.path
+
 OPS = ("gather_tokens", "predictor_tokens", "target_tokens", "smooth_l1_loss")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -38,14 +40,19 @@ def copy_bandwidth() -> float | None:
     return 2 * src.numel() * src.element_size() / seconds / 1e9
 
 
-def run_op(op: str, dtype: torch.dtype, iters: int | None, peak: float | None) -> tuple[list[dict], list[str]]:
+def run_op(op: str, dtype: torch.dtype, iters: int | None, peak: float | None,
+           providers: tuple[str, ...] = PROVIDERS) -> tuple[list[dict], list[str]]:  # fmt: skip
     module = importlib.import_module(f"bench_{op}")
     rows, failures = [], []
     for shape in module.SHAPES:
         case = module.make_case(shape, dtype=dtype)
         for pass_ in case.passes:
-            row = {"op": op, "shape": shape, "pass": pass_, "dtype": str(dtype).removeprefix("torch."), "min_bytes": case.bytes[pass_]}
+            row = {"op": op, "shape": shape, "pass": pass_, "dtype": str(dtype).removeprefix("torch."), "min_bytes": case.bytes[pass_],
+                   "providers": list(providers)}  # fmt: skip
             for provider in PROVIDERS:
+                if provider not in providers:
+                    row[provider] = None
+                    continue
                 try:
                     check(case, provider, pass_)
                 except AssertionError as exc:
@@ -70,7 +77,7 @@ def markdown(rows: list[dict], peak: float | None) -> str:
     def cell(r, p):
         v = r[p]
         if v is None:
-            return "mismatch"
+            return "mismatch" if p in r.get("providers", PROVIDERS) else "not run"
         pct = f", {v['pct_peak']:.0f}%" if v["pct_peak"] is not None else ""
         return f"{v['ms']:.3f} ms ({v['GB/s']:.3g} GB/s{pct})"
 
@@ -95,26 +102,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ops", default=",".join(OPS), help="comma-separated subset of " + ", ".join(OPS))
     parser.add_argument("--iters", type=int, default=None, help="timed calls per measurement (default 50 on GPU, 3 on CPU)")
     parser.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/ops_table_<device>.json)")
+    parser.add_argument("--providers", default=",".join(PROVIDERS),
+                        help="comma-separated subset of " + ", ".join(PROVIDERS) + " (reference is always checked against)")  # fmt: skip
     args = parser.parse_args(argv)
     ops = [o.strip() for o in args.ops.split(",") if o.strip()]
     unknown = sorted(set(ops) - set(OPS))
     if unknown:
         parser.error(f"--ops: unknown {', '.join(unknown)}; expected some of {', '.join(OPS)}")
+    providers = tuple(p.strip() for p in args.providers.split(",") if p.strip())
+    bad = sorted(set(providers) - set(PROVIDERS))
+    if bad or "reference" not in providers:
+        parser.error(f"--providers: got {args.providers!r}; expected some of {', '.join(PROVIDERS)}, reference included")
     dtype = DTYPES[args.dtype]
-    peak = copy_bandwidth()
-    rows, failures = [], []
-    for op in ops:
-        r, f = run_op(op, dtype, args.iters, peak)
-        rows += r
-        failures += f
     device = torch.cuda.get_device_name() if ON_GPU else f"CPU ({platform.processor() or platform.machine()}), Triton interpreter"
-    print(f"device: {device}; torch {torch.__version__}; dtype {args.dtype}\n")
-    print(markdown(rows, peak))
     out = args.out or Path(__file__).resolve().parent / "results" / f"ops_table_{DEVICE.type}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     triton = importlib.import_module("triton")
-    meta = {"device": device, "torch": torch.__version__, "triton": triton.__version__, "dtype": args.dtype, "copy_GB/s": peak}
-    out.write_text(json.dumps({"meta": meta, "rows": rows, "failures": failures}, indent=2))
+    peak = copy_bandwidth()
+    meta = {"device": device, "torch": torch.__version__, "triton": triton.__version__, "dtype": args.dtype, "copy_GB/s": peak,
+            "providers": list(providers)}  # fmt: skip
+    rows, failures = [], []
+    for op in ops:  # the JSON is rewritten after every op: a run cut short keeps the ops it finished
+        r, f = run_op(op, dtype, args.iters, peak, providers)
+        rows += r
+        failures += f
+        atomic_write_text(out, json.dumps({"meta": meta, "rows": rows, "failures": failures, "done": ops[: ops.index(op) + 1]}, indent=2))
+    print(f"device: {device}; torch {torch.__version__}; dtype {args.dtype}\n")
+    print(markdown(rows, peak))
     print(f"\nwrote {out}")
     for f in failures:
         print("MISMATCH", f, file=sys.stderr)

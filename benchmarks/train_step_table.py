@@ -415,8 +415,9 @@ def main(argv=None) -> int:
     rows: list[dict] = []
     search: dict[str, dict] = {}
 
-    def write() -> str:  # after every model: a time-boxed run that is cut short still leaves its rows
-        table = markdown(rows, info)
+    def write(done: list[dict] | None = None) -> str:  # after every child: a time-boxed run cut short keeps its finished rows
+        done = rows if done is None else done
+        table = markdown(done, info)
         if search:
             table += ("\n\nLargest ViT-H/14 batch (224 px, published masks) whose step fits on this GPU:\n\n"
                       "| path | batch | first failing | exact to 8 |\n|---|---:|---:|---|\n")  # fmt: skip
@@ -425,7 +426,7 @@ def main(argv=None) -> int:
                     table += f"| {path} | error: {s['error'][:100]} | | |\n"
                 else:
                     table += f"| {path} | {s['max_batch']} | {s['first_failure']} | {'yes' if s['exact_to_8'] else 'no (time cap)'} |\n"
-        write_report(out, stem, {"machine": info, "rows": rows, "max_batch": search,
+        write_report(out, stem, {"machine": info, "rows": done, "max_batch": search,
                                  "repeats": repeats, "steps": steps, "warmup": warmup}, table, indent=1)  # fmt: skip
         return table
 
@@ -441,6 +442,9 @@ def main(argv=None) -> int:
                     + (f", {1e3 * statistics.median(r['step_cpu_s']):.1f} ms CPU" if clock == "cpu" else "")
                 )
                 print(f"  {model} {path} run {rep + 1}/{repeats}: {what} ({time.perf_counter() - t0:.0f} s)", flush=True)
+                partial = rows + [{"model": model, "path": p, "result": summarise(runs[p], peak, clock)} for p in paths if runs[p]]
+                compare(partial, model, tol=1e-4)
+                write(partial)
         for path in paths:
             rows.append({"model": model, "path": path, "result": summarise(runs[path], peak, clock)})
         compare(rows, model, tol=1e-4)

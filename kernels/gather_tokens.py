@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._tiles import cols_block, rows_block
+from ._tiles import row_tiles
 
 
 @triton.jit
@@ -95,12 +95,6 @@ def _gather_tokens_bwd_kernel(
         tl.atomic_add(GPOS + n[:, None] * D + cols[None, :], acc, mask=ok)
 
 
-def _grid(rows: int, D: int):
-    block_d = cols_block(D)
-    block_r = rows_block(block_d, rows)
-    return (triton.cdiv(rows, block_r), triton.cdiv(D, block_d)), block_r, block_d
-
-
 def gather_tokens_fwd(
     x: torch.Tensor, idx: torch.Tensor, pos: torch.Tensor | None = None, *, out: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -118,12 +112,13 @@ def gather_tokens_fwd(
     rows = M * B * K
     if rows == 0 or D == 0:
         return out
-    grid, block_r, block_d = _grid(rows, D)
+    tiles = row_tiles(rows, D)
     has_pos = pos is not None
     p = pos if has_pos else x
     spn, spd = (pos.stride(1), pos.stride(2)) if has_pos else (0, 0)
-    _gather_tokens_fwd_kernel[grid](
-        x, p, idx, out, B, N, K, D, rows, *x.stride(), spn, spd, HAS_POS=has_pos, BLOCK_R=block_r, BLOCK_D=block_d
+    _gather_tokens_fwd_kernel[tiles.grid(rows, D)](
+        x, p, idx, out, B, N, K, D, rows, *x.stride(), spn, spd,
+        HAS_POS=has_pos, BLOCK_R=tiles.block_r, BLOCK_D=tiles.block_d, num_warps=tiles.num_warps,
     )
     return out
 
@@ -149,9 +144,9 @@ def gather_tokens_bwd(
     sorted_keys, perm = torch.sort(keys, dim=1, stable=True)  # (B, M·K)
     targets = torch.arange(N + 1, device=grad.device, dtype=sorted_keys.dtype).expand(B, N + 1).contiguous()
     bounds = torch.searchsorted(sorted_keys.contiguous(), targets)  # (B, N + 1) int64 segment starts
-    grid, block_r, block_d = _grid(B * N, D)
-    _gather_tokens_bwd_kernel[grid](
+    tiles = row_tiles(B * N, D)
+    _gather_tokens_bwd_kernel[tiles.grid(B * N, D)](
         grad, perm, bounds, gx, gpos if pos_grad else gx, B, N, K, D, M * K, B * N,
-        POS_GRAD=pos_grad, BLOCK_R=block_r, BLOCK_D=block_d,
+        POS_GRAD=pos_grad, BLOCK_R=tiles.block_r, BLOCK_D=tiles.block_d, num_warps=tiles.num_warps,
     )
     return gx, gpos

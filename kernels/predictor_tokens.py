@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._tiles import cols_block, rows_block
+from ._tiles import GPU_NUM_WARPS, GPU_TILE_ELEMS, TILE_ELEMS, RowTiles, cols_block, interpreting, rows_block
 
 
 @triton.jit
@@ -143,6 +143,23 @@ def _predictor_tokens_bwd_mask_kernel(
     tl.store(PART + pid * P + p, tl.sum(acc, axis=0), mask=p_ok)
 
 
+def token_tiles(P: int, n_tokens: int, *, mask_grad: bool = False, gpu: bool | None = None) -> RowTiles:
+    """Tiles over (tokens, channels) of one sequence: channel tiles of at most 256 (the
+    fewest masked lanes for P = 384, 512, 1024), about 4096 elements per program (the grid
+    already has a program per sequence, so one choice serves the interpreter and a GPU).
+
+    ``mask_grad``: the mask-token backward, whose programs also scatter every element of
+    their tile into the pos gradient with fp32 atomics. On a GPU its tile is halved: on
+    sm_80, where each atomic is a scalar instruction with its own 64-bit address, the
+    4096-element tile needs 255 registers and spills in fp32 (``ptxas -v``); 2048 does not.
+    """
+    if gpu is None:
+        gpu = not interpreting()
+    block_p = cols_block(P, cap=256)
+    tile = GPU_TILE_ELEMS // 2 if (gpu and mask_grad) else TILE_ELEMS
+    return RowTiles(rows_block(block_p, n_tokens, tile), block_p, GPU_NUM_WARPS)
+
+
 def predictor_tokens_fwd(
     ctx: torch.Tensor,
     idx_x: torch.Tensor,
@@ -166,12 +183,11 @@ def predictor_tokens_fwd(
         out = torch.empty((R, L, P), device=ctx.device, dtype=dtype)
     if R == 0 or L == 0 or P == 0:
         return out
-    block_p = cols_block(P, cap=256)
-    block_t = rows_block(block_p, L)
-    grid = (R, triton.cdiv(L, block_t), triton.cdiv(P, block_p))
+    tiles = token_tiles(P, L)
+    grid = (R, triton.cdiv(L, tiles.block_r), triton.cdiv(P, tiles.block_d))
     _predictor_tokens_fwd_kernel[grid](
         ctx, idx_x, idx, pos, mt, out, B, nenc, KC, KT, P, pos.size(1), *ctx.stride(), pos.stride(1), pos.stride(2),
-        BLOCK_T=block_t, BLOCK_P=block_p,
+        BLOCK_T=tiles.block_r, BLOCK_P=tiles.block_d, num_warps=tiles.num_warps,
     )
     return out
 
@@ -200,22 +216,23 @@ def predictor_tokens_bwd(
     gctx = torch.empty((nenc * B, KC, P), device=grad.device, dtype=ctx_dtype)
     gpos = torch.zeros((npos, P), device=grad.device, dtype=torch.float32) if pos_grad else None
     gp = gpos if pos_grad else gctx
-    block_p = cols_block(P, cap=256)
     if nenc * B * KC > 0 and P > 0:
-        block_t = rows_block(block_p, KC)
-        grid = (nenc * B, triton.cdiv(KC, block_t), triton.cdiv(P, block_p))
+        tiles = token_tiles(P, KC)
+        grid = (nenc * B, triton.cdiv(KC, tiles.block_r), triton.cdiv(P, tiles.block_d))
         _predictor_tokens_bwd_ctx_kernel[grid](
-            grad, idx_x, gctx, gp, B, nenc, npred, KC, KT, P, npos, POS_GRAD=pos_grad, BLOCK_T=block_t, BLOCK_P=block_p
+            grad, idx_x, gctx, gp, B, nenc, npred, KC, KT, P, npos,
+            POS_GRAD=pos_grad, BLOCK_T=tiles.block_r, BLOCK_P=tiles.block_d, num_warps=tiles.num_warps,
         )
     if R * KT == 0 or P == 0:
         return gctx, torch.zeros(P, device=grad.device, dtype=torch.float32), gpos
-    block_t = rows_block(block_p, KT)
+    tiles = token_tiles(P, KT, mask_grad=True)
     if seq_per_prog is None:
         seq_per_prog = max(1, min(8, R // 2048))  # enough programs to fill a GPU; few partial rows past that
     n_prog = triton.cdiv(R, seq_per_prog)
     part = torch.empty((n_prog, P), device=grad.device, dtype=torch.float32)
-    grid = (n_prog, triton.cdiv(P, block_p))
+    grid = (n_prog, triton.cdiv(P, tiles.block_d))
     _predictor_tokens_bwd_mask_kernel[grid](
-        grad, idx, part, gp, B, nenc, KC, KT, P, npos, R, seq_per_prog, POS_GRAD=pos_grad, BLOCK_T=block_t, BLOCK_P=block_p
+        grad, idx, part, gp, B, nenc, KC, KT, P, npos, R, seq_per_prog,
+        POS_GRAD=pos_grad, BLOCK_T=tiles.block_r, BLOCK_P=tiles.block_d, num_warps=tiles.num_warps,
     )
     return gctx, part.sum(0), gpos

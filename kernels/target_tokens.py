@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._tiles import rows_block
+from ._tiles import whole_row_tiles
 
 
 @triton.jit
@@ -68,8 +68,9 @@ def target_tokens_fwd(
     rows = npred * B * KT
     if rows == 0 or D == 0:
         return out
-    block_d = max(16, triton.next_power_of_2(D))  # one program sees whole rows
-    block_r = rows_block(block_d, rows)
-    grid = (triton.cdiv(rows, block_r),)
-    _target_tokens_kernel[grid](h, idx, out, B, N, KT, D, nenc, rows, eps, *h.stride(), BLOCK_R=block_r, BLOCK_D=block_d)
+    tiles = whole_row_tiles(rows, D)  # one program sees whole rows
+    _target_tokens_kernel[(triton.cdiv(rows, tiles.block_r),)](
+        h, idx, out, B, N, KT, D, nenc, rows, eps, *h.stride(),
+        BLOCK_R=tiles.block_r, BLOCK_D=tiles.block_d, num_warps=tiles.num_warps,
+    )
     return out

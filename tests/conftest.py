@@ -14,7 +14,25 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 
+def triton_skip_reason(availability) -> str | None:
+    """Why the ``triton``-marked tests cannot run, given ``fastjepa.ops.available()["triton"]``,
+    or None. Such a Triton (Triton < 3.7 with NumPy >= 2.4: a CUDA torch's pin) still runs
+    compiled kernels on a GPU; only its CPU interpreter is broken."""
+    if availability:
+        return None
+    return f"Triton kernels cannot run here: {availability.reason}"
+
+
 def pytest_collection_modifyitems(config, items):
+    if any("triton" in item.keywords for item in items):
+        from fastjepa.ops._dispatch import _triton_available
+
+        why = triton_skip_reason(_triton_available())
+        if why is not None:
+            skip_triton = pytest.mark.skip(reason=why)
+            for item in items:
+                if "triton" in item.keywords:
+                    item.add_marker(skip_triton)
     if not torch.cuda.is_available():
         reason = "needs a CUDA GPU"
     elif os.environ.get("TRITON_INTERPRET") == "1":

@@ -94,3 +94,40 @@ def test_gpu_benchmark_shapes_are_the_models_at_224(name):
         for k in ("K", "Kc", "Kt"):
             if k in s:
                 assert 0.1 * N <= s[k] <= 0.35 * N, (model, k, s)
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_brings_back_what_the_device_tool_returns(tmp_path):
+    """benchmarks/gpu_check.sh on the CPU (GPU_CHECK_DRY=1: tiny sizes, no build): what it
+    leaves in $OUT fits the device tool's limits (at most 8 files of at most 16 MiB, no more
+    than two folders down, plain names), every part ran and has its row, the logs are one
+    tar.gz, and the summary says loudly that the CUDA kernel was neither built nor tested."""
+    import re
+    import tarfile
+
+    out = tmp_path / "out"
+    out.mkdir()
+    env = {**ENV, "OUT": str(out), "GPU_CHECK_DRY": "1"}
+    r = subprocess.run(["bash", "benchmarks/gpu_check.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert len(files) <= 8, files
+    for p in out.rglob("*"):
+        rel = p.relative_to(out)
+        assert len(rel.parts) <= 3, rel  # $OUT/a/b/file at most
+        assert all(re.fullmatch(r"[A-Za-z0-9._-]+", part) for part in rel.parts), rel
+    for p in files:
+        assert p.stat().st_size <= 16 * 2**20, (p, p.stat().st_size)
+    names = {p.name for p in files}
+    assert {"gpu_check.md", "logs.tar.gz", "ops_table.json", "train_step.json", "train_step.md"} <= names, names
+    assert not any(n.endswith(".tmp") for n in names), names
+    with tarfile.open(out / "logs.tar.gz") as tar:
+        logs = {Path(m).name for m in tar.getnames()}
+    assert {"preflight.log", "pytest_gpu.log", "ops_table.log", "train_step.log"} <= logs, logs
+    summary = (out / "gpu_check.md").read_text()
+    for part in ("preflight", "pytest -m gpu", "ops_table", "train_step_table"):
+        assert f"| {part} | ok |" in summary, (part, summary)
+    assert "**CUDA KERNEL (fastjepa._C, csrc/cuda): NOT BUILT, NOT TESTED.**" in summary, summary
+    ops = json.loads((out / "ops_table.json").read_text())
+    assert ops["meta"]["providers"] == ["reference", "fused"] and ops["failures"] == []  # no cold torch.compile by default
+    assert json.loads((out / "train_step.json").read_text())["rows"][0]["result"]["imgs_per_s"] > 0

@@ -19,3 +19,13 @@ def test_failed_report_names_the_seed_passed_one_does_not():
     add_seed_section(item, passed)
     assert failed.sections == [("random seed", "this test's inputs came from torch.manual_seed(1234)")]
     assert passed.sections == []
+
+
+def test_triton_tests_skip_naming_why_the_interpreter_cannot_run():
+    from fastjepa.ops._dispatch import Availability
+
+    from .conftest import triton_skip_reason
+
+    assert triton_skip_reason(Availability(True, "triton 3.9.0")) is None
+    why = "Triton 3.6.0's interpreter (TRITON_INTERPRET=1) cannot run on NumPy 2.4.6: install triton>=3.7 or numpy<2.4"
+    assert triton_skip_reason(Availability(False, why)) == f"Triton kernels cannot run here: {why}"

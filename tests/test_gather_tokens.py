@@ -8,6 +8,8 @@ from fastjepa.ops import apply_masks, gather_tokens, gather_tokens_reference, us
 from fastjepa.ops._dispatch import kernels
 from fastjepa.ops.gather_tokens import _gather_tokens_triton, _gather_tokens_triton_backward
 
+pytestmark = pytest.mark.triton  # the interpreter on the CPU: skipped where this Triton's cannot run
+
 # (B, N, D, M, K): B=1; D not a power of two with a prime K; K > N forces repeated indices
 # the last: D > 1024 splits each row over 9 column tiles of 128 (the ViT-H path, D = 1280)
 SHAPES = [(1, 16, 32, 1, 5), (3, 20, 200, 2, 7), (2, 9, 17, 4, 13), (2, 9, 1100, 2, 7)]

@@ -7,6 +7,8 @@ from fastjepa.ops import predictor_tokens, predictor_tokens_reference, use_backe
 from fastjepa.ops._dispatch import kernels
 from fastjepa.ops.predictor_tokens import _predictor_tokens_triton, _predictor_tokens_triton_backward
 
+pytestmark = pytest.mark.triton  # the interpreter on the CPU: skipped where this Triton's cannot run
+
 # (B, N, P, nenc, npred, Kc, Kt): B=1; P not a power of two with prime K; nenc=2, npred=4;
 # Kt > N forces repeated target indices
 # the last: P = 300 gives 5 column tiles of 64 and Kt = 70 two passes of the 64-token loop

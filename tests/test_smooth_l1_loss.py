@@ -6,6 +6,8 @@ import torch
 from fastjepa.ops import smooth_l1_loss, smooth_l1_loss_reference, use_backend
 from fastjepa.ops.smooth_l1_loss import _smooth_l1_loss_triton, _smooth_l1_loss_triton_backward
 
+pytestmark = pytest.mark.triton  # the interpreter on the CPU: skipped where this Triton's cannot run
+
 SHAPES = [(1, 1, 1), (3, 7, 200), (8, 13, 61)]  # (rows, K, D); 8·13·61 spans several blocks
 
 

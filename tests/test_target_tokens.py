@@ -9,6 +9,8 @@ from fastjepa.ops import target_tokens, target_tokens_reference, use_backend
 from fastjepa.ops._dispatch import kernels
 from fastjepa.ops.target_tokens import _target_tokens_triton
 
+pytestmark = pytest.mark.triton  # the interpreter on the CPU: skipped where this Triton's cannot run
+
 # (B, N, D, npred, nenc, Kt): B=1; D not a power of two; prime Kt; Kt > N repeats indices
 SHAPES = [(1, 16, 32, 4, 1, 5), (3, 20, 200, 4, 2, 7), (2, 9, 17, 3, 2, 13)]
 

@@ -6,6 +6,8 @@
 // Backward: deterministic and free of atomics. The M·B·K (row, token) pairs are sorted by
 // key b·n + token (stable, so sources keep their (m, k) order), segment starts come from
 // searchsorted, and one block per grad_x row sums its segment in fp32 and writes it once.
+// A pair whose index is out of range gets the key B·n, past every segment: its gradient
+// is dropped (as the Triton kernels drop it), never added to a clamped row.
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -14,6 +16,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <algorithm>
 
 #include "../fastjepa.h"
 
@@ -123,7 +126,8 @@ std::tuple<at::Tensor, at::Tensor> gather_tokens_bwd_cuda(
               ", expected (", M * B, ", ", K, ", ", D, ")");
   // key of source row (m, b, k) is b·n + idx[m, b, k]; a stable sort keeps (m, k) order per key
   const at::Tensor b_of = at::arange(B, idx.options()).view({1, B, 1});
-  const at::Tensor keys = (b_of * n + idx.clamp(0, n - 1)).flatten();
+  const at::Tensor in_range = idx.ge(0).logical_and(idx.lt(n));
+  const at::Tensor keys = at::where(in_range, b_of * n + idx, at::full({}, B * n, idx.options())).flatten();
   const auto sorted = at::sort(keys, /*stable=*/true, /*dim=*/0, /*descending=*/false);
   const at::Tensor sorted_keys = std::get<0>(sorted).contiguous();
   const at::Tensor src = std::get<1>(sorted).contiguous();  // grad row of each sorted entry

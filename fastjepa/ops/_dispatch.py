@@ -148,7 +148,8 @@ def _interpreter_broken(triton_version: str) -> str | None:
     except TypeError:
         return (
             f"Triton {triton_version}'s interpreter (TRITON_INTERPRET=1) cannot run on NumPy {np.__version__}: "
-            "install triton>=3.7 or numpy<2.4"
+            "on a CPU-only machine install triton>=3.7 (the `interpret` extra); with a CUDA torch keep the Triton it "
+            "pins and install numpy<2.4, or run the compiled kernels on the GPU (TRITON_INTERPRET=0)"
         )
     return None
 
