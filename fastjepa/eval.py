@@ -49,544 +49,49 @@ code in a file runs); ``--trust-checkpoint`` opens one that needs more, with a w
 from __future__ import annotations
 
 import argparse
-import copy
-import hashlib
 import json
-import math
 import os
 import re
 import sys
 import time
-import warnings
-from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-import torch.nn as nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset
 
-from .checkpoint import SAFETENSORS_SUFFIX, CheckpointError, atomic_write_text, read_checkpoint, strip_module_prefix
-from .config import ConfigError, load_config, merge, validate
+from .checkpoint import CheckpointError, atomic_write_text, read_checkpoint, strip_module_prefix
+from .config import ConfigError, load_config
 
-FEATURE_VERSION = 1  # bump when the feature definition changes (invalidates caches)
-C_GRID = (0.01, 0.1, 1.0, 10.0, 100.0)
-KNN_K = 20
-KNN_T = 0.07
+# the features and classifiers live in fastjepa/evaluation/; they are this module's API too
+from .evaluation.classifiers import (  # noqa: F401
+    C_GRID,
+    KNN_K,
+    KNN_T,
+    effective_rank,
+    evaluate_encoder,
+    knn_classify,
+    knn_top1,
+    linear_probe,
+)
+from .evaluation.features import (  # noqa: F401
+    ENCODER_KEYS,
+    FEATURE_VERSION,
+    EvalError,
+    _build_encoder,
+    _limit,
+    cached_features,
+    dataset_fingerprint,
+    default_cache_dir,
+    describe_model,
+    eval_datasets,
+    extract_features,
+    infer_architecture,
+    load_target_encoder,
+    random_init_encoder,
+    weights_fingerprint,
+)
+
 QUICK_TRAIN = 1000  # quick_probe: training images used (all 1,000 held-out images are scored)
-
-
-class EvalError(RuntimeError):
-    """A problem with the evaluation's inputs, with what to do about it."""
-
-
-# -- models
-
-
-def random_init_encoder(cfg: dict) -> nn.Module:
-    """The target encoder exactly as training initialises it (``meta.seed``), without
-    touching the global RNG."""
-    from .trainer import build_model
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg["meta"]["seed"])
-        return build_model(cfg).target_encoder
-
-
-def _build_encoder(cfg: dict) -> nn.Module:
-    from .trainer import build_model
-
-    return build_model(cfg).target_encoder
-
-
-def infer_architecture(state: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """Encoder settings read off a state dict's shapes: ``{model_name, model_kwargs,
-    patch_size, crop_size}``. The head count cannot be read from weights; the standard
-    one for the width is used."""
-    from .models import VIT_SIZES
-
-    need = ("pos_embed", "patch_embed.proj.weight", "blocks.0.mlp.fc1.weight")
-    missing = [k for k in need if k not in state]
-    if missing:
-        raise EvalError(f"cannot infer the architecture: the encoder state has no {', '.join(missing)}; pass --config FILE")
-    _, N, D = state["pos_embed"].shape
-    patch = int(state["patch_embed.proj.weight"].shape[-1])
-    grid = math.isqrt(int(N))
-    depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
-    mlp_ratio = state["blocks.0.mlp.fc1.weight"].shape[0] / D
-    name = next((n for n, s in VIT_SIZES.items() if s["embed_dim"] == D), None)
-    kwargs: dict[str, Any] = {}
-    if name is None:
-        name, kwargs = "vit_base", {"embed_dim": int(D), "num_heads": max(1, int(D) // 64)}
-    if depth != VIT_SIZES[name]["depth"]:
-        kwargs["depth"] = depth
-    if not math.isclose(mlp_ratio, VIT_SIZES[name]["mlp_ratio"], rel_tol=1e-6):
-        kwargs["mlp_ratio"] = float(mlp_ratio)
-    return {"model_name": name, "model_kwargs": kwargs, "patch_size": patch, "crop_size": grid * patch}
-
-
-def _config_for_architecture(arch: dict[str, Any], overrides: Sequence[str]) -> dict:
-    cfg = load_config(None, [])
-    cfg["meta"]["model_name"], cfg["meta"]["model_kwargs"] = arch["model_name"], arch["model_kwargs"]
-    cfg["data"]["crop_size"], cfg["mask"]["patch_size"] = arch["crop_size"], arch["patch_size"]
-    cfg["mask"]["min_keep"] = 0  # evaluation samples no masks; keep any grid size valid
-    return _apply_overrides(cfg, overrides)
-
-
-def _apply_overrides(cfg: dict, overrides: Sequence[str]) -> dict:
-    from .config import parse_override
-
-    cfg = copy.deepcopy(cfg)
-    for text in overrides:
-        sec, key, value = parse_override(text)
-        merge(cfg, {sec: {key: value}}, f"override {text!r}")
-    return validate(cfg)
-
-
-ENCODER_KEYS = {"target": "target_encoder", "context": "encoder"}  # --encoder -> checkpoint key
-
-
-def load_target_encoder(
-    path: str | os.PathLike,
-    config: str | os.PathLike | None = None,
-    overrides: Sequence[str] = (),
-    which: str = "target",
-    *,
-    trust: bool = False,
-) -> tuple[nn.Module, dict, dict[str, Any]]:
-    """Build the model and load the checkpoint's target encoder (strictly).
-
-    ``path``: a ``.pth.tar`` (read weights-only; ``trust=True`` also opens one that needs
-    more, which may run code) or a ``.safetensors`` file from ``python -m fastjepa.checkpoint
-    export`` (the architecture comes from its metadata).
-
-    ``which="context"`` loads the context encoder (the network trained by gradients)
-    instead: a diagnostic, not the paper's protocol — it shows whether a collapse starts
-    in the student before the EMA carries it into the target.
-
-    Returns ``(encoder, cfg, info)``; ``info`` says where the architecture came from, the
-    checkpoint's epoch and which encoder was loaded.
-    """
-    if which not in ENCODER_KEYS:
-        raise ValueError(f"which={which!r}: expected one of {', '.join(ENCODER_KEYS)}")
-    key = ENCODER_KEYS[which]
-    path = Path(path)
-    if path.name.endswith(SAFETENSORS_SUFFIX):
-        return _load_safetensors_encoder(path, config, overrides, key)
-    ckpt = read_checkpoint(path, trust=trust)
-    if key not in ckpt:
-        raise CheckpointError(
-            f"checkpoint {path} has no {key!r} (keys: {sorted(ckpt)}); expected a fastjepa or I-JEPA training checkpoint"
-        )
-    state = ckpt[key]
-    if not isinstance(state, dict):
-        raise CheckpointError(f"checkpoint {path}: {key!r} is a {type(state).__name__}, expected a state dict")
-    state = strip_module_prefix(state)
-    extra = ckpt.get("fastjepa")
-    stored = extra.get("config") if isinstance(extra, dict) else None
-    if config is not None:
-        cfg, source = load_config(config, overrides), f"--config {config}"
-    elif isinstance(stored, dict):
-        try:
-            cfg = _apply_overrides(merge(load_config(None, []), stored, f"config stored in {path}"), overrides)
-        except ConfigError as exc:
-            raise CheckpointError(f"checkpoint {path}: its stored config does not validate ({exc}); pass --config FILE") from None
-        source = "the checkpoint's config"
-    elif overrides:
-        cfg, source = load_config(None, overrides), "the packaged config + overrides"
-    else:
-        cfg, source = _config_for_architecture(infer_architecture(state), overrides), "the checkpoint's weight shapes"
-    encoder = _build_encoder(cfg)
-    try:
-        encoder.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise CheckpointError(
-            f"checkpoint {path}: {key!r} does not fit the model built from {source} "
-            f"({cfg['meta']['model_name']}, model_kwargs={cfg['meta']['model_kwargs']}, patch {cfg['mask']['patch_size']}, "
-            f"crop {cfg['data']['crop_size']}); pass the --config it was trained with or fix the overrides. {exc}"
-        ) from None
-    info = {
-        "path": str(path),
-        "architecture_from": source,
-        "epoch": ckpt.get("epoch"),
-        "format": "fastjepa" if extra else "reference",
-        "encoder": which,
-    }
-    return encoder, cfg, info
-
-
-def _load_safetensors_encoder(
-    path: Path, config: str | os.PathLike | None, overrides: Sequence[str], key: str
-) -> tuple[nn.Module, dict, dict[str, Any]]:
-    """:func:`load_target_encoder` for an exported ``.safetensors`` encoder: the model is
-    built from the metadata's architecture (or ``--config``), checked against it field by
-    field, then loaded strictly."""
-    from .checkpoint import ENCODER_FORMAT, check_architecture, read_safetensors
-
-    state, meta = read_safetensors(path)
-    stored = meta.get("network")
-    if stored and stored != key:
-        flag = {v: k for k, v in ENCODER_KEYS.items()}
-        raise CheckpointError(f"{path} holds the {stored}, not the {key}: evaluate it with --encoder {flag.get(stored, 'target')}")
-    ours = meta.get("format") == ENCODER_FORMAT
-    if config is not None:
-        cfg, source = load_config(config, overrides), f"--config {config}"
-    elif ours:
-        try:
-            arch = {
-                "model_name": meta["model_name"],
-                "model_kwargs": json.loads(meta.get("model_kwargs") or "{}"),
-                "patch_size": int(meta["patch_size"]),
-                "crop_size": int(meta["img_size"]),
-            }
-        except (KeyError, ValueError) as exc:
-            raise CheckpointError(f"{path}: its metadata does not describe an encoder ({type(exc).__name__}: {exc}); pass --config FILE") from None
-        try:
-            cfg = _config_for_architecture(arch, overrides)
-            if meta.get("seed", "").lstrip("-").isdigit() and not any(o.startswith("meta.seed=") for o in overrides):
-                cfg["meta"]["seed"] = int(meta["seed"])  # the random-init baseline of the run it came from
-        except ConfigError as exc:
-            raise CheckpointError(f"{path}: its metadata's architecture does not validate ({exc}); pass --config FILE") from None
-        source = "the file's metadata"
-    else:  # a safetensors file of another tool: read the architecture off the shapes
-        cfg, source = _config_for_architecture(infer_architecture(state), overrides), "the file's weight shapes"
-    encoder = _build_encoder(cfg)
-    if ours:
-        check_architecture(path, meta, encoder)
-    try:
-        encoder.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()
-        raise CheckpointError(
-            f"{path}: its tensors do not fit the encoder built from {source} ({_describe(cfg)}): "
-            + " ".join(ln.strip() for ln in first)
-        ) from None
-    info = {
-        "path": str(path),
-        "architecture_from": source,
-        "epoch": int(meta["epoch"]) if meta.get("epoch", "").isdigit() else None,
-        "format": "safetensors",
-        "encoder": {v: k for k, v in ENCODER_KEYS.items()}[key],
-    }
-    return encoder, cfg, info
-
-
-# -- data
-
-
-def eval_datasets(
-    cfg: dict, data: str | None = None, train_dir: str | None = None, val_dir: str | None = None
-) -> tuple[Dataset, Dataset, str]:
-    """(train, held-out, description) without augmentation, at the model's crop size.
-
-    ``embedded``: the MNIST-5k 4,000 / 1,000 split. ``imagefolder``: ``train_dir`` /
-    ``val_dir``, default ``data.root_path`` / ``data.image_folder`` and ``data.val_folder``.
-    """
-    from .data import ImageFolder, build_dataset
-
-    dcfg = dict(cfg["data"])
-    kind = data or (dcfg["dataset"] if dcfg["dataset"] == "imagefolder" and (train_dir or dcfg.get("val_folder")) else "embedded")
-    if kind == "embedded":
-        dcfg["dataset"] = "embedded"
-        train = build_dataset(dcfg, split="train", train_transform=False)
-        val = build_dataset(dcfg, split="val", train_transform=False)
-        return train, val, "embedded MNIST-5k (4,000 train / 1,000 held out)"
-    if kind != "imagefolder":
-        raise EvalError(f"--data {kind!r}: expected 'embedded' or 'imagefolder'")
-    root = dcfg.get("root_path") or ""
-    train_dir = train_dir or (os.path.join(root, dcfg["image_folder"]) if dcfg.get("image_folder") else None)
-    val_dir = val_dir or (os.path.join(root, dcfg["val_folder"]) if dcfg.get("val_folder") else None)
-    if not train_dir or not val_dir:
-        raise EvalError("--data imagefolder needs --train-dir DIR and --val-dir DIR (folders of <class>/<image>)")
-    crop = int(dcfg["crop_size"])
-    train = ImageFolder(train_dir, crop_size=crop, train_transform=False)
-    val = ImageFolder(val_dir, crop_size=crop, train_transform=False)
-    if train.classes != val.classes:
-        raise EvalError(f"{train_dir} and {val_dir} have different class folders ({len(train.classes)} vs {len(val.classes)})")
-    return train, val, f"image folders {train_dir} ({len(train)}) / {val_dir} ({len(val)})"
-
-
-def _limit(ds: Dataset, n: int | None) -> Dataset:
-    if n is None or n >= len(ds):
-        return ds
-    if n < 1:
-        raise EvalError(f"a limit of {n} images: expected at least 1")
-    return Subset(ds, range(n))
-
-
-def dataset_fingerprint(ds: Dataset) -> str | None:
-    """A digest identifying the images and labels of ``ds``, or None when unknown (no caching)."""
-    from .data import EmbeddedMNIST, ImageFolder
-
-    h = hashlib.sha1()
-    if isinstance(ds, Subset):
-        inner = dataset_fingerprint(ds.dataset)
-        if inner is None:
-            return None
-        h.update(f"{inner}:{list(ds.indices)}".encode())
-        return h.hexdigest()
-    if isinstance(ds, EmbeddedMNIST):
-        h.update(ds.images.numpy().tobytes())
-        h.update(ds.labels.numpy().tobytes())
-        h.update(f"embedded:{ds.crop_size}:{ds.crop is not None}".encode())
-        return h.hexdigest()
-    if isinstance(ds, ImageFolder):
-        for p, label in ds.samples:
-            st = os.stat(p)
-            h.update(f"{p}\0{label}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-        h.update(f"folder:{ds.crop_size}:{ds.crop is not None}".encode())
-        return h.hexdigest()
-    return None
-
-
-def weights_fingerprint(module: nn.Module) -> str:
-    h = hashlib.sha1()
-    for name, t in sorted(module.state_dict().items()):
-        h.update(name.encode())
-        h.update(str(tuple(t.shape)).encode())
-        h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
-# -- features
-
-
-def _progress(total: int, desc: str, quiet: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="img", disable=quiet, dynamic_ncols=True, leave=False)
-
-
-@torch.inference_mode()
-def extract_features(
-    encoder: nn.Module,
-    dataset: Dataset,
-    *,
-    layers: int = 1,
-    batch_size: int = 256,
-    device: torch.device | str = "cpu",
-    desc: str = "features",
-    quiet: bool = True,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Average-pooled target-encoder tokens: ((n, layers·D) float32, (n,) int64 labels).
-
-    ``layers=1``: the encoder's output (after its final LayerNorm), mean over tokens.
-    ``layers=4``: the last four blocks' outputs, each through the final LayerNorm, pooled
-    and concatenated (last block last).
-    """
-    depth = len(encoder.blocks)
-    if layers not in (1, 4) or layers > depth:
-        raise EvalError(f"--layers {layers}: expected 1 or 4 (at most the encoder depth, {depth})")
-    encoder = encoder.to(device).eval()
-    captured: list[torch.Tensor] = []
-    hooks = []
-    if layers > 1:
-        for blk in encoder.blocks[-layers:]:
-            hooks.append(blk.register_forward_hook(lambda _m, _i, out: captured.append(out)))
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
-    feats, labels = [], []
-    t0, seen = time.perf_counter(), 0
-    try:
-        with _progress(len(dataset), desc, quiet) as bar:
-            for imgs, y in loader:
-                imgs = imgs.to(device, non_blocking=True)  # (B, C, H, W)
-                captured.clear()
-                out = encoder(imgs)  # (B, N, D)
-                if layers == 1:
-                    f = out.mean(dim=1)  # (B, D)
-                else:
-                    f = torch.cat([encoder.norm(h).mean(dim=1) for h in captured], dim=1)  # (B, layers·D)
-                feats.append(f.float().cpu())
-                labels.append(torch.as_tensor(y).long())
-                seen += imgs.size(0)
-                bar.update(imgs.size(0))
-                bar.set_postfix(img_s=f"{seen / max(time.perf_counter() - t0, 1e-9):.0f}")
-    finally:
-        for hk in hooks:
-            hk.remove()
-    return torch.cat(feats).numpy(), torch.cat(labels).numpy()
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("FASTJEPA_CACHE", Path.home() / ".cache" / "fastjepa")) / "features"
-
-
-def cached_features(
-    encoder: nn.Module,
-    dataset: Dataset,
-    *,
-    layers: int,
-    cache_dir: Path | None,
-    weights_digest: str | None = None,
-    **kwargs,
-) -> tuple[np.ndarray, np.ndarray, bool]:
-    """:func:`extract_features`, read from / written to ``cache_dir`` when the data is
-    identifiable. Returns (features, labels, hit)."""
-    data_digest = dataset_fingerprint(dataset) if cache_dir is not None else None
-    if data_digest is None:
-        return (*extract_features(encoder, dataset, layers=layers, **kwargs), False)
-    wd = weights_digest or weights_fingerprint(encoder)
-    key = hashlib.sha1(f"v{FEATURE_VERSION}:{wd}:{data_digest}:{layers}".encode()).hexdigest()[:24]
-    path = Path(cache_dir) / f"{key}.npz"
-    if path.is_file():
-        try:
-            with np.load(path) as z:
-                return z["features"], z["labels"], True
-        except (OSError, ValueError, KeyError):
-            pass  # a damaged cache entry is recomputed and overwritten
-    x, y = extract_features(encoder, dataset, layers=layers, **kwargs)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
-        np.savez(tmp, features=x, labels=y)
-        os.replace(tmp, path)
-    except OSError as exc:
-        warnings.warn(f"could not cache features in {cache_dir}: {exc}", RuntimeWarning, stacklevel=2)
-    return x, y, False
-
-
-# -- probes
-
-
-def linear_probe(
-    train_x: np.ndarray,
-    train_y: np.ndarray,
-    val_x: np.ndarray,
-    val_y: np.ndarray,
-    *,
-    C: float | None = None,
-    grid: Iterable[float] = C_GRID,
-    max_iter: int = 1000,
-    quiet: bool = True,
-    seed: int = 0,
-) -> dict[str, Any]:
-    """Logistic regression on standardised features (see the module docstring for why).
-
-    ``C=None`` picks the L2 strength from ``grid`` on a stratified fifth of the training
-    features, then refits on all of them. Returns ``{top1, C, converged, grid_scores}``.
-    """
-    from sklearn.exceptions import ConvergenceWarning
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.model_selection import train_test_split
-    from sklearn.preprocessing import StandardScaler
-    from threadpoolctl import threadpool_limits
-    from tqdm.auto import tqdm
-
-    def fit(clf, x, y):
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", ConvergenceWarning)
-            clf.fit(x, y)
-        return not any(issubclass(w.category, ConvergenceWarning) for w in caught)
-
-    grid = tuple(sorted(grid))
-    scores: dict[str, float] = {}
-    # One BLAS thread: the problem is small, and on a shared or busy CPU a multi-threaded
-    # BLAS inside L-BFGS's many tiny steps runs 10-50x slower than one thread.
-    with threadpool_limits(limits=1):
-        if C is None:
-            counts = np.bincount(train_y)
-            stratify = train_y if counts[counts > 0].min() >= 5 else None
-            a_x, b_x, a_y, b_y = train_test_split(train_x, train_y, test_size=0.2, random_state=seed, stratify=stratify)
-            sc = StandardScaler().fit(a_x)
-            a_x, b_x = sc.transform(a_x), sc.transform(b_x)
-            path = LogisticRegression(max_iter=max_iter, warm_start=True)  # weaker to stronger fits reuse the last solution
-            for c in tqdm(grid, desc="linear probe: choosing C", disable=quiet, leave=False):
-                fit(path.set_params(C=c), a_x, a_y)
-                scores[repr(c)] = float((path.predict(b_x) == b_y).mean())
-            C = max(grid, key=lambda c: (scores[repr(c)], -c))  # ties: the stronger penalty
-        sc = StandardScaler().fit(train_x)
-        clf = LogisticRegression(C=C, max_iter=max_iter)
-        converged = fit(clf, sc.transform(train_x), train_y)
-        top1 = float((clf.predict(sc.transform(val_x)) == val_y).mean())
-    return {"top1": top1, "C": float(C), "converged": converged, "grid_scores": scores}
-
-
-def knn_classify(
-    train_x: np.ndarray | torch.Tensor,
-    train_y: np.ndarray | torch.Tensor,
-    val_x: np.ndarray | torch.Tensor,
-    *,
-    k: int = KNN_K,
-    temperature: float = KNN_T,
-    num_classes: int | None = None,
-    chunk: int = 1024,
-) -> torch.Tensor:
-    """Weighted k-NN predictions (n_val,): cosine similarity, the ``k`` nearest training
-    features vote for their label with weight ``exp(sim / temperature)``."""
-    tx = torch.nn.functional.normalize(torch.as_tensor(train_x).float(), dim=1)  # (n_train, F)
-    ty = torch.as_tensor(train_y).long()  # (n_train,)
-    vx = torch.nn.functional.normalize(torch.as_tensor(val_x).float(), dim=1)  # (n_val, F)
-    num_classes = int(num_classes or int(ty.max()) + 1)
-    k = min(k, tx.size(0))
-    preds = []
-    for start in range(0, vx.size(0), chunk):
-        sim = vx[start : start + chunk] @ tx.T  # (c, n_train)
-        top_sim, top_idx = sim.topk(k, dim=1)  # (c, k)
-        weights = (top_sim / temperature).exp()  # (c, k)
-        votes = torch.zeros(sim.size(0), num_classes)  # (c, classes)
-        votes.scatter_add_(1, ty[top_idx], weights)
-        preds.append(votes.argmax(dim=1))
-    return torch.cat(preds)
-
-
-def effective_rank(features) -> float:
-    """exp(entropy) of the normalised singular values of the centred features (Roy &
-    Vetterli, 2007): 1 when every image maps onto one line, ``min(n, dim)`` when all
-    directions are used equally. A falling value over training is dimensional collapse —
-    the pooled features spanning fewer directions — which the probe numbers only show later.
-    """
-    x = torch.as_tensor(np.asarray(features), dtype=torch.float64)
-    if x.ndim != 2 or x.shape[0] < 2:
-        raise ValueError(f"features: expected (n >= 2, dim), got {tuple(x.shape)}")
-    s = torch.linalg.svdvals(x - x.mean(dim=0))
-    if float(s.sum()) == 0.0:
-        return 0.0  # every image gives the same features: nothing spanned
-    p = s / s.sum()
-    p = p[p > 0]
-    return float(torch.exp(-(p * p.log()).sum()))
-
-
-def knn_top1(train_x, train_y, val_x, val_y, **kwargs) -> float:
-    pred = knn_classify(train_x, train_y, val_x, **kwargs)
-    return float((pred == torch.as_tensor(val_y).long()).double().mean())
-
-
-def evaluate_encoder(
-    encoder: nn.Module,
-    train: Dataset,
-    val: Dataset,
-    *,
-    layers: int = 1,
-    device: torch.device | str = "cpu",
-    batch_size: int = 256,
-    cache_dir: Path | None = None,
-    C: float | None = None,
-    quiet: bool = True,
-    name: str = "model",
-) -> dict[str, Any]:
-    """Features (cached), linear probe and k-NN for one encoder."""
-    t0 = time.perf_counter()
-    digest = weights_fingerprint(encoder) if cache_dir is not None else None
-    common = dict(layers=layers, cache_dir=cache_dir, weights_digest=digest, batch_size=batch_size, device=device, quiet=quiet)
-    tx, ty, hit_a = cached_features(encoder, train, desc=f"{name}: train features", **common)
-    vx, vy, hit_b = cached_features(encoder, val, desc=f"{name}: held-out features", **common)
-    t1 = time.perf_counter()
-    num_classes = int(max(ty.max(), vy.max())) + 1
-    probe = linear_probe(tx, ty, vx, vy, C=C, quiet=quiet)
-    knn = knn_top1(tx, ty, vx, vy, num_classes=num_classes)
-    return {
-        "linear_probe_top1": probe["top1"],
-        "knn_top1": knn,
-        "linear_probe_C": probe["C"],
-        "linear_probe_converged": probe["converged"],
-        "linear_probe_grid": probe["grid_scores"],
-        "feature_dim": int(tx.shape[1]),
-        "feature_effective_rank": effective_rank(vx),  # held-out images; see effective_rank()
-        "features_cached": bool(hit_a and hit_b),
-        "feature_time_s": round(t1 - t0, 3),
-        "probe_time_s": round(time.perf_counter() - t1, 3),
-    }
 
 
 # -- reporting
@@ -841,7 +346,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     else:
         cfg, encoder = load_config(args.config, args.overrides), None
     train, val, desc, common = _eval_setup(args, cfg, quiet)
-    print(f"fastjepa.eval: {_describe(cfg)} on {desc}, {common['device']}", file=sys.stderr, flush=True)
+    print(f"fastjepa.eval: {describe_model(cfg)} on {desc}, {common['device']}", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     baseline = None
     if args.random_init or not args.no_baseline:
@@ -875,7 +380,7 @@ def run_epochs(args: argparse.Namespace, quiet: bool) -> dict[str, Any]:
     encoder, cfg, info = load_target_encoder(chosen[0][1], args.config, args.overrides, args.encoder, trust=trust)  # its config: data, baseline
     train, val, desc, common = _eval_setup(args, cfg, quiet)
     print(
-        f"fastjepa.eval: {_describe(cfg)} on {desc}, {common['device']}, epochs {[e for e, _ in chosen]}",
+        f"fastjepa.eval: {describe_model(cfg)} on {desc}, {common['device']}, epochs {[e for e, _ in chosen]}",
         file=sys.stderr,
         flush=True,
     )
@@ -903,12 +408,6 @@ def run_epochs(args: argparse.Namespace, quiet: bool) -> dict[str, Any]:
     print(format_epochs(rows), flush=True)
     print(f"fastjepa.eval: wrote {output / 'eval.json'}", file=sys.stderr, flush=True)
     return out
-
-
-def _describe(cfg: dict) -> str:
-    kw = cfg["meta"]["model_kwargs"]
-    extra = f" {kw}" if kw else ""
-    return f"{cfg['meta']['model_name']}{extra}, patch {cfg['mask']['patch_size']}, {cfg['data']['crop_size']} px"
 
 
 def main(argv=None) -> int:
