@@ -42,6 +42,7 @@ def jpegs(tmp_path_factory):
         Image.fromarray(_natural_image(h, w, rng)).save(d / f"img{i}.jpg", "JPEG", quality=90)
     Image.fromarray(_natural_image(120, 90, rng)).convert("L").save(root / "c0" / "grey.jpg", "JPEG", quality=90)
     Image.fromarray(_natural_image(100, 80, rng)).save(root / "c1" / "x.png")
+    Image.fromarray(_natural_image(96, 128, rng)).convert("CMYK").save(root / "c1" / "cmyk.jpg", "JPEG", quality=90)
     return root
 
 
@@ -147,9 +148,9 @@ def test_gpu_worker_side_ships_the_file_and_the_cpu_paths_box(jpegs):
         payload, label, flip, box, index = ds[i]
         assert index == i and label == ds.samples[i][1] and flip == cpu[i][2]
         path = ds.samples[i][0]
+        assert payload.startswith(fast.RAW) == path.endswith((".png", "cmyk.jpg")), path  # nvjpeg: YCbCr / grey JPEGs
         if payload.startswith(fast.RAW):
             kinds.add("raw")
-            assert path.endswith(".png")
             assert torch.equal(torch.frombuffer(bytearray(payload[len(fast.RAW):]), dtype=torch.uint8).view(3, 32, 32), cpu[i][0])
         else:
             kinds.add("jpeg")
@@ -158,6 +159,36 @@ def test_gpu_worker_side_ships_the_file_and_the_cpu_paths_box(jpegs):
                 expected = sample_crop_box(im.height, im.width, (0.3, 1.0), (3 / 4, 4 / 3), ds.sample_generator(i))
             assert tuple(box.tolist()) == expected
     assert kinds == {"raw", "jpeg"}
+
+
+def test_a_jpeg_simplejpeg_refuses_after_its_header_is_cropped_by_pillow_with_the_same_box(jpegs, monkeypatch):
+    """Strict simplejpeg refuses files libjpeg only warns about (Pillow reads them): the box
+    drawn from the header is kept when Pillow takes over — one draw, not two."""
+    sj = pytest.importorskip("simplejpeg")
+
+    class Refuses:
+        decode_jpeg_header = staticmethod(sj.decode_jpeg_header)
+
+        @staticmethod
+        def decode_jpeg(*args, **kwargs):
+            raise ValueError("Corrupt JPEG data: 3 extraneous bytes before marker 0xd9")
+
+    path = str(jpegs / "c1" / "img3.jpg")  # 768x1024: reduced scales happen at crop 64
+    seed = int(torch.randint(0, 2**31, ()))
+    for size in (224, 64):
+        draws = []
+        g = torch.Generator().manual_seed(seed)
+
+        def sample(H, W):
+            draws.append((H, W))
+            return sample_crop_box(H, W, (0.3, 1.0), (3 / 4, 4 / 3), g)
+
+        monkeypatch.setattr(fast, "_simplejpeg", Refuses)
+        out = fast.read_crop(path, sample, size)
+        assert draws == [(768, 1024)]
+        monkeypatch.setattr(fast, "_simplejpeg", False)
+        g2 = torch.Generator().manual_seed(seed)
+        assert torch.equal(out, fast.read_crop(path, lambda H, W: sample_crop_box(H, W, (0.3, 1.0), (3 / 4, 4 / 3), g2), size))
 
 
 def _bad_folder(root):
