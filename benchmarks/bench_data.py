@@ -2,9 +2,12 @@
 
     python benchmarks/bench_data.py [--quick] [--crop 224] [--files 48] [--out benchmarks/results]
 
-Writes ImageNet-like JPEGs first (500×375 and 375×500, a quarter of them 1024×768; quality
-90; natural-image-like content with a 1/f amplitude spectrum and correlated colours, so
-the files are ~80 KB at 500×375 as ImageNet's are), then, in one run:
+Writes ImageNet-like JPEGs first (quality 90; natural-image-like content with a 1/f
+amplitude spectrum and correlated colours, so the files are ~80 KB at 500×375 as ImageNet's
+are): set ``500x375`` (ImageNet's typical size, half of them portrait: the target's
+measurement) and set ``imagenet-mix`` (the same with every 8th file 1024×768, for a mean
+file size near ImageNet's ~110 KB); ``--large`` adds a set of 1600×1200 sources. Then, in
+one run:
 
 * per core: each pipeline in this process with one torch thread, timed by its own CPU
   time (``time.process_time``) so other jobs on a shared machine move the numbers less;
@@ -67,8 +70,8 @@ def natural_image(height: int, width: int, rng: np.random.Generator, alpha: floa
     return np.clip(128 + 45 * x, 0, 255).astype(np.uint8)
 
 
-def write_jpegs(folder: Path, n: int, seed: int = 0, large: tuple[int, int] = (768, 1024), large_every: int = 4) -> list[Path]:
-    """``n`` JPEGs (q90) under ``folder/c0``: 500×375 / 375×500, every ``large_every``-th ``large``."""
+def write_jpegs(folder: Path, n: int, seed: int = 0, large: tuple[int, int] = (768, 1024), large_every: int = 8) -> list[Path]:
+    """``n`` JPEGs (q90) under ``folder/c0``: 500×375 / 375×500, every ``large_every``-th (0: none) ``large``."""
     rng = np.random.default_rng(seed)
     (folder / "c0").mkdir(parents=True, exist_ok=True)
     paths = []
@@ -157,11 +160,43 @@ def all_cores(root: Path, crop: int, names: list[str], procs: int, seconds: floa
     return out
 
 
+def gpu_decode(root: Path, crop: int, batch: int, seconds: float) -> dict:
+    """``data.decode=gpu`` on the device: nvjpeg decode + crop + resize + normalise of whole
+    batches (the worker side precomputed), images/s by the wall clock with the device synced;
+    checked against the CPU fast path (PSNR) first. ``{"unavailable": why}`` where it cannot run."""
+    from torch.utils.data import default_collate
+
+    from fastjepa.data import batch_to_device
+    from fastjepa.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
+    dev = torch.device("cuda")
+    reason = fast.gpu_decode_unavailable(dev)
+    if reason is not None:
+        return {"unavailable": reason}
+    ds = ImageFolder(root, crop_size=crop, output="uint8", decode="gpu")
+    cpu = ImageFolder(root, crop_size=crop, output="uint8")
+    idx = [i % len(ds) for i in range(batch)]
+    udata = default_collate([ds[i] for i in idx])
+    out = batch_to_device(udata, dev, ds)
+    ref = batch_to_device(default_collate([cpu[i] for i in idx]), "cpu")
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    worst = min(psnr((out.cpu()[i] * std[0] + mean[0]) * 255, (ref[i] * std[0] + mean[0]) * 255) for i in range(batch))
+    assert worst >= 30, f"GPU decode PSNR {worst:.1f} dB against the CPU fast path: expected >= 30"
+    torch.cuda.synchronize()
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        batch_to_device(udata, dev, ds)
+        n += batch
+    torch.cuda.synchronize()
+    dt = time.perf_counter() - t0
+    return {"images_per_s": n / dt, "batch": batch, "device": torch.cuda.get_device_name(dev), "psnr_min_db_vs_cpu_fast": worst}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="a few small files, one round: seconds, for the test suite")
     ap.add_argument("--crop", type=int, default=224)
-    ap.add_argument("--files", type=int, default=48, help="JPEGs to write (a quarter of them 1024×768)")
+    ap.add_argument("--files", type=int, default=32, help="JPEGs to write per set")
     ap.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds per pipeline (median)")
     ap.add_argument("--seconds", type=float, default=4.0, help="all-cores phase: wall seconds per pipeline")
     ap.add_argument("--procs", type=int, default=0, help="all-cores phase: processes (0: the cores this process may use)")
@@ -169,6 +204,8 @@ def main() -> None:
     ap.add_argument("--step-rates", default="1000,2500,5000", help="images/s per GPU to size the loader for")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     ap.add_argument("--stem", default=None, help="report name (default cpu-<date>-data)")
+    ap.add_argument("--gpu", action="store_true", help="also time data.decode=gpu on the CUDA device (batches of --batch)")
+    ap.add_argument("--batch", type=int, default=128)
     args = ap.parse_args()
     if args.quick:
         args.files, args.rounds, args.seconds, args.large = 4, 1, 0.2, False
@@ -176,16 +213,18 @@ def main() -> None:
     rates = [float(r) for r in args.step_rates.split(",") if r]
 
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    sets = {"imagenet": dict(n=args.files)}
+    sets = {"500x375": dict(n=args.files, large_every=0)}
+    if not args.quick:
+        sets["imagenet-mix"] = dict(n=args.files, large=(768, 1024), large_every=8)
     if args.large:
-        sets["large"] = dict(n=max(8, args.files // 4), large=(1200, 1600), large_every=1)
+        sets["1600x1200"] = dict(n=max(8, args.files // 4), large=(1200, 1600), large_every=1)
     result = {"date": date, "cpu": cpu_name(), "threads": 1, "torch": torch.__version__, "crop": args.crop,
               "simplejpeg": getattr(fast.simplejpeg_module(), "__version__", None), "quick": args.quick,
               "sets": {}}  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="fastjepa-bench-data-") as tmp:
         for set_name, spec in sets.items():
             root = Path(tmp) / set_name
-            paths = write_jpegs(root, spec["n"], large=spec.get("large", (768, 1024)), large_every=spec.get("large_every", 4))
+            paths = write_jpegs(root, spec["n"], large=spec.get("large", (768, 1024)), large_every=spec["large_every"])
             sizes = [Image.open(p).size for p in paths]
             dss = pipelines(root, args.crop)
             chk = check(dss, len(paths))
@@ -199,6 +238,8 @@ def main() -> None:
                 "speedup_all_cores": cores["fastjepa"]["images_per_s"] / cores["reference"]["images_per_s"],
                 "cores_per_gpu": {f"{r:g}": {k: r / core[k]["images_per_s"] for k in ("reference", "fastjepa")} for r in rates},
             }  # fmt: skip
+            if args.gpu:
+                result["sets"][set_name]["gpu_decode"] = gpu_decode(root, args.crop, args.batch, args.seconds)
 
     lines = [f"# imagefolder pipeline, crop {args.crop} ({date})", "",
              f"CPU: {result['cpu']}, {procs} cores for this process, one torch thread per loader core, torch {result['torch']}, "
@@ -216,6 +257,11 @@ def main() -> None:
                   "| step rate (images/s per GPU) | cores per GPU, reference | cores per GPU, fastjepa |", "|---:|---:|---:|"]  # fmt: skip
         for r, c in s["cores_per_gpu"].items():
             lines.append(f"| {float(r):,.0f} | {c['reference']:.1f} | {c['fastjepa']:.1f} |")
+        if "gpu_decode" in s:
+            g = s["gpu_decode"]
+            lines += ["", f"GPU decode (data.decode=gpu): unavailable — {g['unavailable']}." if "unavailable" in g else
+                      f"GPU decode (data.decode=gpu) on {g['device']}: {g['images_per_s']:,.0f} images/s in batches of {g['batch']} "
+                      f"(nvjpeg decode, crop, resize, normalise; PSNR ≥ {g['psnr_min_db_vs_cpu_fast']:.1f} dB against the CPU fast path)."]  # fmt: skip
         lines += ["", f"Check before timing: fastjepa crops vs the full decode, PSNR min {s['check']['psnr_min_db']:.1f} dB, "
                   f"mean {s['check']['psnr_mean_db']:.1f} dB over {s['check']['images']} images (same boxes).", ""]  # fmt: skip
     text = "\n".join(lines)

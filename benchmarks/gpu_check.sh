@@ -59,6 +59,11 @@ if [ -f benchmarks/ops_table.py ]; then
     part "ops_table (bf16)" 60 "$DEST/ops_table.log" python benchmarks/ops_table.py --dtype bf16 --out "$DEST/ops_table_gpu.json"
 fi
 
+# 3b. the image pipeline: CPU paths per core and on all cores, and data.decode=gpu (nvjpeg;
+#     "unavailable" with the reason where torchvision cannot be imported)
+part "bench_data (cpu + gpu decode)" 75 "$DEST/bench_data.log" \
+    python benchmarks/bench_data.py --gpu --files 32 --rounds 3 --seconds 2 --out "$DEST" --stem "gpu-$STAMP-data"
+
 # 4. the train-step table: ViT-B/16, ViT-L/16, ViT-H/14, fastjepa vs reference, then the largest
 #    ViT-H/14 batch per path. Whatever remains of ~8 minutes, at least 3.
 left=$((480 - (SECONDS - T0)))

@@ -230,7 +230,7 @@ def _gpu_decode(payloads, boxes, indices, device, dataset) -> torch.Tensor:
     tensors = [torch.frombuffer(bytearray(payloads[i]), dtype=torch.uint8) for i in enc]
     try:
         decoded = decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device) if tensors else []
-    except RuntimeError:  # one bad file fails the batch: decode one by one, the failures on the CPU
+    except (RuntimeError, TypeError, ValueError):  # a bad file fails the batch (or no batched API): one by one
         decoded = []
         for t in tensors:
             try:
