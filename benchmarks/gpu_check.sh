@@ -172,9 +172,11 @@ part "ops_table" "$(box 70)" ops_table.log "$PY" benchmarks/ops_table.py "${OPS_
 
 # -- 4. the data pipeline (another engineer's script; run when present) --------------------
 if [ -f benchmarks/bench_data.py ]; then
-    DATA_ARGS=()
-    grep -q -- "--out" benchmarks/bench_data.py && DATA_ARGS=(--out "$DEST/data.json")
-    part "bench_data" "$(box 40)" bench_data.log "$PY" benchmarks/bench_data.py "${DATA_ARGS[@]}"
+    # CPU paths per core and on all cores, and data.decode=gpu (nvjpeg; "unavailable" with the
+    # reason where torchvision cannot be imported): data.json + data.md
+    DATA_ARGS=(--gpu --files 32 --rounds 3 --seconds 2)
+    [ "$DRY" = 1 ] && DATA_ARGS=(--quick)
+    part "bench_data" "$(box 60)" bench_data.log "$PY" benchmarks/bench_data.py "${DATA_ARGS[@]}" --out "$DEST" --stem data
 else
     echo "| bench_data | skipped (benchmarks/bench_data.py not in this checkout) | 0 s |" >>"$SUMMARY"
 fi

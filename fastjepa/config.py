@@ -22,7 +22,7 @@ class ConfigError(ValueError):
     """A configuration problem, found before training starts."""
 
 
-# Each field: (kind, default, help). kinds: int, float, bool, str, opt_str, pair, dict, or a tuple of allowed strings.
+# Each field: (kind, default, help). kinds: int, int_or_auto, float, bool, str, opt_str, pair, dict, or a tuple of allowed strings.
 SCHEMA: dict[str, dict[str, tuple[Any, Any, str]]] = {
     "data": {
         "dataset": (("embedded", "imagefolder", "synthetic"), "embedded", "data source (fastjepa)"),
@@ -33,8 +33,10 @@ SCHEMA: dict[str, dict[str, tuple[Any, Any, str]]] = {
         "image_folder": ("opt_str", None, "imagefolder: training folder under root_path"),
         "val_folder": ("opt_str", None, "imagefolder: held-out folder under root_path, for evaluation (fastjepa)"),
         "synthetic_samples": ("int", 1024, "synthetic: images per epoch (fastjepa)"),
-        "num_workers": ("int", 0, "DataLoader worker processes"),
+        "num_workers": ("int_or_auto", "auto", "DataLoader worker processes; auto: 0 for in-memory data, else the process's cores but one"),
         "pin_mem": ("bool", True, "pinned host memory (CUDA only)"),
+        "fast_decode": ("bool", True, "imagefolder: decode only what the crop needs; false: the reference's full decode, exactly (fastjepa)"),
+        "decode": (("cpu", "gpu", "auto"), "cpu", "imagefolder: decode JPEGs in the loader workers, on the GPU (nvjpeg, needs torchvision) or gpu where possible (fastjepa)"),
         "use_horizontal_flip": ("bool", False, "random horizontal flip"),
         "use_color_distortion": ("bool", False, "colour distortion (not used by any published config; unsupported)"),
         "use_gaussian_blur": ("bool", False, "Gaussian blur (not used by any published config; unsupported)"),
@@ -139,6 +141,10 @@ def _check_value(key: str, kind: Any, value: Any) -> Any:
         if not isinstance(value, dict):
             raise bad("a mapping")
         return value
+    if kind == "int_or_auto":
+        if value != "auto" and (isinstance(value, bool) or not isinstance(value, int)):
+            raise bad("an integer or 'auto'")
+        return value
     if kind in ("opt_int", "opt_float"):
         return value
     raise AssertionError(kind)
@@ -208,7 +214,7 @@ def validate(cfg: dict) -> dict:
         ("logging.checkpoint_freq", cfg["logging"]["checkpoint_freq"], 1),
         ("meta.pred_depth", meta["pred_depth"], 1),
         ("meta.pred_emb_dim", meta["pred_emb_dim"], 1),
-        ("data.num_workers", d["num_workers"], 0),
+        ("data.num_workers", 0 if d["num_workers"] == "auto" else d["num_workers"], 0),
     ):
         if v < lo:
             raise ConfigError(f"config key {key}: got {v}, expected an integer >= {lo}")

@@ -32,7 +32,7 @@ from .checkpoint import (
     save_states,
 )
 from .config import ConfigError, dump_config
-from .data import build_dataset
+from .data import batch_to_device, build_dataset, loader_options
 from .distributed import DistInfo, ResumableSampler, all_reduce_mean, any_rank, min_over_ranks
 from .ijepa import IJEPA
 from .masks import MaskCollator
@@ -216,7 +216,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda") if (self.amp_dtype is not None and self.reference) else None
 
         # data
-        self.dataset = build_dataset(data, split="train")
+        self.dataset = build_dataset(data, split="train", device=self.device)
         if hasattr(self.dataset, "set_epoch"):
             self.dataset.set_epoch(0, seed=meta["seed"])
         self.sampler = ResumableSampler(len(self.dataset), data["batch_size"], self.dist, seed=meta["seed"])
@@ -275,9 +275,8 @@ class Trainer:
             batch_size=data["batch_size"],
             sampler=self.sampler,
             collate_fn=self.collator,
-            num_workers=data["num_workers"],
-            pin_memory=data["pin_mem"] and self.device.type == "cuda",
             drop_last=True,
+            **loader_options(data, self.dataset, self.device),
         )
 
     def _resume(self) -> None:
@@ -560,7 +559,7 @@ class Trainer:
                     self._rng_after_loader = None
                 for itr, (udata, masks_enc, masks_pred) in enumerate(batches, start=self.next_itr):
                     t0 = time.perf_counter()
-                    imgs = (udata[0] if isinstance(udata, (list, tuple)) else udata).to(self.device, non_blocking=True)
+                    imgs = batch_to_device(udata, self.device, self.dataset)
                     masks_enc = [m.to(self.device, non_blocking=True) for m in masks_enc]
                     masks_pred = [m.to(self.device, non_blocking=True) for m in masks_pred]
                     log_now = (itr % log_freq == 0) or itr == self.ipe - 1

@@ -55,6 +55,19 @@ def test_cpu_report_scripts_write_json_and_markdown(tmp_path, script, args, stem
 
 
 @pytest.mark.slow
+def test_data_benchmark_quick_writes_json_and_markdown(tmp_path):
+    # --quick: four JPEGs, one round, the all-cores phase for a fraction of a second
+    _run("benchmarks/bench_data.py", "--quick", "--out", str(tmp_path), "--stem", "d")
+    result = json.loads((tmp_path / "d.json").read_text())
+    s = result["sets"]["500x375"]
+    assert s["files"] == 4 and s["check"]["psnr_min_db"] >= 30  # the fast path was checked against the reference
+    assert {"reference", "fastjepa", "fastjepa-pillow", "uint8-only", "gpu-worker"} <= set(s["per_core"])
+    assert all(v["images_per_s"] > 0 for v in s["per_core"].values()) and s["all_cores"]["fastjepa"]["images_per_s"] > 0
+    md = (tmp_path / "d.md").read_text()
+    assert md.startswith("# ") and "| fastjepa |" in md and "cores per GPU" in md
+
+
+@pytest.mark.slow
 def test_train_step_table_runs_one_child(tmp_path):
     # the script gpu_check.sh relies on: one child process, one step, the CPU model
     _run("benchmarks/train_step_table.py", "--out", str(tmp_path), "--name", "t", "--repeats", "1", "--steps", "1",
