@@ -27,7 +27,22 @@ import triton.language as tl
 
 from ._tiles import cols_block, rows_block
 
-_ROUND = {None: 0, torch.bfloat16: 1, torch.float16: 2}  # rounding of the target tokens (see the forward)
+_ROUND = {torch.bfloat16: 1, torch.float16: 2}  # ROUND_CTX / ROUND_TGT codes (0: no rounding)
+
+
+@triton.jit
+def _round(v, MODE: tl.constexpr):
+    """fp32 -> rounded to bf16 (MODE 1) or fp16 (MODE 2), nearest-even, returned as fp32.
+
+    bf16 by bit arithmetic: the CPU interpreter's conversion truncates, a GPU's rounds;
+    this is the same on both (NaN kept as is)."""
+    if MODE == 1:
+        bits = v.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        v = tl.where(v != v, v, bits.to(tl.float32, bitcast=True))
+    if MODE == 2:
+        v = v.to(tl.float16).to(tl.float32)
+    return v
 
 
 @triton.jit
@@ -50,8 +65,8 @@ def _sorted_tokens_fwd_kernel(
     spp,
     OFF: tl.constexpr,
     HAS_POS: tl.constexpr,
-    ROUND_CTX: tl.constexpr,  # ctx's dtype is narrower than the output's: round ctx + pos to it
-    ROUND_TGT: tl.constexpr,  # 0: none, 1: bf16, 2: fp16 (mask_token + pos in their promoted dtype)
+    ROUND_CTX: tl.constexpr,  # ctx + pos rounded to ctx's dtype when narrower than the output's: 0 no, 1 bf16, 2 fp16
+    ROUND_TGT: tl.constexpr,  # mask_token + pos rounded to their promoted dtype, likewise
     BLOCK_T: tl.constexpr,
     BLOCK_P: tl.constexpr,
 ):
@@ -80,12 +95,8 @@ def _sorted_tokens_fwd_kernel(
         q = tl.load(POS + n[:, None] * spn + p[None, :] * spp, mask=n_ok[:, None] & p_ok[None, :], other=0.0).to(tl.float32)
         v_ctx = c + q
         v_tgt = v_tgt + q
-        if ROUND_CTX:
-            v_ctx = v_ctx.to(CTX.dtype.element_ty).to(tl.float32)
-        if ROUND_TGT == 1:
-            v_tgt = v_tgt.to(tl.bfloat16).to(tl.float32)
-        if ROUND_TGT == 2:
-            v_tgt = v_tgt.to(tl.float16).to(tl.float32)
+        v_ctx = _round(v_ctx, ROUND_CTX)
+        v_tgt = _round(v_tgt, ROUND_TGT)
         bad = s_ok & ~n_ok  # an out-of-range position (unchecked on CUDA unless validate=True)
         v_ctx = tl.where(bad[:, None], float("nan"), v_ctx)
         v_tgt = tl.where(bad[:, None], float("nan"), v_tgt)
@@ -213,7 +224,7 @@ def sorted_predictor_tokens_fwd(
         out = torch.empty((R, off + LK, P), device=ctx.device, dtype=dtype)
     if R == 0 or off + LK == 0 or P == 0:
         return out
-    round_ctx = pos is not None and ctx.dtype != dtype
+    round_ctx = _ROUND.get(ctx.dtype, 0) if pos is not None and ctx.dtype != dtype else 0
     round_tgt = _ROUND.get(tgt_dtype, 0) if tgt_dtype != dtype else 0
     block_p = cols_block(P, cap=256)
     block_t = rows_block(block_p, off + LK)

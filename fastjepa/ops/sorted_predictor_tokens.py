@@ -39,13 +39,15 @@ through the order, zeros at context slots.
 
 from __future__ import annotations
 
+import functools
+import importlib
 from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
 
 from . import _validate as V
-from ._dispatch import kernels, select
+from ._dispatch import assume_constant_result, available, kernels, select
 
 
 class SortedOrder(NamedTuple):
@@ -243,6 +245,23 @@ _take_triton.register_autograd(_take_backward, setup_context=_take_setup)
 # -- public ops --------------------------------------------------------------------------
 
 
+@functools.cache
+def _cpp_has_op_cached() -> bool:
+    if not available()["cpp"]:
+        return True  # select() reports the extension itself as missing
+    importlib.import_module("fastjepa._C")
+    return hasattr(torch.ops.fastjepa, "sorted_predictor_tokens_fwd")
+
+
+@assume_constant_result  # a plain function: Dynamo traces through functools.cache wrappers
+def _cpp_has_op() -> bool:
+    """Whether the loaded extension has these kernels (an extension built before
+    ``csrc/sorted_predictor_cpu.cpp`` existed has not: then ``auto`` takes the reference on
+    the CPU and a forced ``cpp`` says so)."""
+    return _cpp_has_op_cached()
+
+
+
 def _check(ctx, masks_x, masks_y, mask_token, pos_embed, has_cls, chop_last_n, num_patches, validate):
     V.check_tokens(ctx, "ctx")
     masks_x = V.mask_list(masks_x, "masks_x")
@@ -320,7 +339,7 @@ def sorted_predictor_tokens(
     :Equivalent pytorch code: :func:`sorted_predictor_tokens_reference`.
     """
     masks_x, masks_y = _check(ctx, masks_x, masks_y, mask_token, pos_embed, has_cls, chop_last_n, num_patches, validate)
-    backend = select("sorted_predictor_tokens", ctx.device, _out_dtype(ctx, mask_token, pos_embed))
+    backend = select("sorted_predictor_tokens", ctx.device, _out_dtype(ctx, mask_token, pos_embed), cpp_op=_cpp_has_op())
     if backend == "reference":
         return sorted_predictor_tokens_reference(
             ctx, masks_x, masks_y, mask_token, pos_embed, has_cls=has_cls, chop_last_n=chop_last_n
@@ -362,7 +381,7 @@ def sorted_predictor_take_targets(y: torch.Tensor, order: SortedOrder) -> torch.
         raise ValueError(f"y: expected shape ({R}, {cls}{L}, D) (the sorted sequence), got {tuple(y.shape)}")
     if y.device != order.order.device:
         raise ValueError(f"y: on {y.device}, expected the device of the order ({order.order.device})")
-    backend = select("sorted_predictor_tokens", y.device, y.dtype)
+    backend = select("sorted_predictor_tokens", y.device, y.dtype, cpp_op=_cpp_has_op())
     if backend == "reference":
         return sorted_predictor_take_targets_reference(y, order)
     if backend == "triton":
