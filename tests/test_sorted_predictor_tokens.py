@@ -144,7 +144,7 @@ def test_rows_pair_context_mask_m_with_target_mask_m(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_triton_kernels_write_every_element(backend, poison_empty):
+def test_kernels_write_every_element(backend, poison_empty):
     """Large enough for several tiles and reduction chunks; poisoned empties must all be overwritten."""
     args = inputs((1, 2, 600, 48, 150, 400, "complement"), has_cls=True)
     expected, grads, _ = run("reference", *args, True, 0)
