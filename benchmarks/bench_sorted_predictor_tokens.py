@@ -27,11 +27,26 @@ import sys
 
 import pytest
 import torch
-from _common import DEVICE, DTYPE, ON_GPU, Case, bench, check, gpu_shapes, measure, passes, with_backend  # sets TRITON_INTERPRET on CPU
+from _common import (  # sets TRITON_INTERPRET on CPU
+    DEVICE,
+    DTYPE,
+    ON_GPU,
+    Case,
+    bench,
+    check,
+    gpu_shapes,
+    measure,
+    passes,
+    with_backend,
+)
 
-from fastjepa.ops import available, sorted_predictor_take_targets, sorted_predictor_take_targets_reference
+from fastjepa.ops import (
+    available,
+    sorted_predictor_take_targets,
+    sorted_predictor_take_targets_reference,
+    sorted_predictor_tokens_reference,
+)
 from fastjepa.ops import sorted_predictor_tokens as sorted_tokens
-from fastjepa.ops import sorted_predictor_tokens_reference
 from fastjepa.ops.sorted_predictor_tokens import _cpp_has_op
 
 GPU_SHAPES = {

@@ -12,7 +12,13 @@ from fastjepa.ops import (
     sorted_predictor_tokens_reference,
     use_backend,
 )
-from fastjepa.ops.sorted_predictor_tokens import _sort, _take_triton, _take_triton_backward, _tokens_triton, _tokens_triton_backward
+from fastjepa.ops.sorted_predictor_tokens import (
+    _sort,
+    _take_triton,
+    _take_triton_backward,
+    _tokens_triton,
+    _tokens_triton_backward,
+)
 
 HAVE_CPP = bool(available()["cpp"])
 BACKENDS = ["triton", pytest.param("cpp", marks=pytest.mark.skipif(not HAVE_CPP, reason="fastjepa._C is not built"))]
