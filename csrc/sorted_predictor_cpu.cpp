@@ -19,6 +19,7 @@
 // row is written by one task, the mask-token sum runs in a fixed order, so results do not
 // depend on the thread count.
 
+#include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>

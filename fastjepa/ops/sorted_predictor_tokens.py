@@ -120,7 +120,7 @@ def _sort(idx_x: torch.Tensor, idx_y: torch.Tensor) -> tuple[torch.Tensor, torch
     positions, order = torch.sort(ids, dim=1, stable=True)  # (R, L), (R, L)
     R, L = order.shape
     slots = torch.arange(L, device=order.device).expand(R, L)  # (R, L)
-    inverse = torch.empty_like(order).scatter_(1, order, slots)  # (R, L): order is a permutation per row
+    inverse = order.new_empty(order.shape).scatter_(1, order, slots)  # (R, L): order is a permutation per row
     return positions, order, inverse
 
 
