@@ -8,6 +8,12 @@ outputs and pick tile sizes.
 from .gather_tokens import gather_tokens_bwd, gather_tokens_fwd
 from .predictor_tokens import predictor_tokens_bwd, predictor_tokens_fwd
 from .smooth_l1_loss import smooth_l1_loss_bwd, smooth_l1_loss_fwd
+from .sorted_predictor_tokens import (
+    sorted_predictor_take_bwd,
+    sorted_predictor_take_fwd,
+    sorted_predictor_tokens_bwd,
+    sorted_predictor_tokens_fwd,
+)
 from .target_tokens import target_tokens_fwd
 
 __all__ = [
@@ -17,5 +23,9 @@ __all__ = [
     "predictor_tokens_fwd",
     "smooth_l1_loss_bwd",
     "smooth_l1_loss_fwd",
+    "sorted_predictor_take_bwd",
+    "sorted_predictor_take_fwd",
+    "sorted_predictor_tokens_bwd",
+    "sorted_predictor_tokens_fwd",
     "target_tokens_fwd",
 ]

@@ -12,6 +12,13 @@ from .linear_gelu import fused_linear_gelu_applies, linear_gelu, linear_gelu_ref
 from .predictor_tokens import predictor_tokens, predictor_tokens_reference
 from .rope import rope_qk, rope_qk_reference
 from .smooth_l1_loss import smooth_l1_loss, smooth_l1_loss_reference
+from .sorted_predictor_tokens import (
+    SortedOrder,
+    sorted_predictor_take_targets,
+    sorted_predictor_take_targets_reference,
+    sorted_predictor_tokens,
+    sorted_predictor_tokens_reference,
+)
 from .target_tokens import target_tokens, target_tokens_reference
 
 __all__ = [
@@ -35,6 +42,11 @@ __all__ = [
     "rope_qk_reference",
     "smooth_l1_loss",
     "smooth_l1_loss_reference",
+    "SortedOrder",
+    "sorted_predictor_take_targets",
+    "sorted_predictor_take_targets_reference",
+    "sorted_predictor_tokens",
+    "sorted_predictor_tokens_reference",
     "target_tokens",
     "target_tokens_reference",
     "use_attention",
