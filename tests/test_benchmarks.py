@@ -41,6 +41,8 @@ def test_pytest_benchmark_cases_run_once():
     "script, args, stem",
     [
         ("bench_mask_sampler.py", ["--batch", "4", "--seconds", "0.05"], "mask_sampler"),
+        ("bench_mask_sampler3d.py", ["--batch", "2", "--frames", "4", "--crop", "64", "--seconds", "0.05",
+                                     "--check-batches", "2"], "mask_sampler3d"),
         ("bench_cpu_ops.py", ["--batch", "1", "--dtypes", "float32", "--seconds", "0.02"], "cpu_ops"),
     ],
 )
