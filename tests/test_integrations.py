@@ -25,6 +25,7 @@ from fastjepa.integrations import vjepa2 as fj_vjepa2
 from fastjepa.integrations._patching import CodebaseMismatch, PatchSet
 from fastjepa.ops import available
 
+
 def _sized_sampler() -> bool:
     if not available()["cpp"]:
         return False
@@ -232,7 +233,7 @@ def vjepa_models(vit, predictor, use_rope):
     kw = dict(img_size=(32, 32), patch_size=8, num_frames=4, tubelet_size=2, embed_dim=24, depth=2, num_heads=2, use_rope=use_rope)
     enc, tgt = vit.VisionTransformer(**kw), vit.VisionTransformer(**kw)
     tgt.load_state_dict(enc.state_dict())
-    pred = predictor.VisionTransformerPredictor(num_patches=32, embed_dim=24, predictor_embed_dim=16, depth=2, num_heads=2, use_rope=use_rope)
+    pred = predictor.VisionTransformerPredictor(num_patches=32, embed_dim=24, predictor_embed_dim=24, depth=2, num_heads=2, use_rope=use_rope)
     return enc, tgt, pred
 
 
@@ -264,6 +265,9 @@ def test_vjepa2_step_matches_and_patched_list(use_rope):
             "src.utils.tensors.repeat_interleave_batch",
             "src.models.predictor.repeat_interleave_batch",
             "src.models.vision_transformer.VisionTransformer.forward",
+            "src.models.utils.modules.RoPEAttention.forward",
+            "src.models.utils.modules.rotate_queries_or_keys",
+            "src.models.predictor.VisionTransformerPredictor.forward",
         ]
         assert_same_step(ref, vjepa_step(train, enc, tgt, pred, clips, masks_enc, masks_pred))
         enc2, tgt2, pred2 = vjepa_models(vit, predictor, use_rope)

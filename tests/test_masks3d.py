@@ -12,6 +12,7 @@ C++ sampler ``torch.ops.fastjepa.sample_masks3d``.
 
 import math
 import os
+import sys
 import types
 
 import pytest
@@ -580,3 +581,27 @@ def test_patched_standin_uses_the_originals_block_size_and_counter():
         g.manual_seed(k)
         t, h, w = gen._sample_block_size(g, cfg["temporal_scale"], cfg["spatial_scale"], cfg["aspect_ratio"])
         assert pred.size(1) == t * h * w  # one block, all frames: the target is the original's box
+
+
+@needs_cpp
+def test_vjepa2_apply_patches_the_mask_generator_and_reverts_it(monkeypatch):
+    """integrations.vjepa2.apply() wires this patch in (the masks flag) and revert() restores it."""
+    from fastjepa.integrations import vjepa2
+
+    m = _standin_module()
+    monkeypatch.setitem(sys.modules, "src.masks.multiseq_multiblock3d", m)
+    original = m._MaskGenerator.__dict__["__call__"]
+    try:
+        assert vjepa2.apply(masks=False) == []
+        (name,) = vjepa2.apply()  # the stand-in's class is defined in this file, so named after it
+        assert name.endswith("._MaskGenerator.__call__")
+        assert m._MaskGenerator.__dict__["__call__"].__fastjepa_original__ is original
+    finally:
+        vjepa2.revert()
+    assert m._MaskGenerator.__dict__["__call__"] is original
+    other = types.ModuleType("src.masks.multiseq_multiblock3d")  # not V-JEPA 2's mask module
+    monkeypatch.setitem(sys.modules, "src.masks.multiseq_multiblock3d", other)
+    from fastjepa.integrations._patching import CodebaseMismatch
+
+    with pytest.raises(CodebaseMismatch, match="expected a class _MaskGenerator"):
+        vjepa2.apply()

@@ -151,3 +151,12 @@ def describe_package(package: str) -> str:
     subs = sorted(n for n in sys.modules if n.startswith(package + "."))
     shown = ", ".join(subs[:12]) + (f", … ({len(subs)} in all)" if len(subs) > 12 else "")
     return f"{package!r} from {where} with submodules [{shown}]"
+
+
+def package_modules(packages: Iterable[str]) -> dict[str, types.ModuleType]:
+    """Every imported module of ``packages`` (the packages themselves and their submodules)."""
+    packages = tuple(packages)
+    return {
+        n: m for n, m in sorted(sys.modules.items())
+        if m is not None and any(n == p or n.startswith(p + ".") for p in packages)
+    }  # fmt: skip

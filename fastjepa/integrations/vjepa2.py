@@ -17,6 +17,17 @@ Each flag swaps one piece (``False`` leaves it as it is):
   the pos-embed add and the context gather in one pass (:func:`fastjepa.ops.gather_tokens`
   with ``pos_embed``); with RoPE the fused gather alone.
 
+* ``rope``: ``RoPEAttention.forward`` -> q and k rotated by one fused call
+  (:func:`fastjepa.ops.rope_qk`, V-JEPA 2's frequency layout including its duplicated
+  frequencies), and ``rotate_queries_or_keys`` -> one expression on a cached table
+  (:mod:`fastjepa.integrations._vjepa2_rope`).
+* ``predictor``: ``VisionTransformerPredictor.forward`` -> the sorted predictor input in
+  one pass and the un-sort + take of the targets as one gather
+  (:func:`fastjepa.ops.sorted_predictor_tokens`, :mod:`._vjepa2_predictor`).
+* ``masks``: ``src.masks.multiseq_multiblock3d._MaskGenerator.__call__`` -> the C++ 3-D
+  multi-block sampler, block sizes from the original's own counter-seeded draw, offsets
+  with the same distribution (:mod:`._vjepa2_masks`).
+
 Every replacement falls back to the original for a call it does not cover.
 """
 
@@ -26,7 +37,7 @@ import torch
 import torch.utils.checkpoint
 
 from . import _common as C
-from ._patching import PatchSet, class_patch, function_patches, parameters, replaces
+from ._patching import CodebaseMismatch, PatchSet, class_patch, function_patches, package_modules, parameters, replaces
 
 API = "fastjepa.integrations.vjepa2.apply()"
 CODEBASE = "V-JEPA 2 (facebookresearch/vjepa2)"
@@ -65,8 +76,23 @@ def _check_predictor(m):
     return C.has_attrs(m, "VisionTransformerPredictor")
 
 
+def _check_modules(m):
+    rope = getattr(m, "RoPEAttention", None)
+    if isinstance(rope, type) and not callable(getattr(rope, "separate_positions", None)):
+        return "expected V-JEPA 2's RoPEAttention (with separate_positions), found one without"
+    return None
+
+
+def _check_masks3d(m):
+    from ._vjepa2_masks import check_masks_module
+
+    return check_masks_module(m)
+
+
 CHECKS = {
     "src.masks.utils": _check_masks_utils,
+    "src.masks.multiseq_multiblock3d": _check_masks3d,
+    "src.models.utils.modules": _check_modules,
     "src.utils.tensors": _check_tensors,
     "src.models.vision_transformer": _check_vit,
     "src.models.predictor": _check_predictor,
@@ -162,10 +188,40 @@ def _encoder(mods):
     return [class_patch(mods["src.models.vision_transformer"].VisionTransformer, "forward", make)]
 
 
+def _rope(mods):
+    from ._vjepa2_rope import rope_patches
+
+    # RoPEAttention and rotate_queries_or_keys wherever V-JEPA 2's modules imported them
+    return rope_patches(package_modules(("src", "app")))
+
+
+def _predictor(mods):
+    from ._vjepa2_predictor import predictor_patches
+
+    try:
+        return predictor_patches(mods)
+    except ValueError as exc:  # a predictor whose forward is not V-JEPA 2's
+        raise CodebaseMismatch(f"{API}: the imported 'src' is not {CODEBASE}: {exc}") from None
+
+
+def _masks(mods):
+    from ._vjepa2_masks import masks_patches
+
+    return masks_patches(mods)
+
+
 # -- public API ---------------------------------------------------------------------------
 
 
-def apply(*, apply_masks: bool = True, repeat_interleave_batch: bool = True, encoder: bool = True) -> list[str]:
+def apply(
+    *,
+    apply_masks: bool = True,
+    repeat_interleave_batch: bool = True,
+    encoder: bool = True,
+    rope: bool = True,
+    predictor: bool = True,
+    masks: bool = True,
+) -> list[str]:
     """Patch the imported V-JEPA 2 modules; returns what was patched (``module.attr`` names).
 
     Refuses (:class:`~fastjepa.integrations._patching.CodebaseMismatch`) when nothing of
@@ -177,6 +233,9 @@ def apply(*, apply_masks: bool = True, repeat_interleave_batch: bool = True, enc
         (apply_masks, _apply_masks),
         (repeat_interleave_batch, _repeat_interleave_batch),
         (encoder, _encoder),
+        (rope, _rope),
+        (predictor, _predictor),
+        (masks, _masks),
     ]
     _STATE.revert()
     patches = [p for flag, provider in chosen if flag for p in provider(mods)]

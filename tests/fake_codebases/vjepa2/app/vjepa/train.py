@@ -3,7 +3,6 @@ called in its concat=False form over the mask generators (of different lengths).
 
 import torch
 import torch.nn.functional as F
-
 from src.masks.utils import apply_masks
 
 

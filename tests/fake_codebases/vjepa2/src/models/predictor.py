@@ -13,6 +13,7 @@ class VisionTransformerPredictor(nn.Module):
                  num_mask_tokens=2, **kwargs):
         super().__init__()
         self.num_patches, self.use_rope, self.num_mask_tokens = num_patches, use_rope, num_mask_tokens
+        self.chop_last_n_tokens, self.return_all_tokens, self.use_activation_checkpointing = 0, False, False  # V-JEPA 2's defaults
         self.predictor_embed = nn.Linear(embed_dim, predictor_embed_dim)
         self.mask_tokens = nn.ParameterList(nn.Parameter(torch.randn(1, 1, predictor_embed_dim)) for _ in range(num_mask_tokens))
         self.predictor_pos_embed = None if use_rope else nn.Parameter(torch.randn(1, num_patches, predictor_embed_dim), requires_grad=False)
@@ -20,7 +21,9 @@ class VisionTransformerPredictor(nn.Module):
         self.predictor_norm = nn.LayerNorm(predictor_embed_dim, eps=1e-6)
         self.predictor_proj = nn.Linear(predictor_embed_dim, embed_dim)
 
-    def forward(self, x, masks_x, masks_y, mask_index=1):
+    def forward(self, x, masks_x, masks_y, mask_index=1, has_cls=False):
+        if has_cls:
+            raise NotImplementedError("the stand-in has no class token")
         masks_x = masks_x if isinstance(masks_x, list) else [masks_x]
         masks_y = masks_y if isinstance(masks_y, list) else [masks_y]
         B = len(x) // len(masks_x)
