@@ -459,6 +459,14 @@ def load_encoder(
 
 # Sharing (safetensors) and the one-time converter live in checkpoint_tools; they are
 # part of this module's API, and `python -m fastjepa.checkpoint` runs their commands.
+if __name__ == "__main__":
+    # run as a script, this file is __main__, not fastjepa.checkpoint: take the commands from
+    # the package's own modules (one CheckpointError class; checkpoint_tools imports
+    # fastjepa.checkpoint, which must not meet a half-imported copy of itself)
+    from fastjepa.checkpoint import main as _main
+
+    sys.exit(_main())
+
 from .checkpoint_tools import (  # noqa: E402, F401 (re-exported; checkpoint_tools imports the names above)
     ARCH_FIELDS,
     ENCODER_FLAG,
@@ -472,8 +480,3 @@ from .checkpoint_tools import (  # noqa: E402, F401 (re-exported; checkpoint_too
     read_safetensors,
     save_safetensors,
 )
-
-if __name__ == "__main__":
-    from fastjepa.checkpoint import main as _main  # the package's module, not this __main__ copy: one CheckpointError class
-
-    sys.exit(_main())

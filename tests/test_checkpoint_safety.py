@@ -447,3 +447,19 @@ def test_command_lines_do_not_import_safetensors_at_start():
     code = "import sys, fastjepa.checkpoint, fastjepa.eval, fastjepa.train; sys.exit('safetensors' in sys.modules)"
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     assert subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, timeout=120).returncode == 0
+
+
+def test_the_checkpoint_command_runs_as_users_type_it(tmp_path):
+    """`python -m fastjepa.checkpoint` as a subprocess: the module run as __main__ must not
+    meet a half-imported copy of itself (it did: every call, --help included, died on a
+    circular import), and a bad input exits 2 with one line."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "fastjepa.checkpoint", *args], capture_output=True, text=True, env=env, timeout=120)
+
+    ok = run("--help")
+    assert ok.returncode == 0 and "export" in ok.stdout and "convert" in ok.stdout, ok.stderr
+    bad = run("convert", str(tmp_path / "missing.pth.tar"), str(tmp_path / "new.pth.tar"))
+    assert bad.returncode == 2, bad.stderr
+    assert bad.stderr.strip().count("\n") == 0 and "missing.pth.tar" in bad.stderr and "Traceback" not in bad.stderr
