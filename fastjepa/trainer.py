@@ -417,6 +417,13 @@ class Trainer:
                 group["weight_decay"] = wd
         return lr, wd, mom
 
+    def _batch_to_device(self, udata, masks_enc: list[torch.Tensor], masks_pred: list[torch.Tensor]):
+        """A collated batch on this process's device (asynchronous from pinned memory)."""
+        imgs = (udata[0] if isinstance(udata, (list, tuple)) else udata).to(self.device, non_blocking=True)
+        masks_enc = [m.to(self.device, non_blocking=True) for m in masks_enc]
+        masks_pred = [m.to(self.device, non_blocking=True) for m in masks_pred]
+        return imgs, masks_enc, masks_pred
+
     def _backend_context(self):
         if self.reference:
             return _Both(use_backend("reference"), use_attention("math"))
@@ -572,9 +579,7 @@ class Trainer:
                     self._rng_after_loader = None
                 for itr, (udata, masks_enc, masks_pred) in enumerate(batches, start=self.next_itr):
                     t0 = time.perf_counter()
-                    imgs = (udata[0] if isinstance(udata, (list, tuple)) else udata).to(self.device, non_blocking=True)
-                    masks_enc = [m.to(self.device, non_blocking=True) for m in masks_enc]
-                    masks_pred = [m.to(self.device, non_blocking=True) for m in masks_pred]
+                    imgs, masks_enc, masks_pred = self._batch_to_device(udata, masks_enc, masks_pred)
                     log_now = (itr % log_freq == 0) or itr == self.ipe - 1
                     with self._backend_context():
                         loss, grads, (lr, wd, mom) = self.train_step(imgs, masks_enc, masks_pred, want_grads=log_now)
