@@ -476,12 +476,13 @@ class Trainer:
             else:
                 if clip:
                     torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-                if skip_flag is not None:  # read by the fused AdamW on the device (as GradScaler passes it)
+                device_skip = skip_flag is not None and self.skip_on_device
+                if device_skip:  # read by the fused AdamW on the device (as GradScaler passes it)
                     self.optimizer.found_inf = skip_flag
                 try:
                     self.optimizer.step()
                 finally:
-                    if skip_flag is not None:
+                    if device_skip:
                         del self.optimizer.found_inf
         self.optimizer.zero_grad(set_to_none=True)
         if not skip_now:
