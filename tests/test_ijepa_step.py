@@ -94,3 +94,27 @@ def test_param_groups_exclude_bias_and_1d_from_wd():
     assert n_params == sum(1 for p in model.parameters() if p.requires_grad)
     # mask_token (3-D) is decayed as in the reference; the fixed pos tables are not trained
     assert any(p is model.predictor.mask_token for p in groups[1]["params"])
+
+
+def test_bf16_autocast_reference_loss_keeps_fp32_targets():
+    """Under bf16 autocast the reference computes smooth_l1(z, h) with bf16 predictions and
+    fp32 targets (the layer norm's output): IJEPA's reference path must not round h to bf16
+    first. On the CPU the reference backend keeps the residual stream, hence h, in fp32."""
+    model, col = tiny()
+    with torch.no_grad():
+        for p in model.target_encoder.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    imgs, menc, mpred = col([torch.randn(3, 16, 16) for _ in range(4)])
+    with use_backend("reference"), use_attention("math"), torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(imgs, menc, mpred)
+        with torch.no_grad():
+            h = model.target_encoder(imgs)
+            h = repeat_interleave_batch(apply_masks(F.layer_norm(h, (h.size(-1),)), mpred), 4, repeat=1)
+            z = model.predictor(model.encoder(imgs, menc), menc, mpred)
+    assert z.dtype == torch.bfloat16 and h.dtype == torch.float32
+    expected = F.smooth_l1_loss(z.float(), h)
+    rounded = F.smooth_l1_loss(z.float(), h.to(torch.bfloat16).float())
+    # the same kernels on the same values: equal to the bit (rounding h moves the loss by
+    # ~1e-4 relative, sometimes by only 1e-6: a tolerance could not tell the two apart)
+    torch.testing.assert_close(loss.float(), expected, rtol=0, atol=0)
+    assert rounded.item() != expected.item()
