@@ -118,3 +118,22 @@ def test_bf16_autocast_reference_loss_keeps_fp32_targets():
     # ~1e-4 relative, sometimes by only 1e-6: a tolerance could not tell the two apart)
     torch.testing.assert_close(loss.float(), expected, rtol=0, atol=0)
     assert rounded.item() != expected.item()
+
+
+@pytest.mark.parametrize("mode", ["foreach", "reference"])
+def test_ema_skip_flag_decided_on_the_device(mode):
+    """update_target(m, skip=flag): flag 0 is the plain update to the bit, flag 1 leaves the
+    target exactly as it was (the trainer's nan_policy=skip, without a host read)."""
+    a, _ = tiny()
+    with torch.no_grad():
+        for p in a.encoder.parameters():
+            p.add_(torch.randn_like(p))
+    b, c = copy.deepcopy(a), copy.deepcopy(a)
+    before = [p.clone() for p in a.target_encoder.parameters()]
+    a.update_target(0.9, mode=mode)
+    b.update_target(0.9, mode=mode, skip=torch.zeros(()))
+    c.update_target(0.9, mode=mode, skip=torch.ones(1))
+    for x, y, z, p0 in zip(a.target_encoder.parameters(), b.target_encoder.parameters(), c.target_encoder.parameters(), before):
+        assert torch.equal(x, y) and torch.equal(z, p0) and not torch.equal(x, p0)
+    with pytest.raises(ValueError, match="skip has 2 elements, expected one"):
+        a.update_target(0.9, skip=torch.zeros(2))
