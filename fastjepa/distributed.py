@@ -27,24 +27,63 @@ class DistInfo:
         return self.world_size > 1
 
 
+def rank_device(device_type: str, local_rank: int = 0, visible: int | None = None) -> torch.device:
+    """The one device this process computes on — the model, its batches, DDP's
+    ``device_ids``/``output_device``, the FSDP2 mesh, ``torch.cuda.set_device`` and the
+    memory statistics all take it from here.
+
+    CUDA: ``cuda:LOCAL_RANK`` (``cuda:0`` in a single process; choose the GPU with
+    ``CUDA_VISIBLE_DEVICES``). Anything else: that device type. ``visible`` (the number of
+    visible GPUs), when given, must exceed ``local_rank``; otherwise a ``ValueError``
+    names both.
+    """
+    if device_type != "cuda":
+        return torch.device(device_type)
+    if local_rank < 0 or (visible is not None and local_rank >= visible):
+        raise ValueError(
+            f"LOCAL_RANK={local_rank}, but this process sees {visible} CUDA device(s): each process trains on "
+            f"cuda:LOCAL_RANK, so start at most {visible} process(es) per node (torchrun --nproc_per_node={visible}); "
+            "a launcher that makes only its own GPU visible to each process should set LOCAL_RANK=0"
+        )
+    return torch.device("cuda", local_rank)
+
+
+def ddp_device_kwargs(device: torch.device) -> dict:
+    """``DistributedDataParallel``'s device arguments for a module on ``device``: its one
+    GPU for CUDA (``device_ids=[i], output_device=i``), none for CPU modules (which DDP
+    requires)."""
+    if device.type != "cuda":
+        return {}
+    if device.index is None:
+        raise ValueError(f"ddp_device_kwargs: {device} has no index; expected cuda:N (see rank_device)")
+    return {"device_ids": [device.index], "output_device": device.index}
+
+
 def init_distributed(device_type: str) -> DistInfo:
-    """Join the torchrun process group if ``WORLD_SIZE`` > 1 (NCCL on CUDA, gloo on CPU)."""
+    """Join the torchrun process group if ``WORLD_SIZE`` > 1 (NCCL on CUDA, gloo on CPU).
+
+    On CUDA the process's GPU (:func:`rank_device`) becomes the current device first, and
+    the NCCL group is bound to it."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistInfo()
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
         if device_type == "cuda":
-            torch.cuda.set_device(local)
-        dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+            device = rank_device("cuda", local, torch.cuda.device_count())
+            torch.cuda.set_device(device)
+            dist.init_process_group(backend="nccl", device_id=device)
+        else:
+            dist.init_process_group(backend="gloo")
     return DistInfo(rank, world, local)
 
 
-def all_reduce_mean(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
+def all_reduce_sum(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """The sum over ranks of ``t`` (a copy; ``t`` itself under one process). On NCCL this
+    enqueues the reduction on the device: no host sync."""
     if info.enabled:
         t = t.clone()
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        t /= info.world_size
     return t
 
 
@@ -55,16 +94,6 @@ def any_rank(flag: bool, info: DistInfo, device: torch.device) -> bool:
     t = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item() > 0)
-
-
-def min_over_ranks(value: int | None, info: DistInfo, device: torch.device) -> int | None:
-    """The smallest ``value`` over the ranks (``None`` where a rank has none); every rank gets it."""
-    if not info.enabled:
-        return value
-    big = float(2**52)
-    t = torch.tensor([big if value is None else float(value)], dtype=torch.float64, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return None if t.item() >= big else int(t.item())
 
 
 class ResumableSampler(Sampler[int]):

@@ -35,8 +35,12 @@ def _shard_network(net: nn.Module, blocks: nn.ModuleList, mesh) -> None:
 
 
 def shard_ijepa(model: nn.Module, device: torch.device) -> None:
-    """Shard ``model`` (an IJEPA) in place over all ranks."""
+    """Shard ``model`` (an IJEPA) in place over all ranks. ``device``: this rank's device
+    (``cuda:LOCAL_RANK``, see :func:`fastjepa.distributed.rank_device`). FSDP2 puts the
+    shards on the mesh type's *current* device, so it is made current first."""
     world = torch.distributed.get_world_size()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     mesh = init_device_mesh(device.type, (world,))
     _shard_network(model.encoder, model.encoder.blocks, mesh)
     _shard_network(model.predictor, model.predictor.predictor_blocks, mesh)

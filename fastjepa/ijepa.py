@@ -63,14 +63,18 @@ class IJEPA(nn.Module):
         masks_pred = [masks_pred] if isinstance(masks_pred, torch.Tensor) else list(masks_pred)
         h = self.forward_target(imgs, masks_pred, len(masks_enc))
         z = self.forward_context(imgs, masks_enc, masks_pred)
-        return ops.smooth_l1_loss(z, h.to(z.dtype))
+        # the targets as they come (fp32 from the layer norm under CUDA autocast), never
+        # rounded to the predictions' bf16: the loss promotes, as the reference's does
+        return ops.smooth_l1_loss(z, h)
 
     @torch.no_grad()
-    def update_target(self, momentum: float, mode: str = "foreach") -> None:
+    def update_target(self, momentum: float, mode: str = "foreach", *, skip: torch.Tensor | None = None) -> None:
         """EMA of the encoder into the target encoder, as one foreach update.
 
         ``mode="reference"`` is the reference's per-parameter Python loop (same values to
-        rounding; kept for the benchmarks' baseline).
+        rounding; kept for the benchmarks' baseline). ``skip``: an optional one-element
+        tensor on the parameters' device; where it is nonzero the target stays exactly as
+        it is, decided on the device (no host sync; the trainer's ``nan_policy=skip``).
         """
         if mode not in EMA_MODES:
             raise ValueError(f"update_target: mode={mode!r}, expected one of {', '.join(EMA_MODES)}")
@@ -83,8 +87,19 @@ class IJEPA(nn.Module):
         k = [_local(p.detach()) for p in self.target_encoder.parameters()]
         if len(q) != len(k):
             raise RuntimeError(f"update_target: encoder has {len(q)} parameters, target {len(k)}")
+        if skip is not None:
+            if skip.numel() != 1:
+                raise ValueError(f"update_target: skip has {skip.numel()} elements, expected one (a flag)")
+            keep = skip.reshape(()) != 0
         if mode == "reference":
             for pq, pk in zip(q, k):
-                pk.mul_(momentum).add_((1.0 - momentum) * pq)
-        else:
+                if skip is None:
+                    pk.mul_(momentum).add_((1.0 - momentum) * pq)
+                else:
+                    pk.copy_(torch.where(keep, pk, pk * momentum + (1.0 - momentum) * pq))
+        elif skip is None:
             torch._foreach_lerp_(k, q, 1.0 - float(momentum))
+        elif k:
+            # the same lerp with the weight as a tensor: 1 - m, or 0 (k + 0·(q - k) == k)
+            w = torch.where(keep, 0.0, torch.full((), 1.0 - float(momentum), dtype=k[0].dtype, device=k[0].device))
+            torch._foreach_lerp_(k, q, [w] * len(k))

@@ -80,10 +80,7 @@ def measure_step_seconds(trainer) -> float:
     try:
         collator = MaskCollator.from_config(trainer.cfg, rank=trainer.dist.rank, world_size=trainer.dist.world_size)
         samples = [trainer.dataset[i % len(trainer.dataset)] for i in range(trainer.cfg["data"]["batch_size"])]
-        udata, masks_enc, masks_pred = collator(samples)
-        imgs = (udata[0] if isinstance(udata, (list, tuple)) else udata).to(trainer.device)
-        masks_enc = [m.to(trainer.device) for m in masks_enc]
-        masks_pred = [m.to(trainer.device) for m in masks_pred]
+        imgs, masks_enc, masks_pred = trainer._batch_to_device(*collator(samples))
         times = []
         with trainer._backend_context():
             for i in range(WARMUP_STEPS + TIMED_STEPS):
@@ -100,6 +97,7 @@ def measure_step_seconds(trainer) -> float:
         trainer.optimizer.zero_grad(set_to_none=True)
         set_rng_state(rng)
         trainer._nan_at = nan_at
+        trainer.last_skipped = None
     step_s = sum(times) / len(times)
     if trainer.dist.enabled:  # every rank must train the same number of epochs: the slowest decides
         t = torch.tensor([step_s], dtype=torch.float64, device=trainer.device if trainer.device.type == "cuda" else "cpu")

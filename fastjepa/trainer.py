@@ -33,7 +33,7 @@ from .checkpoint import (
 )
 from .config import ConfigError, dump_config
 from .data import batch_to_device, build_dataset, loader_options
-from .distributed import DistInfo, ResumableSampler, all_reduce_mean, any_rank, min_over_ranks
+from .distributed import DistInfo, ResumableSampler, all_reduce_sum, any_rank, ddp_device_kwargs, rank_device
 from .ijepa import IJEPA
 from .masks import MaskCollator
 from .ops import use_attention, use_backend
@@ -194,7 +194,11 @@ class Trainer:
         self.dist = dist or DistInfo()
         self.quiet = quiet or not sys.stderr.isatty()
         meta, data, opt = cfg["meta"], cfg["data"], cfg["optimization"]
-        self.device = pick_device(meta["device"])
+        kind = pick_device(meta["device"]).type
+        # the one device of this process (cuda:LOCAL_RANK), current before anything is built on it
+        self.device = rank_device(kind, self.dist.local_rank, torch.cuda.device_count() if kind == "cuda" else None)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # Triton launches and FSDP2 use the current device
         self.reference = meta["reference_step"]
         self.fsdp = bool(meta["fsdp"] and self.dist.enabled)
         self.tag = cfg["logging"]["write_tag"]
@@ -214,6 +218,11 @@ class Trainer:
         self.amp_dtype = autocast_dtype(meta["use_bfloat16"], self.device, self.reference)
         # bf16 needs no loss scaling; the reference runs a GradScaler anyway (kept for its step).
         self.scaler = torch.amp.GradScaler("cuda") if (self.amp_dtype is not None and self.reference) else None
+        # nan_policy=skip decided on the device: the fused AdamW skips its update (and its
+        # step count) where its found_inf flag is set, the EMA lerps with weight 0 — no host
+        # read. The reference step (per-parameter AdamW, GradScaler) decides on the host.
+        self.skip_on_device = self.scaler is None and bool(self.optimizer.defaults.get("fused"))
+        self.last_skipped: torch.Tensor | None = None  # the last step's skip flag (1.0: skipped), on the device
 
         # data
         self.dataset = build_dataset(data, split="train", device=self.device)
@@ -230,7 +239,6 @@ class Trainer:
         self._rng_after_loader = None
         nan_at = os.environ.get("FASTJEPA_TEST_NAN_AT")  # "RANK:STEP": a NaN loss there (fault tests in subprocesses)
         self._nan_at = tuple(int(v) for v in nan_at.split(":")) if nan_at else None
-        self.check_every = 1 if self.device.type == "cpu" else cfg["logging"]["log_freq"]
         self.images_seen = 0
         self.plan = time_budget.plan(self, resume=resume)  # optimization.time_budget_s: fewer epochs where steps are slow
         if self.plan is not None and self.plan.epochs != opt["epochs"]:
@@ -260,9 +268,9 @@ class Trainer:
             return
         from torch.nn.parallel import DistributedDataParallel as DDP
 
-        ids = [self.device.index or 0] if self.device.type == "cuda" else None
-        self.model.encoder = DDP(self.model.encoder, device_ids=ids)
-        self.model.predictor = DDP(self.model.predictor, device_ids=ids)
+        kwargs = ddp_device_kwargs(self.device)  # cuda:LOCAL_RANK: device_ids=[LOCAL_RANK], output_device=LOCAL_RANK
+        self.model.encoder = DDP(self.model.encoder, **kwargs)
+        self.model.predictor = DDP(self.model.predictor, **kwargs)
 
     def _loader(self) -> DataLoader:
         self.sampler.set_epoch(self.epoch, self.next_itr)
@@ -442,13 +450,24 @@ class Trainer:
                 group["weight_decay"] = wd
         return lr, wd, mom
 
+    def _batch_to_device(self, udata, masks_enc: list[torch.Tensor], masks_pred: list[torch.Tensor]):
+        """A collated batch on this process's device (asynchronous from pinned memory); uint8
+        image crops are finished there (float, normalise, flip: data.batch_to_device)."""
+        imgs = batch_to_device(udata, self.device, self.dataset)
+        masks_enc = [m.to(self.device, non_blocking=True) for m in masks_enc]
+        masks_pred = [m.to(self.device, non_blocking=True) for m in masks_pred]
+        return imgs, masks_enc, masks_pred
+
     def _backend_context(self):
         if self.reference:
             return _Both(use_backend("reference"), use_attention("math"))
         return nullcontext()
 
     def train_step(self, imgs: torch.Tensor, masks_enc: list[torch.Tensor], masks_pred: list[torch.Tensor], want_grads: bool = False):
-        """One optimizer step over ``grad_accum`` micro-batches. Returns (loss tensor, grad stats or None)."""
+        """One optimizer step over ``grad_accum`` micro-batches. Returns (loss tensor, grad
+        stats tensor or None, (lr, wd, momentum)); the skip flag of ``nan_policy=skip`` is
+        left in ``self.last_skipped``. On the device, with no host sync (the reference step
+        excepted: its GradScaler and its skip decision read on the host, as the reference)."""
         accum = self.cfg["optimization"]["grad_accum"]
         lr, wd, mom = self._set_schedules()
         B = imgs.size(0)
@@ -468,18 +487,20 @@ class Trainer:
                     loss = loss * float("nan")
             (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
             total += loss.detach().float()
-        skip = False
+        skip_flag, skip_now = None, False
         if self.cfg["optimization"]["nan_policy"] == "skip":
             # a non-finite loss, or a finite one with non-finite gradients; under DDP/FSDP all
-            # ranks skip together (the all-reduce has spread one rank's NaN gradients to all)
+            # ranks skip together (one rank's flag is all-reduced to all)
             grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-            skip = not self._finite_on_every_rank([total, *grads])
-        grads = self._grad_stats() if want_grads and not skip else None
+            if self.skip_on_device:
+                skip_flag = self._non_finite_flag([total, *grads])
+            else:  # one host sync per step
+                skip_now = not self._finite_on_every_rank([total, *grads])
+                skip_flag = torch.full((), float(skip_now), device=self.device)
+        self.last_skipped = skip_flag
+        grads = self._grad_stats() if want_grads and not skip_now else None
         clip = self.cfg["optimization"]["clip_grad"]
-        if skip:
-            self._say(f"step {self.step}: non-finite loss or gradients (loss {float(total)} on this rank), skipping the update "
-                      "(optimization.nan_policy=skip)")  # fmt: skip
-        else:
+        if not skip_now:
             if self.scaler is not None:
                 if clip:
                     self.scaler.unscale_(self.optimizer)
@@ -489,30 +510,66 @@ class Trainer:
             else:
                 if clip:
                     torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-                self.optimizer.step()
+                device_skip = skip_flag is not None and self.skip_on_device
+                if device_skip:  # read by the fused AdamW on the device (as GradScaler passes it)
+                    self.optimizer.found_inf = skip_flag
+                try:
+                    self.optimizer.step()
+                finally:
+                    if device_skip:
+                        del self.optimizer.found_inf
         self.optimizer.zero_grad(set_to_none=True)
-        if not skip:
-            self.model.update_target(mom, mode="reference" if self.reference else "foreach")
+        if not skip_now:
+            self.model.update_target(mom, mode="reference" if self.reference else "foreach", skip=skip_flag if self.skip_on_device else None)
         return total, grads, (lr, wd, mom)
 
-    def _grad_stats(self) -> tuple[float, float, float, float]:
+    def _non_finite_flag(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        """A one-element fp32 tensor on the device: 1.0 if any element of ``tensors`` is
+        non-finite on any rank, else 0.0 — computed without a host sync (one multi-tensor
+        check per dtype, plus a one-element all-reduce under torchrun)."""
+        if self.fsdp:
+            from .fsdp import local
+
+            tensors = local(tensors)
+        found = torch.zeros((), dtype=torch.float32, device=self.device)
+        one = torch.ones((), dtype=torch.float32, device=self.device)
+        groups: dict[tuple, list[torch.Tensor]] = {}
+        for t in tensors:
+            if t.numel():
+                groups.setdefault((t.device, t.dtype), []).append(t.reshape(-1) if t.dim() == 0 else t)
+        for group in groups.values():
+            # GradScaler's check: sets found to 1 at any inf/NaN; the "unscale" by 1 leaves values as they are
+            torch._amp_foreach_non_finite_check_and_unscale_(group, found, one)
+        if self.dist.enabled:
+            import torch.distributed as dist
+
+            dist.all_reduce(found, op=dist.ReduceOp.MAX)
+        return found
+
+    def _grad_stats(self) -> torch.Tensor | None:
         """(first qkv, last qkv, min, max) gradient norms over the encoder's weight matrices,
-        as the reference's grad_stats line."""
-        first = last = None
-        norms = []
+        as the reference's grad_stats line: a (4,) fp32 tensor on the device (no host read;
+        the log step reads it with the losses). Under FSDP2 the norms of the full gradients,
+        from the shards' squared norms summed over ranks (one all-reduce)."""
+        names, grads = [], []
         for name, p in self.model.encoder.named_parameters():
             if p.grad is None or name.endswith(".bias") or p.ndim == 1:
                 continue
-            g = p.grad.detach()
-            g = g.full_tensor() if hasattr(g, "full_tensor") else g  # FSDP2: every rank logs together
-            n = float(g.float().norm())
-            norms.append(n)
-            if "qkv" in name:
-                last = n
-                first = n if first is None else first
-        if not norms:
-            return (float("nan"),) * 4
-        return (first or float("nan"), last or float("nan"), min(norms), max(norms))
+            names.append(name)
+            grads.append(p.grad.detach())
+        if not grads:
+            return None
+        if self.fsdp:
+            from .fsdp import local
+
+            squares = torch.stack(torch._foreach_norm(local(grads))).float().square()
+            norms = all_reduce_sum(squares, self.dist).sqrt()
+        else:
+            norms = torch.stack(torch._foreach_norm(grads)).float()
+        qkv = [i for i, n in enumerate(names) if "qkv" in n]
+        nan = torch.full((), float("nan"), device=norms.device)
+        first, last = (norms[qkv[0]], norms[qkv[-1]]) if qkv else (nan, nan)
+        return torch.stack([first, last, norms.min(), norms.max()])
 
     # -- the loop
 
@@ -559,38 +616,35 @@ class Trainer:
                     self._rng_after_loader = None
                 for itr, (udata, masks_enc, masks_pred) in enumerate(batches, start=self.next_itr):
                     t0 = time.perf_counter()
-                    imgs = batch_to_device(udata, self.device, self.dataset)
-                    masks_enc = [m.to(self.device, non_blocking=True) for m in masks_enc]
-                    masks_pred = [m.to(self.device, non_blocking=True) for m in masks_pred]
+                    imgs, masks_enc, masks_pred = self._batch_to_device(udata, masks_enc, masks_pred)
                     log_now = (itr % log_freq == 0) or itr == self.ipe - 1
                     with self._backend_context():
                         loss, grads, (lr, wd, mom) = self.train_step(imgs, masks_enc, masks_pred, want_grads=log_now)
                     pending.append(
                         dict(epoch=self.epoch + 1, itr=itr, step=self.step, loss=loss, lr=lr, wd=wd, momentum=mom,
-                             mask_enc=masks_enc[0].size(1), mask_pred=masks_pred[0].size(1), t0=t0, grads=grads)
+                             mask_enc=masks_enc[0].size(1), mask_pred=masks_pred[0].size(1), t0=t0, grads=grads,
+                             skipped=self.last_skipped)
                     )  # fmt: skip
                     self.step += 1
                     self.next_itr = itr + 1
                     self.images_seen += imgs.size(0) * self.dist.world_size
                     n_since += imgs.size(0) * self.dist.world_size
-                    if self.step % self.check_every == 0 or log_now:
-                        self._check_finite(pending)
+                    # no host read between log steps: the losses, skip flags and gradient norms
+                    # wait on the device, and the log step reads them all at once
+                    stop = False
                     if log_now:
                         now = time.perf_counter()
                         ips = n_since / max(now - t_last, 1e-9)
-                        self._flush(pending, writer, csv_file, tb, ips, now - t_last)
+                        stop = self._flush(pending, writer, csv_file, tb, ips, now - t_last)  # under torchrun: the stop agreement
                         pending, t_last, n_since = [], now, 0
+                    elif not self.dist.enabled:
+                        stop = self.stop_signal is not None  # one process: nothing to agree on, stop after this step
                     self._bar.update(1)
-                    stop = self.stop_signal is not None
-                    if self.dist.enabled:
-                        stop = any_rank(stop, self.dist, self.device)
                     if stop or (max_steps is not None and self.step >= max_steps):
-                        self._check_finite(pending)
                         self._flush(pending, writer, csv_file, tb, float("nan"), 0.0)
                         pending = []
                         stopped_by = "signal" if stop else "max_steps"
                         raise StopRequested
-                self._check_finite(pending)
                 self._flush(pending, writer, csv_file, tb, float("nan"), 0.0)
                 pending = []
                 self._bar.close()
@@ -661,33 +715,48 @@ class Trainer:
             raise RuntimeError("data-parallel ranks ended with different weights: this is a bug, please report it")
         self._say(f"fastjepa: parameters identical across {self.dist.world_size} ranks")
 
-    def _check_finite(self, pending: list[dict]) -> None:
-        """Raise :class:`NonFiniteLoss` at the first non-finite loss in ``pending`` (of any rank)."""
-        if not pending or self.cfg["optimization"]["nan_policy"] == "skip":
-            return
-        finite = torch.isfinite(torch.stack([p["loss"] for p in pending])).tolist()
-        bad_step = next((p["step"] for p, ok in zip(pending, finite) if not ok), None)
-        if self.dist.enabled:  # every rank stops at the same check, at the first bad step of any rank
-            bad_step = min_over_ranks(bad_step, self.dist, self.device)
-        if bad_step is None:
-            return
-        bad = next(p for p in pending if p["step"] == bad_step)
-        raise NonFiniteLoss(f"the loss became non-finite at step {bad['step']} (epoch {bad['epoch']}, iteration {bad['itr']})")
-
-    def _flush(self, pending: list[dict], writer, csv_file, tb, ips: float, elapsed: float) -> None:
+    def _flush(self, pending: list[dict], writer, csv_file, tb, ips: float, elapsed: float) -> bool:
+        """Log the steps in ``pending`` after one host read of everything they left on the
+        device: the losses (their mean over ranks), the skip flags, the gradient norms — and,
+        under torchrun, whether any rank was asked to stop, which rides on the same
+        all-reduce. Raises :class:`NonFiniteLoss` at the first non-finite loss (of any rank;
+        ``nan_policy=stop``) before logging it. Returns True when a rank was asked to stop.
+        Every rank calls it at the same steps (it holds a collective under torchrun)."""
         if not pending:
-            return
-        losses = torch.stack([p["loss"] for p in pending]).float()
+            return self.stop_signal is not None and not self.dist.enabled
+        n = len(pending)
+        losses = torch.stack([p["loss"].reshape(()) for p in pending]).double()  # float64: a sum over ranks cannot overflow
         if self.dist.enabled:
-            losses = all_reduce_mean(losses, self.dist)
-        values = losses.tolist()
-        self.last_loss = values[-1]
+            stop_flag = torch.full((1,), 0.0 if self.stop_signal is None else 1.0, dtype=torch.float64, device=losses.device)
+            reduced = all_reduce_sum(torch.cat([losses, stop_flag]), self.dist)
+        else:
+            reduced = losses
+        skips = [p["skipped"].reshape(1) for p in pending if p["skipped"] is not None]
+        grads = [p["grads"].reshape(4) for p in pending if p["grads"] is not None]
+        parts = [reduced, *(torch.cat(t).double() for t in (skips, grads) if t)]
+        values = torch.cat(parts).tolist()  # the one host read
+        world = self.dist.world_size
+        loss_values = [v / world for v in values[:n]]
+        stop = values[n] > 0 if self.dist.enabled else self.stop_signal is not None
+        rest = values[n + int(self.dist.enabled) :]
+        skipped = [p["skipped"] is not None and rest.pop(0) > 0 for p in pending] if skips else [False] * n
+        grad_rows = [tuple(rest.pop(0) for _ in range(4)) if p["grads"] is not None else None for p in pending]
+        if self.cfg["optimization"]["nan_policy"] == "stop":
+            # the mean over ranks is non-finite iff some rank's loss is: every rank stops here, at the same step
+            bad = next((p for p, v in zip(pending, loss_values) if not math.isfinite(v)), None)
+            if bad is not None:
+                raise NonFiniteLoss(f"the loss became non-finite at step {bad['step']} (epoch {bad['epoch']}, iteration {bad['itr']})")
+        for p, v, sk in zip(pending, loss_values, skipped):
+            if sk:
+                self._say(f"step {p['step']}: non-finite loss or gradients (mean loss over ranks {v}), skipped the update "
+                          "(optimization.nan_policy=skip)")  # fmt: skip
+        self.last_loss = loss_values[-1]
         if not self.dist.is_main:
-            return
-        ms = 1000.0 * elapsed / len(pending) if elapsed > 0 else float("nan")
-        mem = torch.cuda.max_memory_allocated() / 2**30 if self.device.type == "cuda" else 0.0
-        for p, v in zip(pending, values):
-            g = p["grads"] or (float("nan"),) * 4
+            return stop
+        ms = 1000.0 * elapsed / n if elapsed > 0 else float("nan")
+        mem = self._mem_gb()
+        for p, v, g in zip(pending, loss_values, grad_rows):
+            g = g or (float("nan"),) * 4
             row = dict(epoch=p["epoch"], itr=p["itr"], step=p["step"], loss=f"{v:.6f}", lr=f"{p['lr']:.6e}", wd=f"{p['wd']:.6e}",
                        momentum=f"{p['momentum']:.6f}", imgs_per_sec=f"{ips:.2f}", mask_enc=p["mask_enc"], mask_pred=p["mask_pred"],
                        ms_per_itr=f"{ms:.2f}", mem_gb=f"{mem:.3f}", grad_first=f"{g[0]:.3e}", grad_last=f"{g[1]:.3e}")  # fmt: skip
@@ -700,13 +769,18 @@ class Trainer:
         if math.isfinite(ips):
             self._say(
                 "[%d, %5d] loss: %.3f masks: %.1f %.1f [wd: %.2e] [lr: %.2e] [mem: %.2e] (%.1f ms)"  # noqa: UP031 — the reference's format
-                % (last["epoch"], last["itr"], sum(values) / len(values), last["mask_enc"], last["mask_pred"], last["wd"], last["lr"],
+                % (last["epoch"], last["itr"], sum(loss_values) / n, last["mask_enc"], last["mask_pred"], last["wd"], last["lr"],
                    mem * 1024, ms)  # fmt: skip
             )
-            if last["grads"] is not None:
-                self._say("[%d, %5d] grad_stats: [%.2e %.2e] (%.2e, %.2e)" % (last["epoch"], last["itr"], *last["grads"]))  # noqa: UP031
+            if grad_rows[-1] is not None:
+                self._say("[%d, %5d] grad_stats: [%.2e %.2e] (%.2e, %.2e)" % (last["epoch"], last["itr"], *grad_rows[-1]))  # noqa: UP031
             if self._bar is not None:
-                self._bar.set_postfix(loss=f"{values[-1]:.4f}", img_s=f"{ips:.0f}")
+                self._bar.set_postfix(loss=f"{loss_values[-1]:.4f}", img_s=f"{ips:.0f}")
+        return stop
+
+    def _mem_gb(self) -> float:
+        """Peak memory allocated on this process's GPU, GiB (0 off CUDA)."""
+        return torch.cuda.max_memory_allocated(self.device) / 2**30 if self.device.type == "cuda" else 0.0
 
 
 class _Both:

@@ -83,18 +83,101 @@ def test_resume_under_torchrun_continues_exactly(tmp_path, mode):
 
 @pytest.mark.parametrize("device_type, backend", [("cuda", "nccl"), ("cpu", "gloo")])
 def test_process_group_backend_follows_the_device(monkeypatch, device_type, backend):
+    """CUDA: cuda:LOCAL_RANK is made current and the NCCL group is bound to it (rank 3 of 4,
+    second process on its node: cuda:1 of two visible GPUs)."""
     from fastjepa import distributed
 
     seen = {}
     monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
-    monkeypatch.setattr(distributed.dist, "init_process_group", lambda backend: seen.setdefault("backend", backend))
-    monkeypatch.setattr(distributed.torch.cuda, "set_device", lambda i: seen.setdefault("cuda_device", i))
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda backend, **kw: seen.update(backend=backend, **kw))
+    monkeypatch.setattr(distributed.torch.cuda, "set_device", lambda d: seen.setdefault("cuda_device", d))
+    monkeypatch.setattr(distributed.torch.cuda, "device_count", lambda: 2)
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("RANK", "3")
     monkeypatch.setenv("LOCAL_RANK", "1")
     info = distributed.init_distributed(device_type)
     assert (info.rank, info.world_size, info.local_rank) == (3, 4, 1) and seen["backend"] == backend
-    assert seen.get("cuda_device") == (1 if device_type == "cuda" else None)
+    want = torch.device("cuda", 1) if device_type == "cuda" else None
+    assert seen.get("cuda_device") == want and seen.get("device_id") == want
+
+
+def test_rank_device_is_cuda_local_rank():
+    from fastjepa.distributed import ddp_device_kwargs, rank_device
+
+    assert rank_device("cuda", 3, 8) == torch.device("cuda", 3)
+    assert rank_device("cuda") == torch.device("cuda", 0)  # one process: cuda:0
+    assert rank_device("cpu", 5, None) == torch.device("cpu")
+    assert ddp_device_kwargs(torch.device("cuda", 3)) == {"device_ids": [3], "output_device": 3}
+    assert ddp_device_kwargs(torch.device("cpu")) == {}
+    with pytest.raises(ValueError, match=r"LOCAL_RANK=2, but this process sees 2 CUDA device\(s\).*--nproc_per_node=2"):
+        rank_device("cuda", 2, 2)
+    with pytest.raises(ValueError, match=r"cuda has no index; expected cuda:N"):
+        ddp_device_kwargs(torch.device("cuda"))
+
+
+class _Recorder:
+    """torch.cuda answering as a two-GPU node, a stand-in DDP and a model whose ``.to``
+    records its device: what a two-rank CUDA launch would do, on a CPU build."""
+
+    def __init__(self, monkeypatch):
+        import torch.nn.parallel
+
+        from fastjepa import fsdp, trainer
+
+        self.calls = []
+        calls = self.calls
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+        monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(("set_device", torch.device(d))))
+        monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda d=None: calls.append(("max_memory_allocated", d)) or 2**30)
+
+        class StandInDDP(torch.nn.Module):
+            def __init__(self, module, **kwargs):
+                super().__init__()
+                self.module = module
+                calls.append(("DDP", kwargs))
+
+        monkeypatch.setattr(torch.nn.parallel, "DistributedDataParallel", StandInDDP)
+        monkeypatch.setattr(torch.distributed, "get_world_size", lambda *a: 2)
+        monkeypatch.setattr(fsdp, "init_device_mesh", lambda kind, shape: calls.append(("mesh", kind, shape)) or "mesh")
+        monkeypatch.setattr(fsdp, "fully_shard", lambda module, mesh: calls.append(("fully_shard", mesh)))
+        build = trainer.build_model
+
+        def build_recording(cfg):
+            model = build(cfg)
+            model.to = lambda device: calls.append(("model.to", torch.device(device))) or model
+            return model
+
+        monkeypatch.setattr(trainer, "build_model", build_recording)
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_a_two_rank_cuda_launch_puts_rank_1_on_cuda_1_everywhere(tmp_path, monkeypatch, mode):
+    """Rank 1 of a two-GPU torchrun (simulated): its device is cuda:1 for the model, the
+    current device, DDP's device_ids and output_device (both networks), the FSDP2 mesh
+    (made after cuda:1 is current), the batches and the memory statistics."""
+    from fastjepa.distributed import DistInfo
+
+    rec = _Recorder(monkeypatch)
+    cfg = load_config(None, [*TINY, "meta.device=cuda", f"meta.fsdp={str(mode == 'fsdp').lower()}"])
+    t = Trainer(cfg, tmp_path, quiet=True, dist=DistInfo(rank=1, world_size=2, local_rank=1))
+    cuda1 = torch.device("cuda", 1)
+    assert t.device == cuda1
+    assert ("model.to", cuda1) in rec.calls and ("set_device", cuda1) in rec.calls
+    assert all(c[1] == cuda1 for c in rec.calls if c[0] in ("model.to", "set_device")), rec.calls
+    if mode == "ddp":
+        assert [c for c in rec.calls if c[0] == "DDP"] == [("DDP", {"device_ids": [1], "output_device": 1})] * 2
+    else:
+        mesh = rec.calls.index(("mesh", "cuda", (2,)))
+        assert ("set_device", cuda1) in rec.calls[:mesh] and not any(c[0] == "DDP" for c in rec.calls)
+        assert sum(c == ("fully_shard", "mesh") for c in rec.calls) == 3 * (1 + 1)  # 3 networks × (1 block + root)
+    moved = []
+    real_to = torch.Tensor.to
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **k: moved.append(torch.device(a[0])) or real_to(self, "cpu"))
+    imgs, masks_enc, masks_pred = t._batch_to_device(*t.collator([t.dataset[i] for i in range(8)]))
+    monkeypatch.setattr(torch.Tensor, "to", real_to)
+    assert moved == [cuda1] * (1 + len(masks_enc) + len(masks_pred))
+    assert t._mem_gb() == 1.0 and rec.calls[-1] == ("max_memory_allocated", cuda1)
 
 
 def test_fsdp_resume_of_another_architecture_is_one_clear_error(tmp_path):

@@ -161,11 +161,15 @@ def test_nan_skip_policy_skips_the_step(tmp_path, capsys):
     assert "step 1: non-finite loss or gradients" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("reference", [False, True])
 @pytest.mark.parametrize("fault", ["nan_loss", "inf_grad"])
-def test_a_skipped_step_changes_nothing(tmp_path, fault):
+def test_a_skipped_step_changes_nothing(tmp_path, fault, reference):
     """nan_policy=skip: no optimizer step, no EMA update, no optimizer state change — for a
-    NaN loss and for a finite loss with an inf gradient."""
-    t = Trainer(load_config(None, [*TINY, "optimization.nan_policy=skip"]), tmp_path / "run", quiet=True)
+    NaN loss and for a finite loss with an inf gradient; decided on the device (fastjepa's
+    fused AdamW) or on the host (the reference step's per-parameter AdamW)."""
+    over = [*TINY, "optimization.nan_policy=skip", f"meta.reference_step={str(reference).lower()}"]
+    t = Trainer(load_config(None, over), tmp_path / "run", quiet=True)
+    assert t.skip_on_device is not reference
     imgs, masks_enc, masks_pred = t.collator([t.dataset[i] for i in range(8)])
     imgs = imgs[0]
     t.train_step(imgs, masks_enc, masks_pred)  # one normal step: optimizer state exists
@@ -179,6 +183,7 @@ def test_a_skipped_step_changes_nothing(tmp_path, fault):
         p0.register_hook(lambda g: torch.full_like(g, float("inf")))
     loss, _, _ = t.train_step(imgs, masks_enc, masks_pred)
     assert torch.isfinite(loss).item() == (fault == "inf_grad")
+    assert t.last_skipped.item() == 1.0
     after = t.model.state_dict()
     for k, v in before.items():
         assert torch.equal(after[k], v), k

@@ -94,3 +94,46 @@ def test_param_groups_exclude_bias_and_1d_from_wd():
     assert n_params == sum(1 for p in model.parameters() if p.requires_grad)
     # mask_token (3-D) is decayed as in the reference; the fixed pos tables are not trained
     assert any(p is model.predictor.mask_token for p in groups[1]["params"])
+
+
+def test_bf16_autocast_reference_loss_keeps_fp32_targets():
+    """Under bf16 autocast the reference computes smooth_l1(z, h) with bf16 predictions and
+    fp32 targets (the layer norm's output): IJEPA's reference path must not round h to bf16
+    first. On the CPU the reference backend keeps the residual stream, hence h, in fp32."""
+    model, col = tiny()
+    with torch.no_grad():
+        for p in model.target_encoder.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    imgs, menc, mpred = col([torch.randn(3, 16, 16) for _ in range(4)])
+    with use_backend("reference"), use_attention("math"), torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(imgs, menc, mpred)
+        with torch.no_grad():
+            h = model.target_encoder(imgs)
+            h = repeat_interleave_batch(apply_masks(F.layer_norm(h, (h.size(-1),)), mpred), 4, repeat=1)
+            z = model.predictor(model.encoder(imgs, menc), menc, mpred)
+    assert z.dtype == torch.bfloat16 and h.dtype == torch.float32
+    expected = F.smooth_l1_loss(z.float(), h)
+    rounded = F.smooth_l1_loss(z.float(), h.to(torch.bfloat16).float())
+    # the same kernels on the same values: equal to the bit (rounding h moves the loss by
+    # ~1e-4 relative, sometimes by only 1e-6: a tolerance could not tell the two apart)
+    torch.testing.assert_close(loss.float(), expected, rtol=0, atol=0)
+    assert rounded.item() != expected.item()
+
+
+@pytest.mark.parametrize("mode", ["foreach", "reference"])
+def test_ema_skip_flag_decided_on_the_device(mode):
+    """update_target(m, skip=flag): flag 0 is the plain update to the bit, flag 1 leaves the
+    target exactly as it was (the trainer's nan_policy=skip, without a host read)."""
+    a, _ = tiny()
+    with torch.no_grad():
+        for p in a.encoder.parameters():
+            p.add_(torch.randn_like(p))
+    b, c = copy.deepcopy(a), copy.deepcopy(a)
+    before = [p.clone() for p in a.target_encoder.parameters()]
+    a.update_target(0.9, mode=mode)
+    b.update_target(0.9, mode=mode, skip=torch.zeros(()))
+    c.update_target(0.9, mode=mode, skip=torch.ones(1))
+    for x, y, z, p0 in zip(a.target_encoder.parameters(), b.target_encoder.parameters(), c.target_encoder.parameters(), before):
+        assert torch.equal(x, y) and torch.equal(z, p0) and not torch.equal(x, p0)
+    with pytest.raises(ValueError, match="skip has 2 elements, expected one"):
+        a.update_target(0.9, skip=torch.zeros(2))
