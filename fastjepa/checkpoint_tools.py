@@ -45,7 +45,6 @@ from .checkpoint import (
     strip_module_prefix,
 )
 
-
 # -- safetensors: one encoder with its architecture, for sharing
 
 ENCODER_FLAG = {"target_encoder": "target", "encoder": "context"}

@@ -52,7 +52,7 @@ def test_loss_matches_spec_written_out(nenc, backend):
 
 def test_one_step_changes_encoder_predictor_and_target_moves_by_ema():
     model, col = tiny()
-    opt = make_optimizer(model, torch.device("cpu"), reference=False)
+    opt = make_optimizer(model, torch.device("cpu"), reference_step=False)
     imgs, menc, mpred = col([torch.randn(3, 16, 16) for _ in range(4)])
     enc0 = copy.deepcopy(model.encoder.state_dict())
     pred0 = copy.deepcopy(model.predictor.state_dict())

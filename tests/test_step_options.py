@@ -128,8 +128,8 @@ def test_fused_adamw_steps_match_the_per_parameter_optimizer():
     a = build_model(cfg)
     b = copy.deepcopy(a)
     start = [p.detach().clone() for p in a.parameters()]
-    fused = make_optimizer(a, torch.device("cpu"), reference=False)
-    loop = make_optimizer(b, torch.device("cpu"), reference=True)
+    fused = make_optimizer(a, torch.device("cpu"), reference_step=False)
+    loop = make_optimizer(b, torch.device("cpu"), reference_step=True)
     assert fused.defaults["fused"] is True and not loop.defaults.get("fused")
     for opt in (fused, loop):
         for g in opt.param_groups:

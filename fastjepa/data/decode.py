@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 import os
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch

@@ -164,7 +164,7 @@ class ImageFolder(SeededAugment, Dataset):
 
     def __getitem__(self, i: int):
         if self.output == "float" and not self.fast_decode:  # the reference pipeline, unchanged
-            for index, (_, label) in self._candidates(i):
+            for index, (_, label) in self._candidates(i):  # noqa: B007 (label is returned after the loop)
                 img = self._load(index)
                 if img is not None:
                     break

@@ -1,0 +1,159 @@
+"""One I-JEPA optimizer step (docs/design.md §5), as a part of :class:`fastjepa.trainer.Trainer`."""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+
+import torch
+
+from ..data import batch_to_device
+from ..distributed import all_reduce_sum
+from ..ops import use_attention, use_backend
+from ..schedulers import CosineWD, LinearMomentum, WarmupCosineLR
+
+
+class TrainStep:
+    """The step: schedules, micro-batches, the skip decision on the device, the EMA update."""
+
+    def _build_schedules(self) -> None:
+        opt = self.cfg["optimization"]
+        total = int(opt["epochs"] * self.ipe * opt["ipe_scale"])
+        warmup = int(opt["warmup"] * self.ipe)
+        self.lr_sched = WarmupCosineLR(opt["start_lr"], opt["lr"], opt["final_lr"], warmup, total)
+        self.wd_sched = CosineWD(opt["weight_decay"], opt["final_weight_decay"], total)
+        self.mom_sched = LinearMomentum(opt["ema"][0], opt["ema"][1], total)
+
+    def _set_schedules(self) -> tuple[float, float, float]:
+        lr = self.lr_sched.value(self.step + 1)
+        wd = self.wd_sched.value(self.step + 1)
+        mom = self.mom_sched.value(self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+            if not group.get("WD_exclude", False):
+                group["weight_decay"] = wd
+        return lr, wd, mom
+
+    def _batch_to_device(self, udata, masks_enc: list[torch.Tensor], masks_pred: list[torch.Tensor]):
+        """A collated batch on this process's device (asynchronous from pinned memory); uint8
+        image crops are finished there (float, normalise, flip: data.batch_to_device)."""
+        imgs = batch_to_device(udata, self.device, self.dataset)
+        masks_enc = [m.to(self.device, non_blocking=True) for m in masks_enc]
+        masks_pred = [m.to(self.device, non_blocking=True) for m in masks_pred]
+        return imgs, masks_enc, masks_pred
+
+    def _backend_context(self):
+        """The reference step runs the reference ops and math attention; fastjepa's, as set."""
+        stack = ExitStack()
+        if self.reference_step:
+            stack.enter_context(use_backend("reference"))
+            stack.enter_context(use_attention("math"))
+        return stack
+
+    def train_step(self, imgs: torch.Tensor, masks_enc: list[torch.Tensor], masks_pred: list[torch.Tensor], want_grads: bool = False):
+        """One optimizer step over ``grad_accum`` micro-batches. Returns (loss tensor, grad
+        stats tensor or None, (lr, wd, momentum)); the skip flag of ``nan_policy=skip`` is
+        left in ``self.last_skipped``. On the device, with no host sync (the reference step
+        excepted: its GradScaler and its skip decision read on the host, as the reference)."""
+        accum = self.cfg["optimization"]["grad_accum"]
+        lr, wd, mom = self._set_schedules()
+        B = imgs.size(0)
+        micro = B // accum
+        total = torch.zeros((), device=self.device)
+        for a in range(accum):
+            sl = slice(a * micro, (a + 1) * micro)
+            sync = ExitStack()  # DDP: no gradient all-reduce before the last micro-batch
+            if self.fsdp:
+                for net in (self.model.encoder, self.model.predictor):
+                    net.set_requires_gradient_sync(a == accum - 1)
+            elif accum > 1 and a < accum - 1 and self.dist.enabled:
+                sync.enter_context(self.model.encoder.no_sync())
+                sync.enter_context(self.model.predictor.no_sync())
+            with sync, torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
+                loss = self.model(imgs[sl], [m[sl] for m in masks_enc], [m[sl] for m in masks_pred]) / accum
+                if self._nan_at == (self.dist.rank, self.step):  # fault-test hook (FASTJEPA_TEST_NAN_AT)
+                    loss = loss * float("nan")
+            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+            total += loss.detach().float()
+        skip_flag, skip_now = None, False
+        if self.cfg["optimization"]["nan_policy"] == "skip":
+            # a non-finite loss, or a finite one with non-finite gradients; under DDP/FSDP all
+            # ranks skip together (one rank's flag is all-reduced to all)
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            if self.skip_on_device:
+                skip_flag = self._non_finite_flag([total, *grads])
+            else:  # one host sync per step
+                skip_now = not self._finite_on_every_rank([total, *grads])
+                skip_flag = torch.full((), float(skip_now), device=self.device)
+        self.last_skipped = skip_flag
+        grads = self._grad_stats() if want_grads and not skip_now else None
+        clip = self.cfg["optimization"]["clip_grad"]
+        if not skip_now:
+            if self.scaler is not None:
+                if clip:
+                    self.scaler.unscale_(self.optimizer)
+                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                if clip:
+                    torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+                device_skip = skip_flag is not None and self.skip_on_device
+                if device_skip:  # read by the fused AdamW on the device (as GradScaler passes it)
+                    self.optimizer.found_inf = skip_flag
+                try:
+                    self.optimizer.step()
+                finally:
+                    if device_skip:
+                        del self.optimizer.found_inf
+        self.optimizer.zero_grad(set_to_none=True)
+        if not skip_now:
+            self.model.update_target(mom, mode="reference" if self.reference_step else "foreach", skip=skip_flag if self.skip_on_device else None)
+        return total, grads, (lr, wd, mom)
+
+    def _non_finite_flag(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        """A one-element fp32 tensor on the device: 1.0 if any element of ``tensors`` is
+        non-finite on any rank, else 0.0 — computed without a host sync (one multi-tensor
+        check per dtype, plus a one-element all-reduce under torchrun)."""
+        if self.fsdp:
+            from .fsdp import local
+
+            tensors = local(tensors)
+        found = torch.zeros((), dtype=torch.float32, device=self.device)
+        one = torch.ones((), dtype=torch.float32, device=self.device)
+        groups: dict[tuple, list[torch.Tensor]] = {}
+        for t in tensors:
+            if t.numel():
+                groups.setdefault((t.device, t.dtype), []).append(t.reshape(-1) if t.dim() == 0 else t)
+        for group in groups.values():
+            # GradScaler's check: sets found to 1 at any inf/NaN; the "unscale" by 1 leaves values as they are
+            torch._amp_foreach_non_finite_check_and_unscale_(group, found, one)
+        if self.dist.enabled:
+            import torch.distributed as dist
+
+            dist.all_reduce(found, op=dist.ReduceOp.MAX)
+        return found
+
+    def _grad_stats(self) -> torch.Tensor | None:
+        """(first qkv, last qkv, min, max) gradient norms over the encoder's weight matrices,
+        as the reference's grad_stats line: a (4,) fp32 tensor on the device (no host read;
+        the log step reads it with the losses). Under FSDP2 the norms of the full gradients,
+        from the shards' squared norms summed over ranks (one all-reduce)."""
+        names, grads = [], []
+        for name, p in self.model.encoder.named_parameters():
+            if p.grad is None or name.endswith(".bias") or p.ndim == 1:
+                continue
+            names.append(name)
+            grads.append(p.grad.detach())
+        if not grads:
+            return None
+        if self.fsdp:
+            from .fsdp import local
+
+            squares = torch.stack(torch._foreach_norm(local(grads))).float().square()
+            norms = all_reduce_sum(squares, self.dist).sqrt()
+        else:
+            norms = torch.stack(torch._foreach_norm(grads)).float()
+        qkv = [i for i, n in enumerate(names) if "qkv" in n]
+        nan = torch.full((), float("nan"), device=norms.device)
+        first, last = (norms[qkv[0]], norms[qkv[-1]]) if qkv else (nan, nan)
+        return torch.stack([first, last, norms.min(), norms.max()])
