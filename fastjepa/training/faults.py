@@ -45,7 +45,7 @@ class FaultHandling:
         if not path.is_file():
             raise CheckpointError(f"--resume: no checkpoint at {path} (train into {self.out} first, or set meta.read_checkpoint)")
         if self.fsdp:
-            from .fsdp import load_full_state
+            from ..fsdp import load_full_state
 
             ckpt = read_checkpoint(path, trust=self.trust_checkpoint)
             try:
@@ -80,7 +80,7 @@ class FaultHandling:
             )
         states = None
         if self.fsdp:  # gathering the full state is a collective: every rank takes part
-            from .fsdp import full_state
+            from ..fsdp import full_state
 
             states = full_state(self.model, self.optimizer)
         if not self.dist.is_main:
@@ -121,7 +121,7 @@ class FaultHandling:
         """True on every rank iff every element of ``tensors`` is finite on every rank (FSDP2
         shards are checked locally; one host sync, plus one all-reduce under torchrun)."""
         if self.fsdp:
-            from .fsdp import local
+            from ..fsdp import local
 
             tensors = local(tensors)
         finite = bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
@@ -160,7 +160,7 @@ class FaultHandling:
         """Every rank must hold the same weights after data-parallel training."""
         import torch.distributed as dist
 
-        from .fsdp import local
+        from ..fsdp import local
 
         params = local([p.detach().float() for p in self.model.parameters()])
         digest = torch.stack([p.double().sum() for p in params] + [p.double().abs().sum() for p in params])

@@ -115,7 +115,7 @@ class TrainStep:
         non-finite on any rank, else 0.0 — computed without a host sync (one multi-tensor
         check per dtype, plus a one-element all-reduce under torchrun)."""
         if self.fsdp:
-            from .fsdp import local
+            from ..fsdp import local
 
             tensors = local(tensors)
         found = torch.zeros((), dtype=torch.float32, device=self.device)
@@ -147,7 +147,7 @@ class TrainStep:
         if not grads:
             return None
         if self.fsdp:
-            from .fsdp import local
+            from ..fsdp import local
 
             squares = torch.stack(torch._foreach_norm(local(grads))).float().square()
             norms = all_reduce_sum(squares, self.dist).sqrt()
