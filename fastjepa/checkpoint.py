@@ -29,7 +29,7 @@ import tempfile
 import warnings
 import zipfile
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -94,21 +94,33 @@ def strip_module_prefix(state: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write ``text`` to a temporary file in ``path``'s folder, then rename it over ``path``:
-    a reader (or a run killed half-way) sees the old file or the new one, never half of one.
-    For small reports (eval.json, benchmark tables); checkpoints use :func:`atomic_save`."""
+def atomic_write(path: str | os.PathLike, write: Callable[[Any, str], None], *, binary: bool = True, durable: bool = True) -> None:
+    """Write a file through a temporary one in ``path``'s folder, renamed over ``path``: a
+    reader (or a run killed half-way) sees the old file or the new one, never half of one.
+    ``write(f, tmp_name)`` fills the open temporary file; ``durable`` fsyncs it before the
+    rename and the folder after (checkpoints, exports; not needed for small reports)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb" if binary else "w") as f:
+            write(f, tmp)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    if durable:
+        fsync_dir(path.parent)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """``text`` to ``path`` atomically (see :func:`atomic_write`). For small reports
+    (eval.json, benchmark tables); checkpoints use :func:`atomic_save`."""
+    atomic_write(path, lambda f, tmp: f.write(text), binary=False, durable=False)
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
@@ -116,25 +128,17 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
 
     A crash at any moment leaves either the old file or the new one, never a torn one.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            global _SAVES
-            _SAVES += 1
-            _env_pause_hook(tmp)
-            if _SAVE_HOOK is not None:
-                _SAVE_HOOK(tmp)
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    fsync_dir(path.parent)
+
+    def write(f, tmp: str) -> None:
+        global _SAVES
+        torch.save(obj, f)
+        f.flush()
+        _SAVES += 1
+        _env_pause_hook(tmp)
+        if _SAVE_HOOK is not None:
+            _SAVE_HOOK(tmp)
+
+    atomic_write(path, write)
 
 
 def fsync_dir(folder: str | os.PathLike) -> None:

@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -38,7 +37,7 @@ from .checkpoint import (
     _torch_load,
     _unwrap,
     atomic_save,
-    fsync_dir,
+    atomic_write,
     numpy_rng_to_plain,
     plain,
     read_checkpoint,
@@ -140,20 +139,7 @@ def save_safetensors(state: Mapping[str, torch.Tensor], metadata: Mapping[str, s
     from safetensors.torch import save
 
     data = save({k: v.detach().cpu().contiguous() for k, v in state.items()}, metadata=dict(metadata))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    fsync_dir(path.parent)
+    atomic_write(path, lambda f, tmp: f.write(data))
 
 
 def _resolve_source(src: Path) -> Path:
