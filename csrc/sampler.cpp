@@ -17,6 +17,7 @@
 #include <cstring>
 
 #include "fastjepa.h"
+#include "splitmix64.h"
 
 namespace fastjepa {
 namespace {
@@ -25,33 +26,6 @@ constexpr int kTriesBeforeRelax = 20;
 // An image takes about 2 µs, a fork/join of the thread pool more than that on a busy
 // machine, so batches of up to this many images are sampled on the calling thread.
 constexpr int64_t kImagesPerTask = 256;
-
-// splitmix64 (Steele, Lea, Flood 2014): 64-bit state, one add and a mixing function per draw.
-struct SplitMix64 {
-  uint64_t state;
-  explicit SplitMix64(uint64_t s) : state(s) {}
-  uint64_t next() {
-    uint64_t z = (state += 0x9E3779B97F4A7C15ULL);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
-    return z ^ (z >> 31);
-  }
-  // Uniform on [0, 1) with 24 bits, the resolution of torch.rand's float32 draw.
-  double uniform() { return static_cast<double>(next() >> 40) * (1.0 / 16777216.0); }
-  // Uniform integer in [0, n), unbiased (Lemire's multiply-and-reject).
-  int64_t below(uint64_t n) {
-    unsigned __int128 m = static_cast<unsigned __int128>(next()) * n;
-    uint64_t low = static_cast<uint64_t>(m);
-    if (low < n) {
-      const uint64_t threshold = (0 - n) % n;
-      while (low < threshold) {
-        m = static_cast<unsigned __int128>(next()) * n;
-        low = static_cast<uint64_t>(m);
-      }
-    }
-    return static_cast<int64_t>(m >> 64);
-  }
-};
 
 uint64_t mix(uint64_t a, uint64_t b) {
   SplitMix64 g(a ^ (b * 0xD1B54A32D192ED03ULL + 0x8CB92BA72F3D8DD7ULL));

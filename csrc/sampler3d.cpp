@@ -22,37 +22,15 @@
 #include <optional>
 #include <vector>
 
+#include "splitmix64.h"
+
 namespace fastjepa {
 namespace {
 
 constexpr int64_t kMaxEmptyDraws = 1000;  // MAX_EMPTY_DRAWS in multiblock3d.py
 constexpr int64_t kClipsPerTask = 64;     // a clip of 2,048 tokens takes a few µs
 
-struct Rng {  // splitmix64 (Steele, Lea, Flood 2014)
-  uint64_t state;
-  explicit Rng(uint64_t s) : state(s) {}
-  uint64_t next() {
-    uint64_t z = (state += 0x9E3779B97F4A7C15ULL);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
-    return z ^ (z >> 31);
-  }
-  // Uniform on [0, 1) in steps of 2^-24, the values torch.rand's float32 draw takes.
-  double uniform() { return static_cast<double>(next() >> 40) * (1.0 / 16777216.0); }
-  // Uniform integer in [0, n), n >= 1, unbiased (multiply, reject the short remainder).
-  int64_t below(uint64_t n) {
-    unsigned __int128 m = static_cast<unsigned __int128>(next()) * n;
-    uint64_t low = static_cast<uint64_t>(m);
-    if (low < n) {
-      const uint64_t threshold = (0 - n) % n;
-      while (low < threshold) {
-        m = static_cast<unsigned __int128>(next()) * n;
-        low = static_cast<uint64_t>(m);
-      }
-    }
-    return static_cast<int64_t>(m >> 64);
-  }
-};
+using Rng = SplitMix64;  // splitmix64.h
 
 uint64_t stream_seed(uint64_t seed, uint64_t k) {
   Rng g(seed ^ (k * 0xA24BAED4963EE407ULL + 0x9FB21C651E98DF25ULL));
