@@ -125,6 +125,12 @@ class PatchSet:
             raise
         return self.patched()
 
+    def apply_providers(self, mods: Mapping[str, types.ModuleType], chosen: Iterable[tuple[bool, Provider]]) -> list[str]:
+        """Revert, then apply the patches of every provider whose flag is set (one
+        ``apply()`` of an integration: ``chosen`` is its ``(flag, provider)`` list)."""
+        self.revert()
+        return self.apply([p for flag, provider in chosen if flag for p in provider(mods)])
+
     def revert(self) -> list[str]:
         restored = self.patched()
         while self._records:

@@ -269,9 +269,7 @@ def apply(
         (attention, _attention),
         (mask_collator, _mask_collator),
     ]
-    _STATE.revert()
-    patches = [p for flag, provider in chosen if flag for p in provider(mods)]
-    return _STATE.apply(patches)
+    return _STATE.apply_providers(mods, chosen)
 
 
 def revert() -> list[str]:

@@ -113,9 +113,7 @@ def apply(*, random_masking: bool = True) -> list[str]:
     previous call.
     """
     mods = C.identify(API, CODEBASE, "models_mae", CHECKS, HINT)
-    _STATE.revert()
-    patches = _random_masking(mods) if random_masking else []
-    return _STATE.apply(patches)
+    return _STATE.apply_providers(mods, [(random_masking, _random_masking)])
 
 
 def revert() -> list[str]:

@@ -237,9 +237,7 @@ def apply(
         (predictor, _predictor),
         (masks, _masks),
     ]
-    _STATE.revert()
-    patches = [p for flag, provider in chosen if flag for p in provider(mods)]
-    return _STATE.apply(patches)
+    return _STATE.apply_providers(mods, chosen)
 
 
 def revert() -> list[str]:

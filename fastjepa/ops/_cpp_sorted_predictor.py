@@ -18,15 +18,9 @@ from __future__ import annotations
 import torch
 
 from .. import _C  # noqa: F401 — loads the library, registers torch.ops.fastjepa
+from ._cpp import _promote  # one dtype-promotion rule for every C++ op
 
 _ops = torch.ops.fastjepa
-
-
-def _promote(*ts: torch.Tensor) -> torch.dtype:
-    dtype = ts[0].dtype
-    for t in ts[1:]:
-        dtype = torch.promote_types(dtype, t.dtype)
-    return dtype
 
 
 # -- fake implementations (shapes and dtypes only) --------------------------------------
