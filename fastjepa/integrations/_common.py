@@ -88,3 +88,14 @@ def repeat_interleave_batch(original):
         return chunks.repeat_interleave(repeat, dim=0).reshape(n * repeat * B, *x.shape[1:])  # c0 c0 … c1 c1 …
 
     return repeat_interleave_batch
+
+
+def repeat_interleave_batch_patches(mods: Mapping[str, types.ModuleType]) -> list:
+    """The ``repeat_interleave_batch`` provider both reference codebases share: their
+    ``src.utils.tensors`` function (and its ``from … import`` copies) -> one copy."""
+    from ._patching import function_patches
+
+    if "src.utils.tensors" not in mods:
+        return []
+    original = mods["src.utils.tensors"].repeat_interleave_batch
+    return function_patches(original, repeat_interleave_batch(original))

@@ -119,13 +119,6 @@ def _apply_masks(mods):
     return function_patches(original, apply_masks)
 
 
-def _repeat_interleave_batch(mods):
-    if "src.utils.tensors" not in mods:
-        return []
-    original = mods["src.utils.tensors"].repeat_interleave_batch
-    return function_patches(original, C.repeat_interleave_batch(original))
-
-
 def _encoder(mods):
     if "src.models.vision_transformer" not in mods:
         return []
@@ -231,7 +224,7 @@ def apply(
     mods = C.identify(API, CODEBASE, "src", CHECKS, HINT)
     chosen = [
         (apply_masks, _apply_masks),
-        (repeat_interleave_batch, _repeat_interleave_batch),
+        (repeat_interleave_batch, C.repeat_interleave_batch_patches),
         (encoder, _encoder),
         (rope, _rope),
         (predictor, _predictor),
