@@ -1,0 +1,232 @@
+"""fastjepa.integrations.transformers: Hugging Face's VJEPA2Model / IJepaModel, patched vs not.
+
+Tiny random-weight models built from VJEPA2Config / IJepaConfig (no download). Checked: a
+V-JEPA 2 step (forward + backward of encoder and predictor) gives the same loss, gradients,
+hidden states and attention maps with and without apply(), for models built before and
+after it; feature extraction (no grad) the same features; each flag patches only its
+piece; revert() restores the very same objects; the refusals name what was expected and
+found; ``import fastjepa`` does not import transformers.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _import_transformers():
+    """transformers imports the installed ``kernels`` distribution when it finds one; with
+    this checkout's root on sys.path (pytest puts it there) the top-level ``kernels/``
+    folder (the source of ``fastjepa.kernels``) would be found instead. Import the
+    installed one first, then transformers (skip when transformers is not installed)."""
+    if "kernels" not in sys.modules:
+        saved = sys.path[:]
+        sys.path[:] = [p for p in sys.path if Path(p or os.getcwd()).resolve() != REPO]
+        try:
+            importlib.import_module("kernels")
+        except ImportError:
+            pass
+        finally:
+            sys.path[:] = saved
+    return pytest.importorskip("transformers")
+
+
+transformers = _import_transformers()
+
+from fastjepa.integrations import transformers as fjt  # noqa: E402
+from fastjepa.integrations._patching import CodebaseMismatch  # noqa: E402
+
+VJ = "transformers.models.vjepa2.modeling_vjepa2"
+IJ = "transformers.models.ijepa.modeling_ijepa"
+ALL = [
+    f"{VJ}.apply_masks",
+    f"{VJ}.VJEPA2RopeAttention.forward",
+    f"{VJ}.VJEPA2Predictor.forward",
+    f"{VJ}.VJEPA2MLP.forward",
+    f"{IJ}.IJepaMLP.forward",
+]
+
+
+@pytest.fixture(autouse=True)
+def _reverted():
+    fjt.revert()
+    yield
+    fjt.revert()
+
+
+def vjepa2_model(attn="sdpa", hidden=48, heads=2):
+    torch.manual_seed(0)
+    cfg = transformers.VJEPA2Config(
+        crop_size=32, frames_per_clip=4, patch_size=8, tubelet_size=2, hidden_size=hidden, num_attention_heads=heads,
+        num_hidden_layers=2, pred_hidden_size=36, pred_num_attention_heads=2, pred_num_hidden_layers=2,
+        pred_num_mask_tokens=3, pred_zero_init_mask_tokens=False,
+    )  # fmt: skip
+    cfg._attn_implementation = attn
+    return transformers.VJEPA2Model(cfg).float()
+
+
+def clips_and_masks(B=3, N=32, kc=11):
+    g = torch.Generator().manual_seed(1)
+    clips = torch.randn(B, 4, 3, 32, 32, generator=g)
+    perm = torch.argsort(torch.rand(B, N, generator=g), dim=1)
+    return clips, perm[:, :kc].sort(1).values, perm[:, kc:].sort(1).values
+
+
+def vjepa2_step(model, clips, cm, tm, **kw):
+    model.zero_grad(set_to_none=True)
+    out = model(clips, context_mask=None if cm is None else [cm], target_mask=None if tm is None else [tm], **kw)
+    p = out.predictor_output
+    loss = (p.last_hidden_state - p.target_hidden_state.detach()).abs().mean() + out.masked_hidden_state.square().mean()
+    loss.backward()
+    grads = {n: q.grad.clone() for n, q in model.named_parameters() if q.grad is not None}
+    return loss.detach(), grads, out
+
+
+def assert_same(ref, new):
+    torch.testing.assert_close(new[0], ref[0])
+    assert ref[1].keys() == new[1].keys() and ref[1]
+    for k in ref[1]:
+        torch.testing.assert_close(new[1][k], ref[1][k], msg=lambda m, k=k: f"{k}: {m}")
+
+
+def test_import_fastjepa_does_not_import_transformers():
+    code = ("import sys, fastjepa, fastjepa.integrations, fastjepa.integrations.transformers; "
+            "print(sorted(m for m in sys.modules if m == 'transformers' or m.startswith('transformers.')))")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(REPO), timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_vjepa2_step_matches_before_and_after_apply(attn):
+    clips, cm, tm = clips_and_masks()
+    model = vjepa2_model(attn)
+    kw = dict(output_hidden_states=True, output_attentions=attn == "eager")
+    ref = vjepa2_step(model, clips, cm, tm, **kw)
+
+    assert fjt.apply() == ALL == fjt.patched()
+    new = vjepa2_step(model, clips, cm, tm, **kw)  # built before apply(): classes are patched in place
+    assert_same(ref, new)
+    for a, b in zip(ref[2].hidden_states, new[2].hidden_states, strict=True):
+        torch.testing.assert_close(b, a)
+    if attn == "eager":  # the attention maps still come back (from the same attention function)
+        assert len(ref[2].attentions) == len(new[2].attentions) == 2
+        for a, b in zip(ref[2].attentions, new[2].attentions):
+            torch.testing.assert_close(b, a)
+    assert_same(ref, vjepa2_step(vjepa2_model(attn), clips, cm, tm, **kw))  # built after apply()
+
+
+def test_vjepa2_features_and_default_masks_match():
+    clips, _, _ = clips_and_masks()
+    model = vjepa2_model()
+    with torch.no_grad():
+        feats = model.get_vision_features(clips)
+    ref = vjepa2_step(model, clips, None, None)  # the model's default masks: every token context and target (ties)
+    fjt.apply()
+    with torch.no_grad():
+        torch.testing.assert_close(model.get_vision_features(clips), feats)
+    assert_same(ref, vjepa2_step(model, clips, None, None))
+
+
+def test_vjepa2_predictor_int32_masks_and_mixed_lengths():
+    clips, cm, tm = clips_and_masks(B=2, kc=5)
+    model = vjepa2_model()
+    ref = vjepa2_step(model, clips, cm.int(), tm)
+    fjt.apply()
+    assert_same(ref, vjepa2_step(model, clips, cm.int(), tm))
+
+
+def test_outside_the_fast_path_the_original_runs():
+    """Two mask pairs per call (the original pairs them its own way), a bare tensor mask,
+    masks on another device than the tokens' are not taken by the fused path."""
+    mv = importlib.import_module(VJ)
+    clips, cm, tm = clips_and_masks(B=2)
+    model = vjepa2_model()
+    x = torch.randn(2, 32, 48)
+    with torch.no_grad():
+        enc = model.get_vision_features(clips)
+        ref_bare = mv.apply_masks(x, cm)
+    fjt.apply()
+    assert mv.apply_masks.__fastjepa_original__ is not None
+    torch.testing.assert_close(mv.apply_masks(x, cm), ref_bare)  # a (B, K) tensor: the original iterates its rows
+    pred = model.predictor
+    two = ([cm, cm], [tm, tm])
+    try:
+        fjt.revert()
+        expected = pred(enc, *two).last_hidden_state
+    except Exception as exc:  # noqa: BLE001 — whatever the original does, the patched one does the same
+        fjt.apply()
+        with pytest.raises(type(exc)):
+            pred(enc, *two)
+    else:
+        fjt.apply()
+        torch.testing.assert_close(pred(enc, *two).last_hidden_state, expected)
+
+
+def test_flags_patch_only_their_piece():
+    mv = importlib.import_module(VJ)
+    before = {a: vars(mv.VJEPA2Predictor)["forward"] for a in ("predictor",)}
+    assert fjt.apply(apply_masks=False, predictor=False, mlp=False) == [f"{VJ}.VJEPA2RopeAttention.forward"]
+    assert vars(mv.VJEPA2Predictor)["forward"] is before["predictor"]
+    assert not hasattr(mv.apply_masks, "__fastjepa_original__")
+    assert fjt.apply(apply_masks=False, rope=False, predictor=False) == [f"{VJ}.VJEPA2MLP.forward", f"{IJ}.IJepaMLP.forward"]
+    assert fjt.apply(apply_masks=False, rope=False, predictor=False, mlp=False) == []
+
+
+def test_revert_restores_the_same_objects_and_apply_twice():
+    mv, mi = importlib.import_module(VJ), importlib.import_module(IJ)
+    pairs = [(mv, "apply_masks"), (mv.VJEPA2RopeAttention, "forward"), (mv.VJEPA2Predictor, "forward"),
+             (mv.VJEPA2MLP, "forward"), (mi.IJepaMLP, "forward")]  # fmt: skip
+    before = {(o, a): vars(o)[a] for o, a in pairs}
+    first = fjt.apply()
+    assert fjt.apply() == first == fjt.patched()
+    for (o, a), obj in before.items():
+        assert vars(o)[a] is not obj and vars(o)[a].__fastjepa_original__ is obj, a
+    assert fjt.revert() == first
+    for (o, a), obj in before.items():
+        assert vars(o)[a] is obj, a
+    assert fjt.patched() == [] and fjt.revert() == []
+
+
+def test_ijepa_features_match_and_training_falls_back():
+    torch.manual_seed(0)
+    cfg = transformers.IJepaConfig(image_size=32, patch_size=8, hidden_size=48, num_attention_heads=2, num_hidden_layers=2,
+                                   intermediate_size=96)  # fmt: skip
+    model = transformers.IJepaModel(cfg).float()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = model(x).last_hidden_state
+    model.zero_grad(set_to_none=True)
+    model(x).last_hidden_state.square().mean().backward()
+    ref_g = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    fjt.apply()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).last_hidden_state, ref)
+    model.zero_grad(set_to_none=True)
+    model(x).last_hidden_state.square().mean().backward()
+    for n, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, ref_g[n], msg=lambda m, n=n: f"{n}: {m}")
+
+
+def test_refuses_another_transformers_version(monkeypatch):
+    monkeypatch.setattr(importlib.import_module("transformers"), "__version__", "4.57.1")
+    with pytest.raises(CodebaseMismatch, match=r"expected transformers >= 5\.0, < 6 \(tested with 5\.25\), found transformers 4\.57\.1 at "):
+        fjt.apply()
+    assert fjt.patched() == []
+
+
+def test_refuses_classes_of_other_signatures(monkeypatch):
+    mv = importlib.import_module(VJ)
+    monkeypatch.setattr(mv.VJEPA2Predictor, "forward", lambda self, hidden_states, masks: None)
+    with pytest.raises(CodebaseMismatch, match=r"VJEPA2Predictor.forward: expected \(self, encoder_hidden_states, context_mask, target_mask, kwargs\), found \(self, hidden_states, masks\)"):
+        fjt.apply()
+    assert fjt.patched() == []
