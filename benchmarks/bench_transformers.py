@@ -26,13 +26,15 @@ CPU shapes: V-JEPA 2 64 px / 8, 4 frames, tubelet 2 (128 tokens), hidden 96, 4 h
 depth 4, batch 8. ``--gpu``: V-JEPA 2 ViT-L/16 at 256 px, 16 frames (2,048 tokens),
 predictor 384 / 12 heads / depth 12, batch 8, a 30 % context.
 
-transformers is imported before this checkout is put on ``sys.path``: the checkout's
-top-level ``kernels/`` folder would otherwise shadow the ``kernels`` package transformers imports.
+transformers is imported with this checkout's root off ``sys.path``: the checkout's top-level
+``kernels/`` folder (the source of ``fastjepa.kernels``) would otherwise shadow the installed
+``kernels`` package that transformers imports.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import statistics
@@ -40,14 +42,29 @@ import sys
 import time
 
 import torch
-import transformers  # noqa: F401 — before REPO goes on sys.path (see the docstring)
-from transformers import IJepaConfig, IJepaModel, VJEPA2Config, VJEPA2Model
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
-sys.path.insert(0, REPO)
 
-from fastjepa.integrations import transformers as integration  # noqa: E402
+
+def import_transformers():
+    """transformers, imported with the installed ``kernels`` package (see the docstring)."""
+    if "kernels" not in sys.modules:
+        saved = sys.path[:]
+        sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.getcwd()) != os.path.realpath(REPO)]
+        try:
+            importlib.import_module("kernels")
+        except ImportError:
+            pass  # not installed: transformers then does not import it either
+        finally:
+            sys.path[:] = saved
+    return importlib.import_module("transformers")
+
+
+def _integration():
+    if REPO not in sys.path:
+        sys.path.insert(0, REPO)
+    return importlib.import_module("fastjepa.integrations.transformers")
 
 
 def _sync(device):
@@ -60,6 +77,8 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def setups(device, gpu: bool):
+    t = import_transformers()
+    IJepaConfig, IJepaModel, VJEPA2Config, VJEPA2Model = t.IJepaConfig, t.IJepaModel, t.VJEPA2Config, t.VJEPA2Model
     torch.manual_seed(0)
     if gpu:
         vc = VJEPA2Config(crop_size=256, frames_per_clip=16, patch_size=16, tubelet_size=2, hidden_size=1024, num_attention_heads=16,
@@ -107,6 +126,8 @@ def setups(device, gpu: bool):
 
 
 def run(gpu: bool, reps: int) -> dict:
+    transformers = import_transformers()
+    integration = _integration()
     device = torch.device("cuda" if gpu else "cpu")
     rows = []
     for name, fn, info in setups(device, gpu):

@@ -230,3 +230,19 @@ def test_refuses_classes_of_other_signatures(monkeypatch):
     with pytest.raises(CodebaseMismatch, match=r"VJEPA2Predictor.forward: expected \(self, encoder_hidden_states, context_mask, target_mask, kwargs\), found \(self, hidden_states, masks\)"):
         fjt.apply()
     assert fjt.patched() == []
+
+
+@pytest.mark.slow
+def test_benchmark_runs_and_checks(tmp_path):
+    out = tmp_path / "bench.json"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "benchmarks/bench_transformers.py", "--reps", "2", "--threads", "1", "--json", str(out)],
+                       cwd=str(REPO), env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    import json
+
+    result = json.loads(out.read_text())
+    assert [row["row"] for row in result["rows"]] == ["vjepa2 step", "vjepa2 features", "ijepa features"]
+    for row in result["rows"]:
+        assert row["max_rel_diff"] < 1e-4 and row["original_ms"] > 0 and row["patched_ms"] > 0, row
+    assert result["patched"] == ALL
