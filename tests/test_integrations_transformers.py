@@ -50,6 +50,8 @@ ALL = [
     f"{VJ}.apply_masks",
     f"{VJ}.VJEPA2RopeAttention.forward",
     f"{VJ}.VJEPA2Predictor.forward",
+    f"{VJ}.VJEPA2PatchEmbeddings3D.forward",
+    f"{IJ}.IJepaPatchEmbeddings.forward",
     f"{VJ}.VJEPA2MLP.forward",
     f"{IJ}.IJepaMLP.forward",
 ]
@@ -174,17 +176,19 @@ def test_outside_the_fast_path_the_original_runs():
 def test_flags_patch_only_their_piece():
     mv = importlib.import_module(VJ)
     before = {a: vars(mv.VJEPA2Predictor)["forward"] for a in ("predictor",)}
-    assert fjt.apply(apply_masks=False, predictor=False, mlp=False) == [f"{VJ}.VJEPA2RopeAttention.forward"]
+    assert fjt.apply(apply_masks=False, predictor=False, patch_embed=False, mlp=False) == [f"{VJ}.VJEPA2RopeAttention.forward"]
     assert vars(mv.VJEPA2Predictor)["forward"] is before["predictor"]
     assert not hasattr(mv.apply_masks, "__fastjepa_original__")
-    assert fjt.apply(apply_masks=False, rope=False, predictor=False) == [f"{VJ}.VJEPA2MLP.forward", f"{IJ}.IJepaMLP.forward"]
-    assert fjt.apply(apply_masks=False, rope=False, predictor=False, mlp=False) == []
+    assert fjt.apply(apply_masks=False, rope=False, predictor=False, patch_embed=False) == [f"{VJ}.VJEPA2MLP.forward", f"{IJ}.IJepaMLP.forward"]
+    assert fjt.apply(apply_masks=False, rope=False, predictor=False, mlp=False) == [f"{VJ}.VJEPA2PatchEmbeddings3D.forward", f"{IJ}.IJepaPatchEmbeddings.forward"]
+    assert fjt.apply(apply_masks=False, rope=False, predictor=False, patch_embed=False, mlp=False) == []
 
 
 def test_revert_restores_the_same_objects_and_apply_twice():
     mv, mi = importlib.import_module(VJ), importlib.import_module(IJ)
     pairs = [(mv, "apply_masks"), (mv.VJEPA2RopeAttention, "forward"), (mv.VJEPA2Predictor, "forward"),
-             (mv.VJEPA2MLP, "forward"), (mi.IJepaMLP, "forward")]  # fmt: skip
+             (mv.VJEPA2MLP, "forward"), (mi.IJepaMLP, "forward"), (mv.VJEPA2PatchEmbeddings3D, "forward"),
+             (mi.IJepaPatchEmbeddings, "forward")]  # fmt: skip
     before = {(o, a): vars(o)[a] for o, a in pairs}
     first = fjt.apply()
     assert fjt.apply() == first == fjt.patched()
@@ -215,6 +219,23 @@ def test_ijepa_features_match_and_training_falls_back():
     for n, p in model.named_parameters():
         if p.grad is not None:
             torch.testing.assert_close(p.grad, ref_g[n], msg=lambda m, n=n: f"{n}: {m}")
+
+
+def test_patch_embeddings_fall_back_outside_a_plain_patchify():
+    """A clip whose frames do not divide by the tubelet (the convolution drops the rest) and
+    an image with the wrong channel count (the original's own error) run the original."""
+    model = vjepa2_model()
+    pe = model.encoder.embeddings.patch_embeddings
+    odd = torch.randn(2, 3, 5, 32, 32)  # (B, C, T, H, W): 5 frames, tubelet 2
+    with torch.no_grad():
+        ref = pe(odd)
+        fjt.apply()
+        torch.testing.assert_close(pe(odd), ref)
+    cfg = transformers.IJepaConfig(image_size=32, patch_size=8, hidden_size=48, num_attention_heads=2, num_hidden_layers=1,
+                                   intermediate_size=96)  # fmt: skip
+    ipe = transformers.IJepaModel(cfg).embeddings.patch_embeddings
+    with pytest.raises(ValueError, match="Expected 3 but got 1"):
+        ipe(torch.randn(1, 1, 32, 32))
 
 
 def test_refuses_another_transformers_version(monkeypatch):

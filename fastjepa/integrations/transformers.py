@@ -29,6 +29,12 @@ Each flag swaps one piece (``False`` leaves it as it is):
   norm, the un-sort and take of the targets as one gather
   (:func:`fastjepa.ops.sorted_predictor_take_targets`), ``proj``. One context and one target
   mask per call (what the model supports); anything else runs the original.
+* ``patch_embed``: ``VJEPA2PatchEmbeddings3D.forward`` and ``IJepaPatchEmbeddings.forward`` ->
+  the patch-sized convolution (kernel = stride) as what it is, one matmul: the input cut
+  into patches by a reshape and one permuted copy, then ``F.linear`` with the kernel as a
+  (hidden, C·t·p·p) matrix — the same sums as the convolution, without its overhead in
+  forward and backward. A convolution with padding, dilation, groups, a size that does not
+  divide, a subclass or hooks runs the original.
 * ``mlp``: ``VJEPA2MLP.forward`` and ``IJepaMLP.forward`` -> ``fc1`` and the exact GELU as
   one oneDNN matmul with a GELU epilogue (:func:`fastjepa.ops.linear_gelu`) when no
   gradient is needed (feature extraction); with autograd, another activation, a wrapped
@@ -87,8 +93,12 @@ _SIGNATURES = {
         ("VJEPA2Predictor", "forward"): ["self", "encoder_hidden_states", "context_mask", "target_mask", "kwargs"],
         ("VJEPA2PredictorEmbeddings", "forward"): ["self", "hidden_states", "context_mask", "target_mask", "mask_index"],
         ("VJEPA2MLP", "forward"): ["self", "hidden_state"],
+        ("VJEPA2PatchEmbeddings3D", "forward"): ["self", "pixel_values_videos"],
     },
-    IJEPA: {("IJepaMLP", "forward"): ["self", "hidden_states"]},
+    IJEPA: {
+        ("IJepaMLP", "forward"): ["self", "hidden_states"],
+        ("IJepaPatchEmbeddings", "forward"): ["self", "pixel_values"],
+    },
 }
 _FUNCTIONS = {VJEPA2: {"apply_masks": ["tensor", "masks"]}}
 
@@ -229,22 +239,77 @@ def _predictor(mods):
     return [class_patch(vj.VJEPA2Predictor, "forward", make)]
 
 
+def _plain(m: torch.nn.Module) -> bool:
+    """No hooks on ``m`` nor global module hooks: a fused path that skips ``m.__call__`` is unobservable."""
+    g = torch.nn.modules.module
+    return not (
+        m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+        or g._global_forward_hooks or g._global_forward_pre_hooks or g._global_backward_hooks
+        or g._global_backward_pre_hooks
+    )  # fmt: skip
+
+
+def _patch_conv(conv, conv_type: type, x, n: int) -> bool:
+    """Whether ``conv`` (an exact ``conv_type``) is a plain patchify of ``x`` (B, C, *n sizes)."""
+    return (
+        type(conv) is conv_type and _plain(conv) and isinstance(x, torch.Tensor) and x.dim() == 2 + n
+        and x.is_floating_point() and conv.groups == 1 and conv.padding_mode == "zeros"
+        and tuple(conv.kernel_size) == tuple(conv.stride) and tuple(conv.padding) == (0,) * n
+        and tuple(conv.dilation) == (1,) * n and x.size(1) == conv.in_channels
+        and all(s % k == 0 and s > 0 for s, k in zip(x.shape[2:], conv.kernel_size))
+    )  # fmt: skip
+
+
+def patchify_linear(x: torch.Tensor, conv: torch.nn.Module) -> torch.Tensor:
+    """``conv(x).flatten(2).transpose(1, 2)`` for a convolution whose kernel equals its stride
+    (no padding, dilation or groups): x (B, C, *S) -> (B, prod(S // k), out_channels), as
+    one matmul of the patches with the kernel."""
+    k = tuple(conv.kernel_size)
+    B, Cin = x.shape[:2]
+    grid = [s // kk for s, kk in zip(x.shape[2:], k)]
+    split = [B, Cin] + [v for g, kk in zip(grid, k) for v in (g, kk)]  # (B, C, g0, k0, g1, k1, …)
+    n = len(k)
+    order = [0] + [2 + 2 * i for i in range(n)] + [1] + [3 + 2 * i for i in range(n)]  # (B, g…, C, k…)
+    patches = x.reshape(split).permute(order).reshape(B, -1, conv.weight[0].numel())  # (B, N, C·prod(k))
+    return torch.nn.functional.linear(patches, conv.weight.reshape(conv.out_channels, -1), conv.bias)
+
+
+def _patch_embed(mods):
+    vj, ij = mods[VJEPA2], mods[IJEPA]
+
+    def make_video(original):
+        @replaces(original)
+        def forward(self, pixel_values_videos):
+            if not _patch_conv(self.proj, torch.nn.Conv3d, pixel_values_videos, 3):
+                return original(self, pixel_values_videos)
+            return patchify_linear(pixel_values_videos, self.proj)  # (B, N, hidden)
+
+        return forward
+
+    def make_image(original):
+        @replaces(original)
+        def forward(self, pixel_values):
+            if not _patch_conv(self.projection, torch.nn.Conv2d, pixel_values, 2) or pixel_values.shape[1] != self.num_channels:
+                return original(self, pixel_values)  # its own channel check and message
+            return patchify_linear(pixel_values, self.projection)  # (B, N, hidden)
+
+        return forward
+
+    return [class_patch(vj.VJEPA2PatchEmbeddings3D, "forward", make_video),
+            class_patch(ij.IJepaPatchEmbeddings, "forward", make_image)]  # fmt: skip
+
+
 def _mlp(mods):
     from ..ops.linear_gelu import fused_linear_gelu_applies, linear_gelu
 
     gelu_cls = getattr(importlib.import_module("transformers.activations"), "GELUActivation", None)
-    global_hooks = torch.nn.modules.module
 
     def exact_gelu(act) -> bool:
         return gelu_cls is not None and type(act) is gelu_cls and getattr(act, "act", None) is torch.nn.functional.gelu
 
-    def plain(m: torch.nn.Module) -> bool:
-        return not (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
-
     def fused_applies(fc1, act, x) -> bool:
         return (
-            type(fc1) is torch.nn.Linear and exact_gelu(act) and plain(fc1) and plain(act)
-            and not (global_hooks._global_forward_hooks or global_hooks._global_forward_pre_hooks)
+            type(fc1) is torch.nn.Linear and exact_gelu(act) and _plain(fc1) and _plain(act)
             and isinstance(x, torch.Tensor) and fused_linear_gelu_applies(x, fc1.weight, fc1.bias)
         )  # fmt: skip
 
@@ -270,7 +335,9 @@ def _mlp(mods):
 # -- public API ---------------------------------------------------------------------------
 
 
-def apply(*, apply_masks: bool = True, rope: bool = True, predictor: bool = True, mlp: bool = True) -> list[str]:
+def apply(
+    *, apply_masks: bool = True, rope: bool = True, predictor: bool = True, patch_embed: bool = True, mlp: bool = True
+) -> list[str]:
     """Patch transformers' V-JEPA 2 and I-JEPA models; returns what was patched (``module.attr``).
 
     Imports the two modelling modules (transformers is imported here, not by ``import
@@ -279,7 +346,7 @@ def apply(*, apply_masks: bool = True, rope: bool = True, predictor: bool = True
     reverts the previous call.
     """
     mods = _identify()
-    chosen = [(apply_masks, _apply_masks), (rope, _rope), (predictor, _predictor), (mlp, _mlp)]
+    chosen = [(apply_masks, _apply_masks), (rope, _rope), (predictor, _predictor), (patch_embed, _patch_embed), (mlp, _mlp)]
     return _STATE.apply_providers(mods, chosen)
 
 
