@@ -40,8 +40,9 @@ Each flag swaps one piece (``False`` leaves it as it is):
   gradient is needed (feature extraction); with autograd, another activation, a wrapped
   ``fc1`` or hooks on it, the original.
 
-``IJepaModel`` has nothing else to fuse: its attention already goes through transformers'
-attention functions (SDPA by default) and it has no token gather.
+``IJepaModel`` has little else to fuse: its attention already goes through transformers'
+attention functions (SDPA by default) and it has no token gather (``patch_embed`` and
+``mlp`` touch it).
 
 Refuses (:class:`~fastjepa.integrations._patching.CodebaseMismatch`, naming what it
 expected and found) when transformers is missing, is another major version, or its
