@@ -99,6 +99,29 @@ def assert_same(ref, new):
         torch.testing.assert_close(new[1][k], ref[1][k], msg=lambda m, k=k: f"{k}: {m}")
 
 
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_transformers_rope_is_rope_qk_vjepa2_layout(with_mask):
+    """transformers' own rotation (get_position_ids + apply_rotary_embeddings) equals
+    rope_qk's ``layout="vjepa2"`` reference on the grid (frames unbounded, grid_size, grid_size),
+    in float64 (where the two agree to the last bits), leftover channels included (head dim 26)."""
+    from fastjepa.ops import rope_qk_reference
+
+    mv = importlib.import_module(VJ)
+    cfg = transformers.VJEPA2Config(crop_size=32, patch_size=8, frames_per_clip=4, hidden_size=52, num_attention_heads=2)
+    attn = mv.VJEPA2RopeAttention(cfg, 52, 2)
+    B, N = 3, 20
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, B, 2, N, 26, dtype=torch.float64, generator=g)
+    ids = torch.argsort(torch.rand(B, 40, generator=g), dim=1)[:, :N].sort(1).values if with_mask else None
+    pos = attn.get_position_ids(torch.zeros(B, N, 52), masks=ids)
+    want_q, want_k = attn.apply_rotary_embeddings(q, pos), attn.apply_rotary_embeddings(k, pos)
+    got_q, got_k = rope_qk_reference(q, k, ids, (None, attn.grid_size, attn.grid_size), layout="vjepa2")
+    torch.testing.assert_close(got_q, want_q, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got_k, want_k, rtol=1e-12, atol=1e-12)
+    other, _ = rope_qk_reference(q, k, ids, (None, attn.grid_size, attn.grid_size), layout="interleaved")
+    assert not torch.allclose(other, want_q)  # the layouts differ: the check can fail
+
+
 def test_import_fastjepa_does_not_import_transformers():
     code = ("import sys, fastjepa, fastjepa.integrations, fastjepa.integrations.transformers; "
             "print(sorted(m for m in sys.modules if m == 'transformers' or m.startswith('transformers.')))")  # fmt: skip
