@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import json
+import os
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -22,7 +25,7 @@ import torch
 from fastjepa.integrations import ijepa as fj_ijepa
 from fastjepa.integrations import mae as fj_mae
 from fastjepa.integrations import vjepa2 as fj_vjepa2
-from fastjepa.integrations._patching import CodebaseMismatch, PatchSet
+from fastjepa.integrations._patching import CodebaseMismatch, PatchSet, function_patches, replaces
 from fastjepa.ops import available
 
 
@@ -395,3 +398,69 @@ def test_patchset_rolls_back_a_failed_apply():
     with pytest.raises(TypeError):
         ps.apply([(mod, "a", 2), (int, "x", 3)])  # a built-in type refuses new attributes
     assert mod.a == 1 and not ps.active
+
+
+# -- any order: apply() before or after the training script's own imports -----------------
+
+
+@pytest.mark.parametrize("name", ["ijepa", "vjepa2"])
+@pytest.mark.parametrize("order", ["after", pytest.param("before", marks=pytest.mark.slow)])  # `before` in-process: below
+def test_apply_in_either_order_of_a_training_scripts_imports(name, order):
+    """The stand-in training script runs as ``__main__`` (also listed as ``__mp_main__``) and
+    holds ``from src.masks.utils import apply_masks`` copies, as the reference's train.py does:
+    apply() after those imports patches each site once; apply() before them leaves the late
+    copies patched; either way the step equals the unpatched one and revert() restores all."""
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, str(FAKES / "train_script.py"), name, order], capture_output=True, text=True,
+                          env=env, cwd=str(FAKES), timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["main_aliases"] == ["__main__", "__mp_main__"]  # the case the fix is for: one module, two names
+    assert got["main_patched"] and got["same_step"] and got["not_restored"] == [], got
+    assert got["restored"] == got["patched"]
+    assert len(set(got["patched"])) == len(got["patched"])
+    if order == "after":
+        assert "__main__.apply_masks" in got["patched"] and "__main__.repeat_interleave_batch" in got["patched"]
+
+
+def test_patchset_patches_a_site_offered_twice_once_and_refuses_two_replacements():
+    mod = types.ModuleType("fake_holder")
+
+    def f():
+        return "original"
+
+    mod.f = mod.g = f
+
+    @replaces(f)
+    def new():
+        return "new"
+
+    @replaces(f)
+    def other_route():  # another provider's replacement of the same original
+        return "new"
+
+    sys.modules["fake_holder"], sys.modules["fake_holder_alias"] = mod, mod  # one module under two names
+    try:
+        patches = function_patches(f, new)
+        assert [(o, a) for o, a, _ in patches] == [(mod, "f"), (mod, "g")]
+        ps = PatchSet("t")
+        assert ps.apply(patches + [(mod, "f", other_route)]) == ["fake_holder.f", "fake_holder.g"]
+        assert mod.f is new and mod.g is new
+        ps.revert()
+        assert mod.f is f and mod.g is f
+        with pytest.raises(ValueError, match=r"fake_holder.f is given two different replacements"):
+            ps.apply([(mod, "f", new), (mod, "f", lambda: "unrelated")])
+        assert mod.f is f and not ps.active
+    finally:
+        del sys.modules["fake_holder"], sys.modules["fake_holder_alias"]
+
+
+def test_revert_restores_a_copy_taken_after_apply():
+    with codebase("ijepa", "src.masks.utils") as (utils,):
+        original = utils.apply_masks
+        fj_ijepa.apply()
+        late = importlib.import_module("src.train")  # its `from src.masks.utils import apply_masks` copies the replacement
+        assert late.apply_masks is utils.apply_masks and late.apply_masks is not original
+        fj_ijepa.revert()
+        assert utils.apply_masks is original and late.apply_masks is original

@@ -16,7 +16,17 @@ The contract every piece plugs into:
   first, so ``owner.__dict__[attr_name] is original`` afterwards.
 * A module-level function is also held, under its own or another name, by every module
   that did ``from … import`` it: :func:`function_patches` finds each of those copies by
-  identity (``value is original``) in every imported module and patches them all.
+  identity (``value is original``) in every imported module and patches them all. A module
+  listed in ``sys.modules`` under two names (``multiprocessing`` registers the script run
+  as ``__main__`` also as ``__mp_main__``) is one owner, patched once.
+* The same site offered twice in one :meth:`PatchSet.apply` (by two providers, or by one
+  provider through two routes) is patched once when both offers replace the same original
+  (the same new object, or replacements of the same ``__fastjepa_original__``); two
+  different replacements of one site are refused.
+* A module imported *after* ``apply()`` that did ``from … import`` a patched function
+  holds the replacement: :meth:`PatchSet.revert` finds such copies by identity too and
+  puts the original there, so every site is restored whichever order the imports and the
+  ``apply()`` came in.
 * Applying a :class:`PatchSet` that is already applied reverts it first, so ``apply()``
   twice ends in the state of one call (and picks up modules imported in between).
 
@@ -65,17 +75,27 @@ def replaces(original: Callable) -> Callable[[Callable], Callable]:
 def function_patches(original: Callable, new: Callable, *, skip: Iterable[str] = ("fastjepa",)) -> list[Patch]:
     """One patch per imported module attribute that *is* ``original`` (identity), its
     defining module first, so that ``from … import`` copies are patched too."""
+    return [(module, attr, new) for module, attr in holders(original, skip=skip)]
+
+
+def holders(obj: object, *, skip: Iterable[str] = ("fastjepa",), first: str | None = None) -> list[tuple[types.ModuleType, str]]:
+    """``(module, attr_name)`` for every imported module attribute that *is* ``obj``
+    (identity), each module once however many names ``sys.modules`` lists it under;
+    the module named ``first`` (default: ``obj.__module__``) first, then by name."""
     skip = tuple(skip)
-    patches: list[Patch] = []
-    for name, module in sorted(sys.modules.items(), key=lambda kv: (kv[0] != original.__module__, kv[0])):
-        if module is None or any(name == s or name.startswith(s + ".") for s in skip):
+    first = getattr(obj, "__module__", None) if first is None else first
+    seen: set[int] = set()
+    found: list[tuple[types.ModuleType, str]] = []
+    for name, module in sorted(list(sys.modules.items()), key=lambda kv: (kv[0] != first, kv[0])):
+        if module is None or id(module) in seen or any(name == s or name.startswith(s + ".") for s in skip):
             continue
+        seen.add(id(module))
         try:
             items = list(vars(module).items())
         except TypeError:  # a module-like object without a __dict__
             continue
-        patches.extend((module, attr, new) for attr, value in items if value is original)
-    return patches
+        found.extend((module, attr) for attr, value in items if value is obj)
+    return found
 
 
 def class_patch(cls: type, attr: str, make: Callable[[Callable], Callable]) -> Patch:
@@ -110,13 +130,17 @@ class PatchSet:
     def apply(self, patches: Iterable[Patch]) -> list[str]:
         if self.active:
             self.revert()
-        seen: set[tuple[int, str]] = set()
+        seen: dict[tuple[int, str], object] = {}
         try:
             for owner, attr, new in patches:
                 key = (id(owner), attr)
                 if key in seen:
-                    raise ValueError(f"{self.name}: {describe(owner, attr)} is patched twice in one apply()")
-                seen.add(key)
+                    if _same_replacement(seen[key], new):
+                        continue  # one site reached through two providers: patched once
+                    raise ValueError(
+                        f"{self.name}: {describe(owner, attr)} is given two different replacements in one apply()"
+                    )
+                seen[key] = new
                 original = vars(owner).get(attr, _MISSING)
                 setattr(owner, attr, new)
                 self._records.append((owner, attr, original, new))
@@ -133,14 +157,30 @@ class PatchSet:
 
     def revert(self) -> list[str]:
         restored = self.patched()
+        functions: dict[int, tuple[object, object]] = {}  # id(new) -> (new, original) of module-level patches
         while self._records:
-            owner, attr, original, _ = self._records.pop()
+            owner, attr, original, new = self._records.pop()
+            if isinstance(owner, types.ModuleType) and original is not _MISSING:
+                functions[id(new)] = (new, original)
             if original is _MISSING:
                 if attr in vars(owner):
                     delattr(owner, attr)
             else:
                 setattr(owner, attr, original)
+        # copies of a replacement taken by modules imported after apply() (`from … import`)
+        for new, original in functions.values():
+            for module, attr in holders(new, first=""):
+                setattr(module, attr, original)
         return restored
+
+
+def _same_replacement(a: object, b: object) -> bool:
+    """Whether ``a`` and ``b`` replace the same thing: the same object, or two replacements
+    (:func:`replaces`) of the same original."""
+    if a is b:
+        return True
+    oa, ob = getattr(a, "__fastjepa_original__", None), getattr(b, "__fastjepa_original__", None)
+    return oa is not None and oa is ob
 
 
 def imported(names: Iterable[str]) -> dict[str, types.ModuleType]:
