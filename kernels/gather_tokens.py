@@ -16,10 +16,11 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import jit, on_device
 from ._tiles import row_tiles
 
 
-@triton.jit
+@jit(dynamic=("K", "ROWS"))
 def _gather_tokens_fwd_kernel(
     X,  # (B, N, D), strides (sxb, sxn, sxd)
     POS,  # (1, Npos, D), strides (-, spn, spd); unused unless HAS_POS
@@ -56,7 +57,7 @@ def _gather_tokens_fwd_kernel(
     tl.store(OUT + rows[:, None] * D + cols[None, :], v.to(OUT.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
-@triton.jit
+@jit(dynamic=("K", "MK"))
 def _gather_tokens_bwd_kernel(
     GRAD,  # (M·B, K, D) contiguous upstream gradient
     PERM,  # (B, M·K) int64: per image, the (m·K + k) slots ordered by their index n
@@ -116,10 +117,11 @@ def gather_tokens_fwd(
     has_pos = pos is not None
     p = pos if has_pos else x
     spn, spd = (pos.stride(1), pos.stride(2)) if has_pos else (0, 0)
-    _gather_tokens_fwd_kernel[tiles.grid(rows, D)](
-        x, p, idx, out, B, N, K, D, rows, *x.stride(), spn, spd,
-        HAS_POS=has_pos, BLOCK_R=tiles.block_r, BLOCK_D=tiles.block_d, num_warps=tiles.num_warps,
-    )
+    with on_device(out.device):
+        _gather_tokens_fwd_kernel[tiles.grid(rows, D)](
+            x, p, idx, out, B, N, K, D, rows, *x.stride(), spn, spd,
+            HAS_POS=has_pos, BLOCK_R=tiles.block_r, BLOCK_D=tiles.block_d, num_warps=tiles.num_warps,
+        )
     return out
 
 
@@ -145,8 +147,9 @@ def gather_tokens_bwd(
     targets = torch.arange(N + 1, device=grad.device, dtype=sorted_keys.dtype).expand(B, N + 1).contiguous()
     bounds = torch.searchsorted(sorted_keys.contiguous(), targets)  # (B, N + 1) int64 segment starts
     tiles = row_tiles(B * N, D)
-    _gather_tokens_bwd_kernel[tiles.grid(B * N, D)](
-        grad, perm, bounds, gx, gpos if pos_grad else gx, B, N, K, D, M * K, B * N,
-        POS_GRAD=pos_grad, BLOCK_R=tiles.block_r, BLOCK_D=tiles.block_d, num_warps=tiles.num_warps,
-    )
+    with on_device(gx.device):
+        _gather_tokens_bwd_kernel[tiles.grid(B * N, D)](
+            grad, perm, bounds, gx, gpos if pos_grad else gx, B, N, K, D, M * K, B * N,
+            POS_GRAD=pos_grad, BLOCK_R=tiles.block_r, BLOCK_D=tiles.block_d, num_warps=tiles.num_warps,
+        )
     return gx, gpos

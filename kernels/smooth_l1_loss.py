@@ -11,11 +11,13 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import jit, on_device
+
 BLOCK = 4096  # elements per program, interpreter and GPU alike
 NUM_WARPS = 4  # 32 elements of each input per thread: four 16-byte bf16 vectors in flight
 
 
-@triton.jit
+@jit(dynamic=("n",))
 def _smooth_l1_fwd_kernel(
     Z,  # (n,) contiguous
     H,  # (n,) contiguous
@@ -32,7 +34,7 @@ def _smooth_l1_fwd_kernel(
     tl.store(PART + pid, tl.sum(loss, axis=0))
 
 
-@triton.jit
+@jit(dynamic=("n",))
 def _smooth_l1_bwd_kernel(
     Z,  # (n,) contiguous
     H,  # (n,) contiguous
@@ -63,7 +65,8 @@ def smooth_l1_loss_fwd(z: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         return torch.full((), float("nan"), device=z.device, dtype=torch.float32)
     n_prog = triton.cdiv(n, BLOCK)
     part = torch.empty(n_prog, device=z.device, dtype=torch.float32)
-    _smooth_l1_fwd_kernel[(n_prog,)](z, h, part, n, BLOCK=BLOCK, num_warps=NUM_WARPS)
+    with on_device(part.device):
+        _smooth_l1_fwd_kernel[(n_prog,)](z, h, part, n, BLOCK=BLOCK, num_warps=NUM_WARPS)
     return part.sum() / n
 
 
@@ -78,7 +81,8 @@ def smooth_l1_loss_bwd(
     gh = torch.empty_like(h) if h_grad else None
     if n > 0:
         n_prog = triton.cdiv(n, BLOCK)
-        _smooth_l1_bwd_kernel[(n_prog,)](
-            z, h, grad.reshape(1), gz, gh if h_grad else gz, n, 1.0 / n, H_GRAD=h_grad, BLOCK=BLOCK, num_warps=NUM_WARPS
-        )
+        with on_device(gz.device):
+            _smooth_l1_bwd_kernel[(n_prog,)](
+                z, h, grad.reshape(1), gz, gh if h_grad else gz, n, 1.0 / n, H_GRAD=h_grad, BLOCK=BLOCK, num_warps=NUM_WARPS
+            )
     return gz.view(shape), (gh.view(shape) if h_grad else None)

@@ -1,0 +1,50 @@
+"""What every launcher needs besides tiles: the device guard and the JIT decorator.
+
+* :func:`on_device`: Triton launches on the *current* CUDA device (its stream, its
+  context), not on the device of the tensors it is given. Tensors on ``cuda:1`` while
+  ``cuda:0`` is current would be read through the wrong context. Every launcher enters
+  ``on_device(<its output's device>)`` around its kernel launches; the guard costs one
+  C call when the device is already current and nothing for CPU tensors (the CPU
+  interpreter).
+* :func:`jit`: ``triton.jit`` with ``do_not_specialize`` for the arguments that change from
+  batch to batch (mask lengths, row counts). Triton specialises an integer argument on
+  ``== 1`` and on divisibility by 16 and compiles one kernel per combination, so a mask
+  length that moves across a multiple of 16 would compile the kernel again in the middle
+  of training. Strides and widths (multiples of the model width) keep their
+  specialisation: it is what lets the compiler prove 16-byte alignment and vectorise.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+
+_NO_GUARD = contextlib.nullcontext()  # reusable: entering and leaving it does nothing
+
+
+def on_device(device: torch.device):
+    """Context manager that makes ``device`` the current CUDA device for a launch (a no-op
+    for non-CUDA devices and when it is current already)."""
+    if device.type != "cuda":
+        return _NO_GUARD
+    index = device.index
+    if index is None or index == torch.cuda.current_device():
+        return _NO_GUARD
+    return torch.cuda.device(index)
+
+
+def jit(*, dynamic: tuple[str, ...]):
+    """``triton.jit`` that does not specialise the integer arguments named in ``dynamic``."""
+    return triton.jit(do_not_specialize=list(dynamic))
+
+
+def dynamic_args(kernel) -> tuple[str, ...]:
+    """The argument names a kernel made by :func:`jit` leaves unspecialised (compiled or
+    interpreted)."""
+    names = getattr(kernel, "arg_names", [])
+    dns = getattr(kernel, "do_not_specialize", None)
+    if dns is None:  # the interpreter keeps the decorator's keyword arguments
+        dns = getattr(kernel, "kwargs", {}).get("do_not_specialize", [])
+    return tuple(names[a] if isinstance(a, int) else a for a in dns)
