@@ -48,3 +48,28 @@ def dynamic_args(kernel) -> tuple[str, ...]:
     if dns is None:  # the interpreter keeps the decorator's keyword arguments
         dns = getattr(kernel, "kwargs", {}).get("do_not_specialize", [])
     return tuple(names[a] if isinstance(a, int) else a for a in dns)
+
+
+_ARANGE: dict[tuple, torch.Tensor] = {}
+_ARANGE_MAX = 16  # (rows, n, device, dtype) combinations kept; training uses one or two
+
+
+def capturing(device: torch.device) -> bool:
+    """Whether a CUDA graph is being captured on ``device``'s current stream."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def arange_rows(rows: int, n: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A contiguous (rows, n) tensor whose every row is ``arange(n)``, read-only, cached.
+
+    Built fresh (not cached) while a CUDA graph is being captured: a tensor allocated
+    during capture lives in the graph's private memory and is filled only on replay."""
+    key = (rows, n, device, dtype)
+    t = _ARANGE.get(key)
+    if t is None:
+        t = torch.arange(n, device=device, dtype=dtype).expand(rows, n).contiguous()
+        if not capturing(device):
+            if len(_ARANGE) >= _ARANGE_MAX:
+                _ARANGE.clear()
+            _ARANGE[key] = t
+    return t

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import jit, on_device
+from ._launch import arange_rows, jit, on_device
 from ._tiles import row_tiles
 
 
@@ -144,8 +144,8 @@ def gather_tokens_bwd(
         return gx, gpos
     keys = idx.permute(1, 0, 2).reshape(B, M * K)  # (B, M·K) index n of slot m·K + k
     sorted_keys, perm = torch.sort(keys, dim=1, stable=True)  # (B, M·K)
-    targets = torch.arange(N + 1, device=grad.device, dtype=sorted_keys.dtype).expand(B, N + 1).contiguous()
-    bounds = torch.searchsorted(sorted_keys.contiguous(), targets)  # (B, N + 1) int64 segment starts
+    targets = arange_rows(B, N + 1, grad.device, sorted_keys.dtype)  # (B, N + 1): 0..N per image
+    bounds = torch.searchsorted(sorted_keys, targets)  # (B, N + 1) int64 segment starts
     tiles = row_tiles(B * N, D)
     with on_device(gx.device):
         _gather_tokens_bwd_kernel[tiles.grid(B * N, D)](

@@ -15,11 +15,10 @@ No autograd here; :mod:`fastjepa.ops.predictor_tokens` wraps these launchers.
 from __future__ import annotations
 
 import torch
-import triton
 import triton.language as tl
 
 from ._launch import jit, on_device
-from ._tiles import GPU_NUM_WARPS, GPU_TILE_ELEMS, TILE_ELEMS, RowTiles, cols_block, interpreting, rows_block
+from ._tiles import GPU_NUM_WARPS, GPU_TILE_ELEMS, TILE_ELEMS, RowTiles, cdiv, cols_block, interpreting, rows_block
 
 
 @jit(dynamic=("KC", "KT"))
@@ -185,7 +184,7 @@ def predictor_tokens_fwd(
     if R == 0 or L == 0 or P == 0:
         return out
     tiles = token_tiles(P, L)
-    grid = (R, triton.cdiv(L, tiles.block_r), triton.cdiv(P, tiles.block_d))
+    grid = (R, cdiv(L, tiles.block_r), cdiv(P, tiles.block_d))
     with on_device(out.device):
         _predictor_tokens_fwd_kernel[grid](
             ctx, idx_x, idx, pos, mt, out, B, nenc, KC, KT, P, pos.size(1), *ctx.stride(), pos.stride(1), pos.stride(2),
@@ -220,7 +219,7 @@ def predictor_tokens_bwd(
     gp = gpos if pos_grad else gctx
     if nenc * B * KC > 0 and P > 0:
         tiles = token_tiles(P, KC)
-        grid = (nenc * B, triton.cdiv(KC, tiles.block_r), triton.cdiv(P, tiles.block_d))
+        grid = (nenc * B, cdiv(KC, tiles.block_r), cdiv(P, tiles.block_d))
         with on_device(gctx.device):
             _predictor_tokens_bwd_ctx_kernel[grid](
                 grad, idx_x, gctx, gp, B, nenc, npred, KC, KT, P, npos,
@@ -231,9 +230,9 @@ def predictor_tokens_bwd(
     tiles = token_tiles(P, KT, mask_grad=True)
     if seq_per_prog is None:
         seq_per_prog = max(1, min(8, R // 2048))  # enough programs to fill a GPU; few partial rows past that
-    n_prog = triton.cdiv(R, seq_per_prog)
+    n_prog = cdiv(R, seq_per_prog)
     part = torch.empty((n_prog, P), device=grad.device, dtype=torch.float32)
-    grid = (n_prog, triton.cdiv(P, tiles.block_d))
+    grid = (n_prog, cdiv(P, tiles.block_d))
     with on_device(part.device):
         _predictor_tokens_bwd_mask_kernel[grid](
             grad, idx, part, gp, B, nenc, KC, KT, P, npos, R, seq_per_prog,

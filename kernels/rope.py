@@ -21,11 +21,10 @@ No autograd here; :mod:`fastjepa.ops.rope` wraps the launcher.
 from __future__ import annotations
 
 import torch
-import triton
 import triton.language as tl
 
 from ._launch import jit, on_device
-from ._tiles import cols_block, rows_block
+from ._tiles import cdiv, cols_block, rows_block
 
 TILE = 2048  # elements of a (tokens, head_dim) tile: cos, sin, x and its partner live in registers
 
@@ -149,7 +148,7 @@ def rope_fwd(
         sib, sid = (0, ids.stride(0)) if ids.dim() == 1 else ids.stride()
     else:
         sib, sid = 0, 0
-    grid = (B * triton.cdiv(N, block_n),)
+    grid = (B * cdiv(N, block_n),)
     with on_device(qo.device):
         _rope_kernel[grid](
             q, k, qo, ko, ids if has_ids else q, omega, NH, N, D, part, tpf, tpr, N * D,

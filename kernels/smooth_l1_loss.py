@@ -8,10 +8,10 @@ caller with one small ``sum``. Backward: ``grad_z = clamp(z − h, −1, 1) · g
 from __future__ import annotations
 
 import torch
-import triton
 import triton.language as tl
 
 from ._launch import jit, on_device
+from ._tiles import cdiv
 
 BLOCK = 4096  # elements per program, interpreter and GPU alike
 NUM_WARPS = 4  # 32 elements of each input per thread: four 16-byte bf16 vectors in flight
@@ -59,11 +59,11 @@ def _smooth_l1_bwd_kernel(
 
 def smooth_l1_loss_fwd(z: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     """Mean smooth-L1 of same-shape ``z``, ``h`` -> 0-dim fp32 tensor."""
-    z, h = z.contiguous().view(-1), h.contiguous().view(-1)
+    z, h = z.reshape(-1), h.reshape(-1)  # views when contiguous
     n = z.numel()
     if n == 0:
         return torch.full((), float("nan"), device=z.device, dtype=torch.float32)
-    n_prog = triton.cdiv(n, BLOCK)
+    n_prog = cdiv(n, BLOCK)
     part = torch.empty(n_prog, device=z.device, dtype=torch.float32)
     with on_device(part.device):
         _smooth_l1_fwd_kernel[(n_prog,)](z, h, part, n, BLOCK=BLOCK, num_warps=NUM_WARPS)
@@ -75,12 +75,12 @@ def smooth_l1_loss_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """0-dim upstream grad -> (grad_z like z, grad_h like h or None)."""
     shape = z.shape
-    z, h = z.contiguous().view(-1), h.contiguous().view(-1)
+    z, h = z.reshape(-1), h.reshape(-1)  # views when contiguous
     n = z.numel()
     gz = torch.empty_like(z)
     gh = torch.empty_like(h) if h_grad else None
     if n > 0:
-        n_prog = triton.cdiv(n, BLOCK)
+        n_prog = cdiv(n, BLOCK)
         with on_device(gz.device):
             _smooth_l1_bwd_kernel[(n_prog,)](
                 z, h, grad.reshape(1), gz, gh if h_grad else gz, n, 1.0 / n, H_GRAD=h_grad, BLOCK=BLOCK, num_warps=NUM_WARPS

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from ._launch import jit, on_device
-from ._tiles import cols_block, rows_block
+from ._tiles import cdiv, cols_block, rows_block
 
 _ROUND = {torch.bfloat16: 1, torch.float16: 2}  # ROUND_CTX / ROUND_TGT codes (0: no rounding)
 
@@ -188,7 +188,7 @@ def _gather_rows(src, map_, out, *, map_off, shift, nvalid, src_off, head, head_
         return out
     block_p = cols_block(P, cap=256)
     block_t = rows_block(block_p, LO)
-    grid = (R, triton.cdiv(LO, block_t), triton.cdiv(P, block_p))
+    grid = (R, cdiv(LO, block_t), cdiv(P, block_p))
     with on_device(out.device):
         _rows_gather_kernel[grid](
             src, map_, out, src.size(1), map_.size(1), LO, P, map_off, shift, nvalid, src_off,
@@ -230,7 +230,7 @@ def sorted_predictor_tokens_fwd(
     round_tgt = _ROUND.get(tgt_dtype, 0) if tgt_dtype != dtype else 0
     block_p = cols_block(P, cap=256)
     block_t = rows_block(block_p, off + LK)
-    grid = (R, triton.cdiv(off + LK, block_t), triton.cdiv(P, block_p))
+    grid = (R, cdiv(off + LK, block_t), cdiv(P, block_p))
     pos_arg = pos if pos is not None else mt
     spn, spp = (pos.stride(1), pos.stride(2)) if pos is not None else (0, 0)
     with on_device(out.device):
@@ -271,9 +271,9 @@ def sorted_predictor_tokens_bwd(
     block_p = cols_block(P, cap=256)
     block_t = rows_block(block_p, min(LK, chunk))
     chunk = max(chunk, block_t)
-    n_chunks = triton.cdiv(LK, chunk)
+    n_chunks = cdiv(LK, chunk)
     part = torch.empty((R * n_chunks, P), device=grad.device, dtype=torch.float32)
-    grid = (R, n_chunks, triton.cdiv(P, block_p))
+    grid = (R, n_chunks, cdiv(P, block_p))
     with on_device(grad.device):
         _sorted_tokens_bwd_mask_kernel[grid](
             grad, order, positions, part, gpos if pos_grad else part, n_ctxt, L, LK, P, npos, chunk,

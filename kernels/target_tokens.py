@@ -8,11 +8,10 @@ gathered row is normalised once and written to its nenc slots. No gradient.
 from __future__ import annotations
 
 import torch
-import triton
 import triton.language as tl
 
 from ._launch import jit, on_device
-from ._tiles import whole_row_tiles
+from ._tiles import cdiv, whole_row_tiles
 
 
 @jit(dynamic=("KT", "ROWS"))
@@ -71,7 +70,7 @@ def target_tokens_fwd(
         return out
     tiles = whole_row_tiles(rows, D)  # one program sees whole rows
     with on_device(out.device):
-        _target_tokens_kernel[(triton.cdiv(rows, tiles.block_r),)](
+        _target_tokens_kernel[(cdiv(rows, tiles.block_r),)](
             h, idx, out, B, N, KT, D, nenc, rows, eps, *h.stride(),
             BLOCK_R=tiles.block_r, BLOCK_D=tiles.block_d, num_warps=tiles.num_warps,
         )

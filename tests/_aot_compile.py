@@ -8,7 +8,8 @@ works with any Triton whose ahead-of-time API matches 3.6 - 3.9, and its own tor
 Each kernel is compiled with the tile sizes and ``num_warps`` its launcher picks on a GPU
 (``fastjepa.kernels._tiles``) and with the specialisation Triton's JIT gives a typical
 call (ViT-B/16 and ViT-H/14 at 224 px, contiguous tensors): pointers 16-byte aligned,
-integer arguments divisible by 16 marked so, integer arguments equal to 1 made constants.
+integer arguments divisible by 16 marked so, integer arguments equal to 1 made constants,
+except the per-batch lengths a kernel marks ``do_not_specialize`` (plain i32).
 For each it reports the registers, the spill bytes (``ptxas -v`` on the PTX) and the
 width in bits of every global load and store in the PTX.
 
@@ -92,10 +93,17 @@ def cases(k, dt: str, it: str, m: dict):
            dict(H_GRAD=True, BLOCK=s.BLOCK), s.NUM_WARPS, dict(loads=2, stores=True, narrow=False))
 
 
+def dynamic_args(fn) -> tuple[str, ...]:
+    """The arguments the kernel's ``@jit`` leaves unspecialised (``do_not_specialize``)."""
+    return tuple(fn.arg_names[a] if isinstance(a, int) else a for a in (getattr(fn, "do_not_specialize", None) or []))
+
+
 def source(ASTSource, fn, ptrs: dict, ints: dict, floats: dict, consts: dict):
-    """An ASTSource specialised as the JIT specialises a call with these values."""
+    """An ASTSource specialised as the JIT specialises a call with these values (the
+    ``do_not_specialize`` arguments as plain i32)."""
     sig, constexprs, attrs = {}, dict(consts), {}
     divisible = [["tt.divisibility", 16]]
+    dynamic = set(dynamic_args(fn))  # do_not_specialize: a plain i32, whatever the value
     for pos, name in enumerate(fn.arg_names):
         if name in consts:
             sig[name] = "constexpr"
@@ -104,6 +112,8 @@ def source(ASTSource, fn, ptrs: dict, ints: dict, floats: dict, consts: dict):
             attrs[(pos,)] = divisible  # torch allocations are 16-byte aligned
         elif name in floats:
             sig[name] = "fp32"
+        elif name in dynamic:
+            sig[name] = "i32"
         else:
             v = ints[name]
             if v == 1:
