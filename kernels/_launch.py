@@ -12,6 +12,9 @@
   length that moves across a multiple of 16 would compile the kernel again in the middle
   of training. Strides and widths (multiples of the model width) keep their
   specialisation: it is what lets the compiler prove 16-byte alignment and vectorise.
+  So does a length that bounds the vectorised axis of a masked access (the loss's
+  element count ``n``): without its divisibility the loads would go one element at a
+  time; it is a multiple of the width, so it does not move with the masks.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ def dynamic_args(kernel) -> tuple[str, ...]:
     names = getattr(kernel, "arg_names", [])
     dns = getattr(kernel, "do_not_specialize", None)
     if dns is None:  # the interpreter keeps the decorator's keyword arguments
-        dns = getattr(kernel, "kwargs", {}).get("do_not_specialize", [])
+        dns = getattr(kernel, "kwargs", {}).get("do_not_specialize") or []
     return tuple(names[a] if isinstance(a, int) else a for a in dns)
 
 

@@ -76,7 +76,6 @@ def rows_block(block_cols: int, n_rows: int, tile: int = TILE_ELEMS) -> int:
     return max(1, min(tile // block_cols, next_power_of_2(max(n_rows, 1))))
 
 
-@functools.lru_cache(maxsize=1024)
 def row_tiles(n_rows: int, n_cols: int, *, gpu: bool | None = None) -> RowTiles:
     """Tiles of a row-copy launch (gather forward and backward).
 
@@ -85,8 +84,11 @@ def row_tiles(n_rows: int, n_cols: int, *, gpu: bool | None = None) -> RowTiles:
     -> 1 × 256), where the interpreter's 1024-wide tile would leave 25 % of the lanes
     of a 768-wide row masked.
     """
-    if gpu is None:
-        gpu = not interpreting()
+    return _row_tiles(n_rows, n_cols, not interpreting() if gpu is None else gpu)
+
+
+@functools.lru_cache(maxsize=1024)
+def _row_tiles(n_rows: int, n_cols: int, gpu: bool) -> RowTiles:
     if not gpu:
         block_d = cols_block(n_cols)
         return RowTiles(rows_block(block_d, n_rows), block_d, GPU_NUM_WARPS)
@@ -94,15 +96,37 @@ def row_tiles(n_rows: int, n_cols: int, *, gpu: bool | None = None) -> RowTiles:
     return RowTiles(rows_block(block_d, n_rows, GPU_TILE_ELEMS), block_d, GPU_NUM_WARPS)
 
 
-@functools.lru_cache(maxsize=1024)
 def whole_row_tiles(n_rows: int, n_cols: int, *, gpu: bool | None = None) -> RowTiles:
     """Tiles of a launch whose program needs whole rows (layer-norm): ``block_d`` covers
     the row; on a GPU, 8 warps once the row is wider than 1024 (a ViT-H row, 1280 in a
     2048-wide tile: 16 fp32 values per thread instead of 32, no spills)."""
-    if gpu is None:
-        gpu = not interpreting()
+    return _whole_row_tiles(n_rows, n_cols, not interpreting() if gpu is None else gpu)
+
+
+@functools.lru_cache(maxsize=1024)
+def _whole_row_tiles(n_rows: int, n_cols: int, gpu: bool) -> RowTiles:
     block_d = max(16, next_power_of_2(n_cols))
     if not gpu:
         return RowTiles(rows_block(block_d, n_rows), block_d, GPU_NUM_WARPS)
     num_warps = 8 if block_d > 1024 else GPU_NUM_WARPS
     return RowTiles(rows_block(block_d, n_rows, GPU_TILE_ELEMS), block_d, num_warps)
+
+
+GPU_SLOT_MAJOR_ROWS = 64  # slots per tile when x is N-contiguous: two warps' worth of neighbouring tokens per channel
+
+
+def slot_major_tiles(n_rows: int, n_cols: int, *, gpu: bool | None = None) -> RowTiles:
+    """Tiles of the gather forward for an N-contiguous x (strides (N·D, 1, N)), read with
+    the slots fastest: on a GPU 64 slots × 64 channels (a warp covers 32 neighbouring slots
+    of one channel), the interpreter's row tiles otherwise (it has no memory system to
+    favour)."""
+    return _slot_major_tiles(n_rows, n_cols, not interpreting() if gpu is None else gpu)
+
+
+@functools.lru_cache(maxsize=1024)
+def _slot_major_tiles(n_rows: int, n_cols: int, gpu: bool) -> RowTiles:
+    if not gpu:
+        return _row_tiles(n_rows, n_cols, False)
+    block_r = min(GPU_SLOT_MAJOR_ROWS, max(16, next_power_of_2(n_rows)))
+    block_d = min(GPU_TILE_ELEMS // GPU_SLOT_MAJOR_ROWS, max(16, next_power_of_2(n_cols)))
+    return RowTiles(block_r, block_d, GPU_NUM_WARPS)

@@ -66,7 +66,15 @@ def cases(k, dt: str, it: str, m: dict):
     bw = tiles.row_tiles(B * N, D, gpu=True)
     yield (g._gather_tokens_fwd_kernel, dict(X=x, POS=x, IDX=i, OUT=x),
            dict(B=B, N=N, K=Kc, D=D, ROWS=rows, sxb=N * D, sxn=D, sxd=1, spn=D, spd=1), {},
-           dict(HAS_POS=True, BLOCK_R=fw.block_r, BLOCK_D=fw.block_d), fw.num_warps, dict(loads=2, stores=True, narrow=True))
+           dict(HAS_POS=True, SLOT_MAJOR=False, BLOCK_R=fw.block_r, BLOCK_D=fw.block_d), fw.num_warps,
+           dict(loads=2, stores=True, narrow=True))
+    # training's layout: the patch embedding's transposed view, strides (N·D, 1, N); x is read
+    # one element per thread along the slots (narrow by design), pos and the store stay wide
+    sm = tiles.slot_major_tiles(rows, D, gpu=True)
+    yield (g._gather_tokens_fwd_kernel, dict(X=x, POS=x, IDX=i, OUT=x),
+           dict(B=B, N=N, K=Kc, D=D, ROWS=rows, sxb=N * D, sxn=1, sxd=N, spn=D, spd=1), {},
+           dict(HAS_POS=True, SLOT_MAJOR=True, BLOCK_R=sm.block_r, BLOCK_D=sm.block_d), sm.num_warps,
+           dict(loads=1, stores=True, narrow=False))
     yield (g._gather_tokens_bwd_kernel, dict(GRAD=x, PERM="*i64", BOUNDS="*i64", GX=x, GPOS="*fp32"),
            dict(B=B, N=N, K=Kc, D=D, MK=NENC * Kc, ROWS=B * N), {},
            dict(POS_GRAD=True, BLOCK_R=bw.block_r, BLOCK_D=bw.block_d), bw.num_warps, dict(loads=1, stores=True, narrow=True))
@@ -145,6 +153,25 @@ def access_widths(ptx: str) -> dict[str, dict[int, int]]:
     return out
 
 
+LAYOUT = re.compile(r"^(#\w+) = #ttg\.blocked<\{(.*)\}>", re.M)
+LOAD = re.compile(r"tt\.load .*: tensor<(\d+(?:x\d+)*)x!tt\.ptr<\w+>, (#\w+)>")
+
+
+def load_orders(ttgir: str) -> list[dict]:
+    """Shape and thread layout of every 2-D global load in the TTGIR: ``threads`` (threads
+    per warp along each axis) and ``order`` (the fastest axis first)."""
+    layouts = {}
+    for name, body in LAYOUT.findall(ttgir):
+        fields = dict(re.findall(r"(\w+) = \[([\d, ]*)\]", body))
+        layouts[name] = {k: [int(v) for v in fields[k].split(",")] for k in ("threadsPerWarp", "order") if k in fields}
+    out = []
+    for shape, layout in LOAD.findall(ttgir):
+        dims = [int(v) for v in shape.split("x")]
+        if len(dims) == 2 and layout in layouts:
+            out.append({"shape": dims, "threads": layouts[layout].get("threadsPerWarp"), "order": layouts[layout].get("order")})
+    return out
+
+
 def ptxas_report(ptxas: str, ptx: str) -> dict[str, int]:
     """Registers and spill bytes from ``ptxas -v`` on the kernel's PTX (for its own .target)."""
     arch = re.search(r"^\.target\s+(sm_\w+)", ptx, re.M).group(1)
@@ -193,7 +220,8 @@ def main() -> int:
                 ptx = compiled.asm["ptx"]
                 row = {"kernel": fn.__name__, "arch": arch, "model": model, "dtype": dt, "idx": it, "num_warps": num_warps,
                        "consts": {n: v for n, v in consts.items()}, "checks": checks,
-                       **ptxas_report(ptxas, ptx), "access_bits": access_widths(ptx)}  # fmt: skip
+                       **ptxas_report(ptxas, ptx), "access_bits": access_widths(ptx),
+                       "load_orders": load_orders(compiled.asm["ttgir"])}  # fmt: skip
                 print(json.dumps(row), flush=True)
     print(f"DONE triton {version}", flush=True)
     return 0

@@ -37,8 +37,8 @@ DYNAMIC = {
     "_predictor_tokens_bwd_ctx_kernel": {"KC", "KT"},
     "_predictor_tokens_bwd_mask_kernel": {"KC", "KT"},
     "_target_tokens_kernel": {"KT", "ROWS"},
-    "_smooth_l1_fwd_kernel": {"n"},
-    "_smooth_l1_bwd_kernel": {"n"},
+    "_smooth_l1_fwd_kernel": set(),  # n = rows·Kt·D: a multiple of 16 with D; its divisibility vectorises the loads
+    "_smooth_l1_bwd_kernel": set(),
     "_sorted_tokens_fwd_kernel": {"KC", "L", "LK"},
     "_rows_gather_kernel": {"LS", "LM", "LO", "MAP_OFF", "SHIFT", "NVALID"},
     "_sorted_tokens_bwd_mask_kernel": {"KC", "L", "LK"},
