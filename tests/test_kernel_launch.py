@@ -5,7 +5,7 @@
   a recording fake of the guard proves, launcher by launcher, that every kernel launch
   happens inside the guard for the tensors' device (an AST check finds every launch site,
   so a new launcher cannot slip past), and the guard's own logic is checked with fakes
-  of ``torch.cuda``.
+  of ``torch.cuda``. The CUDA extension's launches sit behind a ``CUDAGuard`` of their own.
 * Triton specialises integer arguments on ``== 1`` and divisibility by 16; the lengths and
   row counts that change from batch to batch are ``do_not_specialize``
   (``_launch.jit(dynamic=...)``). The interpreter compiles nothing, so here the attribute
@@ -96,6 +96,22 @@ def test_every_launch_site_is_inside_the_device_guard():
             sites[f"{path.name}:{line}"] = guarded
     assert len(sites) >= 12, sites  # one per kernel at least
     assert all(sites.values()), [k for k, ok in sites.items() if not ok]
+
+
+def test_every_cuda_extension_launch_follows_a_cuda_guard():
+    """csrc/cuda: each host function that launches a kernel (``<<<``) sets a CUDAGuard for
+    its tensors' device before its first launch (the extension's own device guard)."""
+    launches = 0
+    for path in sorted((ROOT / "csrc" / "cuda").glob("*.cu")):
+        lines = path.read_text().splitlines()
+        for i, line in enumerate(lines):
+            if "<<<" not in line:
+                continue
+            launches += 1
+            start = max(j for j in range(i + 1) if lines[j][:1].isalpha() and "(" in lines[j])  # the enclosing function
+            body = "\n".join(lines[start:i])
+            assert "CUDAGuard guard(" in body, f"{path.name}:{i + 1}: a launch without a CUDAGuard in its function"
+    assert launches >= 3
 
 
 def _small_calls():
