@@ -163,8 +163,12 @@ def gather_tokens_bwd(
     gpos = torch.zeros((N, D), device=grad.device, dtype=torch.float32) if pos_grad else None
     if B * N == 0 or D == 0:
         return gx, gpos
-    keys = idx.permute(1, 0, 2).reshape(B, M * K)  # (B, M·K) index n of slot m·K + k
+    # (B, M·K) index n of slot m·K + k; contiguous, so that the sort's outputs are: with
+    # K = 1 and M > 1 the reshape is a strided view, and the kernel reads perm as (B, M·K)
+    # row-major
+    keys = idx.permute(1, 0, 2).reshape(B, M * K).contiguous()
     sorted_keys, perm = torch.sort(keys, dim=1, stable=True)  # (B, M·K)
+    sorted_keys, perm = sorted_keys.contiguous(), perm.contiguous()  # no-ops unless sort returned strided
     targets = arange_rows(B, N + 1, grad.device, sorted_keys.dtype)  # (B, N + 1): 0..N per image
     bounds = torch.searchsorted(sorted_keys, targets)  # (B, N + 1) int64 segment starts
     tiles = row_tiles(B * N, D)

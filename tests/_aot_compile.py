@@ -95,7 +95,7 @@ def cases(k, dt: str, it: str, m: dict):
            dict(B=B, N=N, KT=Kt, D=D, NENC=NENC, ROWS=trows, shb=N * D, shn=D, shd=1), {"eps": 1e-5},
            dict(BLOCK_R=tt.block_r, BLOCK_D=tt.block_d), tt.num_warps, dict(loads=1, stores=True, narrow=True))
     n = R * Kt * D
-    yield (s._smooth_l1_fwd_kernel, dict(Z=x, H=x, PART="*fp32"), dict(n=n), {},
+    yield (s._smooth_l1_fwd_kernel, dict(Z=x, H=x, PART="*fp32"), dict(n=n), {"inv_n": 1.0 / n},
            dict(BLOCK=s.BLOCK), s.NUM_WARPS, dict(loads=2, stores=False, narrow=False))
     yield (s._smooth_l1_bwd_kernel, dict(Z=x, H=x, G=x, GZ=x, GH=x), dict(n=n), {"inv_n": 1.0 / n},
            dict(H_GRAD=True, BLOCK=s.BLOCK), s.NUM_WARPS, dict(loads=2, stores=True, narrow=False))

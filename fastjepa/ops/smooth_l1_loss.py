@@ -45,7 +45,9 @@ def _smooth_l1_loss_triton_backward(
 
 
 def _forward_impl(z, h):
-    return kernels().smooth_l1_loss_fwd(z, h).to(torch.promote_types(z.dtype, h.dtype))
+    loss = kernels().smooth_l1_loss_fwd(z, h)  # fp32
+    dtype = torch.promote_types(z.dtype, h.dtype)
+    return loss if loss.dtype == dtype else loss.to(dtype)
 
 
 @_smooth_l1_loss_triton_backward.register_fake
