@@ -36,10 +36,10 @@ def _masks(B: int, N: int, k: int, n: int, device) -> list[torch.Tensor]:
     return [torch.sort(torch.rand(B, N, device=device).argsort(dim=1)[:, :k], dim=1).values for _ in range(n)]
 
 
-def _calls(device, Kc: int = 20, Kt: int = 9):
+def _calls(device, Kc: int = 20, Kt: int = 9, *, N: int = 36, D: int = 64, P: int = 48, head_dim: int = 16, grid=(6, 6)):
     """op name -> (fused fn, reference fn, differentiable inputs), fp32 on ``device``; each fn
-    returns one tensor."""
-    B, N, D, P, nenc, npred, nh = 3, 36, 64, 48, 1, 2, 2
+    returns one tensor. Masks index N = H·W tokens of ``grid``."""
+    B, nenc, npred, nh = 3, 1, 2, 2
     x = torch.randn(B, N, D, device=device, requires_grad=True)
     pos = torch.randn(1, N, D, device=device)
     mx, mp = _masks(B, N, Kc, nenc, device), _masks(B, N, Kt, npred, device)
@@ -49,9 +49,9 @@ def _calls(device, Kc: int = 20, Kt: int = 9):
     h = torch.randn(B, N, D, device=device)
     z = torch.randn(npred * nenc * B, Kt, D, device=device, requires_grad=True)
     zt = torch.randn(npred * nenc * B, Kt, D, device=device)
-    # head_dim 16: every stride of q and k stays a multiple of 16 elements as the length changes
-    q = torch.randn(B, nh, Kc + Kt, 16, device=device, requires_grad=True)
-    k = torch.randn(B, nh, Kc + Kt, 16, device=device, requires_grad=True)
+    # head_dim a multiple of 16: every stride of q and k stays one as the length changes
+    q = torch.randn(B, nh, Kc + Kt, head_dim, device=device, requires_grad=True)
+    k = torch.randn(B, nh, Kc + Kt, head_dim, device=device, requires_grad=True)
     ids = torch.cat([mx[0], mp[0]], dim=1).sort(dim=1).values
     sctx = torch.randn(B, Kc, P, device=device, requires_grad=True)
 
@@ -64,7 +64,7 @@ def _calls(device, Kc: int = 20, Kt: int = 9):
         return ops.sorted_predictor_take_targets_reference(y * 2.0, order)
 
     def rope(fn):
-        qr, kr = fn(q, k, ids, (6, 6))
+        qr, kr = fn(q, k, ids, tuple(grid))
         return torch.cat([qr, kr])
 
     return {
@@ -127,17 +127,21 @@ def _compiled() -> int:
 
 
 def test_mask_lengths_compile_no_kernel_again():
-    """Kc and Kt over values that cross multiples of 16 and pass 1: after one warm-up call
-    per op (at lengths that are not multiples of 16), no new compile."""
+    """Kc and Kt over values on both sides of multiples of 16: after one warm-up call per op
+    (at lengths that are not multiples of 16), no new compile. Model-like widths (D = 256,
+    P = 384, head_dim 64) and lengths from 33 up, as in training: below ~32 tokens the
+    launchers' tile heights follow the length (the next power of two), one kernel per such
+    size by design."""
     dev = torch.device("cuda", torch.cuda.current_device())
+    shape = dict(N=100, D=256, P=384, head_dim=64, grid=(10, 10))
     with ops.use_backend("triton"):
-        for fused, _, inputs in _calls(dev, Kc=21, Kt=7).values():
+        for fused, _, inputs in _calls(dev, Kc=37, Kt=35, **shape).values():
             _fwd_bwd(fused, inputs)
         torch.cuda.synchronize()
         before = _compiled()
         assert before > 0, "the compile counter sees no compiled kernel: Triton's cache layout changed"
-        for kc, kt in ((16, 16), (32, 1), (17, 15), (33, 31), (1, 2), (48, 32)):
-            for fused, _, inputs in _calls(dev, Kc=kc, Kt=kt).values():
+        for kc, kt in ((48, 48), (64, 33), (49, 47), (65, 63), (80, 64), (33, 40)):
+            for fused, _, inputs in _calls(dev, Kc=kc, Kt=kt, **shape).values():
                 _fwd_bwd(fused, inputs)
         torch.cuda.synchronize()
     assert _compiled() == before

@@ -9,7 +9,9 @@
 * Triton specialises integer arguments on ``== 1`` and divisibility by 16; the lengths and
   row counts that change from batch to batch are ``do_not_specialize``
   (``_launch.jit(dynamic=...)``). The interpreter compiles nothing, so here the attribute
-  is checked for each kernel; ``tests/test_gpu_launch.py`` counts compiles on a GPU.
+  is checked for each kernel, and every launch of every op at several mask lengths is
+  keyed as Triton's JIT keys a compile (one key per launch site);
+  ``tests/test_gpu_launch.py`` counts compiles on a GPU.
 """
 
 from __future__ import annotations
@@ -191,3 +193,49 @@ def test_batch_dependent_lengths_are_not_specialised():
     for name, want in DYNAMIC.items():
         assert seen[name] == want, (name, seen[name], want)
         assert want <= set(getattr(_mod(next(m for m in MODULES if hasattr(_mod(m), name))), name).arg_names), name
+
+
+def _specialisation(kernel, args: tuple, kwargs: dict) -> tuple:
+    """What Triton's JIT keys a compile on, as far as the arguments go: each integer not in
+    ``do_not_specialize`` by ``== 1`` and divisibility by 16, each tensor by dtype, and the
+    constexprs and launch options."""
+    launch = _mod("_launch")
+    dynamic = set(launch.dynamic_args(kernel))
+    key = []
+    for name, v in zip(kernel.arg_names, args):
+        if isinstance(v, torch.Tensor):
+            key.append((name, v.dtype))
+        elif isinstance(v, int) and not isinstance(v, bool) and name not in dynamic:
+            key.append((name, v == 1, v % 16 == 0))
+    return (*key, *sorted(kwargs.items()))
+
+
+def test_mask_lengths_leave_every_kernels_specialisation_unchanged(monkeypatch):
+    """The CPU stand-in for the GPU's compile counter (``tests/test_gpu_launch.py``): every
+    op, forward and backward, with the GPU's tile choices, at model-like widths and mask
+    lengths on both sides of multiples of 16 — each launch site keeps one specialisation
+    key, so a GPU compiles each kernel once."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    from fastjepa import ops
+
+    from .test_gpu_launch import _calls, _fwd_bwd
+
+    monkeypatch.setattr(_mod("_tiles"), "interpreting", lambda: False)  # the GPU's tiles
+    keys: dict[str, set] = {}
+    real_run = InterpretedFunction.run
+
+    def run(self, *args, grid, warmup, **kwargs):
+        site = f"{self.__name__} {kwargs.get('HEAD_COPY', '')}{kwargs.get('BACKWARD', '')}"  # two launch sites each
+        keys.setdefault(site, set()).add(_specialisation(self, args, kwargs))
+        return real_run(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+    monkeypatch.setattr(InterpretedFunction, "run", run)
+    shape = dict(N=100, D=256, P=384, head_dim=64, grid=(10, 10))
+    with ops.use_backend("triton"):
+        for kc, kt in ((37, 35), (48, 48), (49, 33), (64, 47)):
+            for fused, _, inputs in _calls(torch.device("cpu"), Kc=kc, Kt=kt, **shape).values():
+                _fwd_bwd(fused, inputs)
+    assert {site.split()[0] for site in keys} == set(DYNAMIC)
+    changed = {site: len(k) for site, k in keys.items() if len(k) != 1}
+    assert not changed, changed
