@@ -13,7 +13,6 @@ dereferenced: its output row is NaN and its gradient is dropped.
 from __future__ import annotations
 
 import torch
-import triton
 import triton.language as tl
 
 from ._launch import arange_rows, jit, on_device
