@@ -17,10 +17,9 @@ the bf16 row copies); the interpreter tests run them too (``tests/test_gpu_tiles
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
-
-import triton
 
 # elements per program tile under the interpreter: fewer, larger programs run faster
 TILE_ELEMS = 4096
@@ -29,6 +28,16 @@ TILE_ELEMS = 4096
 GPU_TILE_ELEMS = 4096
 GPU_COLS_CAP = 256  # widest column tile of a row copy on a GPU
 GPU_NUM_WARPS = 4
+
+
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for ints (``triton.cdiv`` is a constexpr function: slower to call from the host)."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= ``n`` (0 for 0), as ``triton.next_power_of_2``."""
+    return 1 << (n - 1).bit_length() if n > 0 else 0
 
 
 def interpreting() -> bool:
@@ -45,9 +54,10 @@ class RowTiles:
     num_warps: int
 
     def grid(self, n_rows: int, n_cols: int) -> tuple[int, int]:
-        return (triton.cdiv(n_rows, self.block_r), triton.cdiv(n_cols, self.block_d))
+        return (cdiv(n_rows, self.block_r), cdiv(n_cols, self.block_d))
 
 
+@functools.lru_cache(maxsize=1024)
 def cols_block(n_cols: int, cap: int = 1024) -> int:
     """Power-of-two block over the feature dim, at least 16, at most ``cap``.
 
@@ -55,14 +65,15 @@ def cols_block(n_cols: int, cap: int = 1024) -> int:
     cap/8 that leaves the fewest masked lanes (768 and 1280 -> 256, 384 -> 128).
     """
     if n_cols <= cap:
-        return max(16, triton.next_power_of_2(n_cols))
+        return max(16, next_power_of_2(n_cols))
     candidates = [max(16, cap >> s) for s in range(4)]
-    return min(candidates, key=lambda blk: (triton.cdiv(n_cols, blk) * blk - n_cols, -blk))
+    return min(candidates, key=lambda blk: (cdiv(n_cols, blk) * blk - n_cols, -blk))
 
 
+@functools.lru_cache(maxsize=1024)
 def rows_block(block_cols: int, n_rows: int, tile: int = TILE_ELEMS) -> int:
     """Rows per program so that a tile holds about ``tile`` elements."""
-    return max(1, min(tile // block_cols, triton.next_power_of_2(max(n_rows, 1))))
+    return max(1, min(tile // block_cols, next_power_of_2(max(n_rows, 1))))
 
 
 def row_tiles(n_rows: int, n_cols: int, *, gpu: bool | None = None) -> RowTiles:
@@ -73,8 +84,11 @@ def row_tiles(n_rows: int, n_cols: int, *, gpu: bool | None = None) -> RowTiles:
     -> 1 × 256), where the interpreter's 1024-wide tile would leave 25 % of the lanes
     of a 768-wide row masked.
     """
-    if gpu is None:
-        gpu = not interpreting()
+    return _row_tiles(n_rows, n_cols, not interpreting() if gpu is None else gpu)
+
+
+@functools.lru_cache(maxsize=1024)
+def _row_tiles(n_rows: int, n_cols: int, gpu: bool) -> RowTiles:
     if not gpu:
         block_d = cols_block(n_cols)
         return RowTiles(rows_block(block_d, n_rows), block_d, GPU_NUM_WARPS)
@@ -86,10 +100,33 @@ def whole_row_tiles(n_rows: int, n_cols: int, *, gpu: bool | None = None) -> Row
     """Tiles of a launch whose program needs whole rows (layer-norm): ``block_d`` covers
     the row; on a GPU, 8 warps once the row is wider than 1024 (a ViT-H row, 1280 in a
     2048-wide tile: 16 fp32 values per thread instead of 32, no spills)."""
-    if gpu is None:
-        gpu = not interpreting()
-    block_d = max(16, triton.next_power_of_2(n_cols))
+    return _whole_row_tiles(n_rows, n_cols, not interpreting() if gpu is None else gpu)
+
+
+@functools.lru_cache(maxsize=1024)
+def _whole_row_tiles(n_rows: int, n_cols: int, gpu: bool) -> RowTiles:
+    block_d = max(16, next_power_of_2(n_cols))
     if not gpu:
         return RowTiles(rows_block(block_d, n_rows), block_d, GPU_NUM_WARPS)
     num_warps = 8 if block_d > 1024 else GPU_NUM_WARPS
     return RowTiles(rows_block(block_d, n_rows, GPU_TILE_ELEMS), block_d, num_warps)
+
+
+GPU_SLOT_MAJOR_ROWS = 64  # slots per tile when x is N-contiguous: two warps' worth of neighbouring tokens per channel
+
+
+def slot_major_tiles(n_rows: int, n_cols: int, *, gpu: bool | None = None) -> RowTiles:
+    """Tiles of the gather forward for an N-contiguous x (strides (N·D, 1, N)), read with
+    the slots fastest: on a GPU 64 slots × 64 channels (a warp covers 32 neighbouring slots
+    of one channel), the interpreter's row tiles otherwise (it has no memory system to
+    favour)."""
+    return _slot_major_tiles(n_rows, n_cols, not interpreting() if gpu is None else gpu)
+
+
+@functools.lru_cache(maxsize=1024)
+def _slot_major_tiles(n_rows: int, n_cols: int, gpu: bool) -> RowTiles:
+    if not gpu:
+        return _row_tiles(n_rows, n_cols, False)
+    block_r = min(GPU_SLOT_MAJOR_ROWS, max(16, next_power_of_2(n_rows)))
+    block_d = min(GPU_TILE_ELEMS // GPU_SLOT_MAJOR_ROWS, max(16, next_power_of_2(n_cols)))
+    return RowTiles(block_r, block_d, GPU_NUM_WARPS)

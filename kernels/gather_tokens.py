@@ -13,13 +13,13 @@ dereferenced: its output row is NaN and its gradient is dropped.
 from __future__ import annotations
 
 import torch
-import triton
 import triton.language as tl
 
-from ._tiles import row_tiles
+from ._launch import arange_rows, jit, on_device
+from ._tiles import row_tiles, slot_major_tiles
 
 
-@triton.jit
+@jit(dynamic=("K", "ROWS"))
 def _gather_tokens_fwd_kernel(
     X,  # (B, N, D), strides (sxb, sxn, sxd)
     POS,  # (1, Npos, D), strides (-, spn, spd); unused unless HAS_POS
@@ -36,6 +36,7 @@ def _gather_tokens_fwd_kernel(
     spn,
     spd,
     HAS_POS: tl.constexpr,
+    SLOT_MAJOR: tl.constexpr,  # x is N-contiguous (sxn == 1): read x slot-fastest, see the launcher
     BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
@@ -49,14 +50,22 @@ def _gather_tokens_fwd_kernel(
     n = tl.load(IDX + rows, mask=row_ok, other=0).to(tl.int64)  # (BLOCK_R,)
     n_ok = row_ok & (n >= 0) & (n < N)
     load_ok = n_ok[:, None] & col_ok[None, :]  # (BLOCK_R, BLOCK_D)
-    v = tl.load(X + b[:, None] * sxb + n[:, None] * sxn + cols[None, :] * sxd, mask=load_ok, other=0.0).to(tl.float32)
+    if SLOT_MAJOR:
+        # a (BLOCK_D, BLOCK_R) tile whose last (fastest) axis is the slots: neighbouring
+        # threads read neighbouring indices n of one channel, i.e. neighbouring addresses
+        # when x[b, :, d] is contiguous; transposed in registers / shared memory for the
+        # row-major store
+        xt = X + b[None, :] * sxb + n[None, :] * sxn + cols[:, None] * sxd  # (BLOCK_D, BLOCK_R)
+        v = tl.trans(tl.load(xt, mask=n_ok[None, :] & col_ok[:, None], other=0.0)).to(tl.float32)
+    else:
+        v = tl.load(X + b[:, None] * sxb + n[:, None] * sxn + cols[None, :] * sxd, mask=load_ok, other=0.0).to(tl.float32)
     if HAS_POS:
         v += tl.load(POS + n[:, None] * spn + cols[None, :] * spd, mask=load_ok, other=0.0).to(tl.float32)
     v = tl.where(n_ok[:, None], v, float("nan"))
     tl.store(OUT + rows[:, None] * D + cols[None, :], v.to(OUT.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
-@triton.jit
+@jit(dynamic=("K", "MK"))
 def _gather_tokens_bwd_kernel(
     GRAD,  # (M·B, K, D) contiguous upstream gradient
     PERM,  # (B, M·K) int64: per image, the (m·K + k) slots ordered by their index n
@@ -102,6 +111,17 @@ def gather_tokens_fwd(
 
     ``x`` and ``pos`` may be strided; ``idx`` is made contiguous. ``out`` (contiguous,
     the right shape) is written in full when given.
+
+    Layout: a ViT's patch embedding hands over ``conv(x).flatten(2).transpose(1, 2)``, a
+    view with strides (N·D, 1, N): a token's D channels lie N elements apart. Read
+    row-major (channels fastest, the layout for contiguous x), every thread of a warp
+    would touch its own 32-byte sector. For such an x (``sxn == 1``) the kernel reads a
+    slot-major tile instead: the threads of a warp take neighbouring slots of one channel,
+    and since the masks' indices are sorted and dense, neighbouring slots are neighbouring
+    (or nearby) tokens: a few sectors per warp. The tile is transposed on chip for the
+    contiguous store. This costs no copy: ``x.contiguous()`` would read and write all of
+    x (B·N·D) to gather K·D of it per mask, and a channels-last patch embedding would
+    change the convolution every path runs, the reference's included.
     """
     B, N, D = x.shape
     M, _, K = idx.shape
@@ -112,14 +132,16 @@ def gather_tokens_fwd(
     rows = M * B * K
     if rows == 0 or D == 0:
         return out
-    tiles = row_tiles(rows, D)
+    slot_major = x.stride(1) == 1 and D > 1 and N > 1  # the patch embedding's transposed view
+    tiles = slot_major_tiles(rows, D) if slot_major else row_tiles(rows, D)
     has_pos = pos is not None
     p = pos if has_pos else x
     spn, spd = (pos.stride(1), pos.stride(2)) if has_pos else (0, 0)
-    _gather_tokens_fwd_kernel[tiles.grid(rows, D)](
-        x, p, idx, out, B, N, K, D, rows, *x.stride(), spn, spd,
-        HAS_POS=has_pos, BLOCK_R=tiles.block_r, BLOCK_D=tiles.block_d, num_warps=tiles.num_warps,
-    )
+    with on_device(out.device):
+        _gather_tokens_fwd_kernel[tiles.grid(rows, D)](
+            x, p, idx, out, B, N, K, D, rows, *x.stride(), spn, spd,
+            HAS_POS=has_pos, SLOT_MAJOR=slot_major, BLOCK_R=tiles.block_r, BLOCK_D=tiles.block_d, num_warps=tiles.num_warps,
+        )
     return out
 
 
@@ -140,13 +162,18 @@ def gather_tokens_bwd(
     gpos = torch.zeros((N, D), device=grad.device, dtype=torch.float32) if pos_grad else None
     if B * N == 0 or D == 0:
         return gx, gpos
-    keys = idx.permute(1, 0, 2).reshape(B, M * K)  # (B, M·K) index n of slot m·K + k
+    # (B, M·K) index n of slot m·K + k; contiguous, so that the sort's outputs are: with
+    # K = 1 and M > 1 the reshape is a strided view, and the kernel reads perm as (B, M·K)
+    # row-major
+    keys = idx.permute(1, 0, 2).reshape(B, M * K).contiguous()
     sorted_keys, perm = torch.sort(keys, dim=1, stable=True)  # (B, M·K)
-    targets = torch.arange(N + 1, device=grad.device, dtype=sorted_keys.dtype).expand(B, N + 1).contiguous()
-    bounds = torch.searchsorted(sorted_keys.contiguous(), targets)  # (B, N + 1) int64 segment starts
+    sorted_keys, perm = sorted_keys.contiguous(), perm.contiguous()  # no-ops unless sort returned strided
+    targets = arange_rows(B, N + 1, grad.device, sorted_keys.dtype)  # (B, N + 1): 0..N per image
+    bounds = torch.searchsorted(sorted_keys, targets)  # (B, N + 1) int64 segment starts
     tiles = row_tiles(B * N, D)
-    _gather_tokens_bwd_kernel[tiles.grid(B * N, D)](
-        grad, perm, bounds, gx, gpos if pos_grad else gx, B, N, K, D, M * K, B * N,
-        POS_GRAD=pos_grad, BLOCK_R=tiles.block_r, BLOCK_D=tiles.block_d, num_warps=tiles.num_warps,
-    )
+    with on_device(gx.device):
+        _gather_tokens_bwd_kernel[tiles.grid(B * N, D)](
+            grad, perm, bounds, gx, gpos if pos_grad else gx, B, N, K, D, M * K, B * N,
+            POS_GRAD=pos_grad, BLOCK_R=tiles.block_r, BLOCK_D=tiles.block_d, num_warps=tiles.num_warps,
+        )
     return gx, gpos

@@ -15,13 +15,13 @@ No autograd here; :mod:`fastjepa.ops.predictor_tokens` wraps these launchers.
 from __future__ import annotations
 
 import torch
-import triton
 import triton.language as tl
 
-from ._tiles import GPU_NUM_WARPS, GPU_TILE_ELEMS, TILE_ELEMS, RowTiles, cols_block, interpreting, rows_block
+from ._launch import jit, on_device
+from ._tiles import GPU_NUM_WARPS, GPU_TILE_ELEMS, TILE_ELEMS, RowTiles, cdiv, cols_block, interpreting, rows_block
 
 
-@triton.jit
+@jit(dynamic=("KC", "KT"))
 def _predictor_tokens_fwd_kernel(
     CTX,  # (nenc·B, Kc, P), strides (scb, sck, scp)
     IDX_X,  # (nenc, B, Kc) contiguous, int32 or int64
@@ -67,7 +67,7 @@ def _predictor_tokens_fwd_kernel(
     tl.store(OUT + (r * L + t[:, None]) * P + p[None, :], v.to(OUT.dtype.element_ty), mask=(t < L)[:, None] & p_ok[None, :])
 
 
-@triton.jit
+@jit(dynamic=("KC", "KT"))
 def _predictor_tokens_bwd_ctx_kernel(
     GRAD,  # (npred·nenc·B, Kc+Kt, P) contiguous
     IDX_X,  # (nenc, B, Kc) contiguous
@@ -102,7 +102,7 @@ def _predictor_tokens_bwd_ctx_kernel(
         tl.atomic_add(GPOS + n[:, None] * P + p[None, :], acc, mask=pos_ok)
 
 
-@triton.jit
+@jit(dynamic=("KC", "KT"))
 def _predictor_tokens_bwd_mask_kernel(
     GRAD,  # (npred·nenc·B, Kc+Kt, P) contiguous
     IDX,  # (npred, B, Kt) contiguous
@@ -184,11 +184,12 @@ def predictor_tokens_fwd(
     if R == 0 or L == 0 or P == 0:
         return out
     tiles = token_tiles(P, L)
-    grid = (R, triton.cdiv(L, tiles.block_r), triton.cdiv(P, tiles.block_d))
-    _predictor_tokens_fwd_kernel[grid](
-        ctx, idx_x, idx, pos, mt, out, B, nenc, KC, KT, P, pos.size(1), *ctx.stride(), pos.stride(1), pos.stride(2),
-        BLOCK_T=tiles.block_r, BLOCK_P=tiles.block_d, num_warps=tiles.num_warps,
-    )
+    grid = (R, cdiv(L, tiles.block_r), cdiv(P, tiles.block_d))
+    with on_device(out.device):
+        _predictor_tokens_fwd_kernel[grid](
+            ctx, idx_x, idx, pos, mt, out, B, nenc, KC, KT, P, pos.size(1), *ctx.stride(), pos.stride(1), pos.stride(2),
+            BLOCK_T=tiles.block_r, BLOCK_P=tiles.block_d, num_warps=tiles.num_warps,
+        )
     return out
 
 
@@ -218,21 +219,23 @@ def predictor_tokens_bwd(
     gp = gpos if pos_grad else gctx
     if nenc * B * KC > 0 and P > 0:
         tiles = token_tiles(P, KC)
-        grid = (nenc * B, triton.cdiv(KC, tiles.block_r), triton.cdiv(P, tiles.block_d))
-        _predictor_tokens_bwd_ctx_kernel[grid](
-            grad, idx_x, gctx, gp, B, nenc, npred, KC, KT, P, npos,
-            POS_GRAD=pos_grad, BLOCK_T=tiles.block_r, BLOCK_P=tiles.block_d, num_warps=tiles.num_warps,
-        )
+        grid = (nenc * B, cdiv(KC, tiles.block_r), cdiv(P, tiles.block_d))
+        with on_device(gctx.device):
+            _predictor_tokens_bwd_ctx_kernel[grid](
+                grad, idx_x, gctx, gp, B, nenc, npred, KC, KT, P, npos,
+                POS_GRAD=pos_grad, BLOCK_T=tiles.block_r, BLOCK_P=tiles.block_d, num_warps=tiles.num_warps,
+            )
     if R * KT == 0 or P == 0:
         return gctx, torch.zeros(P, device=grad.device, dtype=torch.float32), gpos
     tiles = token_tiles(P, KT, mask_grad=True)
     if seq_per_prog is None:
         seq_per_prog = max(1, min(8, R // 2048))  # enough programs to fill a GPU; few partial rows past that
-    n_prog = triton.cdiv(R, seq_per_prog)
+    n_prog = cdiv(R, seq_per_prog)
     part = torch.empty((n_prog, P), device=grad.device, dtype=torch.float32)
-    grid = (n_prog, triton.cdiv(P, tiles.block_d))
-    _predictor_tokens_bwd_mask_kernel[grid](
-        grad, idx, part, gp, B, nenc, KC, KT, P, npos, R, seq_per_prog,
-        POS_GRAD=pos_grad, BLOCK_T=tiles.block_r, BLOCK_P=tiles.block_d, num_warps=tiles.num_warps,
-    )
+    grid = (n_prog, cdiv(P, tiles.block_d))
+    with on_device(part.device):
+        _predictor_tokens_bwd_mask_kernel[grid](
+            grad, idx, part, gp, B, nenc, KC, KT, P, npos, R, seq_per_prog,
+            POS_GRAD=pos_grad, BLOCK_T=tiles.block_r, BLOCK_P=tiles.block_d, num_warps=tiles.num_warps,
+        )
     return gctx, part.sum(0), gpos

@@ -21,15 +21,15 @@ No autograd here; :mod:`fastjepa.ops.rope` wraps the launcher.
 from __future__ import annotations
 
 import torch
-import triton
 import triton.language as tl
 
-from ._tiles import cols_block, rows_block
+from ._launch import jit, on_device
+from ._tiles import cdiv, cols_block, rows_block
 
 TILE = 2048  # elements of a (tokens, head_dim) tile: cos, sin, x and its partner live in registers
 
 
-@triton.jit
+@jit(dynamic=("N", "sib"))
 def _rope_kernel(
     Q,  # (B, NH, N, D), strides (sqb, sqh, sqn, sqd)
     K,  # (B, NH, N, D), strides (skb, skh, skn, skd)
@@ -148,10 +148,11 @@ def rope_fwd(
         sib, sid = (0, ids.stride(0)) if ids.dim() == 1 else ids.stride()
     else:
         sib, sid = 0, 0
-    grid = (B * triton.cdiv(N, block_n),)
-    _rope_kernel[grid](
-        q, k, qo, ko, ids if has_ids else q, omega, NH, N, D, part, tpf, tpr, N * D,
-        *q.stride(), *k.stride(), sib, sid,
-        N_AXES=n_axes, HAS_IDS=has_ids, INTERLEAVED=interleaved, BACKWARD=backward, BLOCK_N=block_n, BLOCK_D=block_d,
-    )  # fmt: skip
+    grid = (B * cdiv(N, block_n),)
+    with on_device(qo.device):
+        _rope_kernel[grid](
+            q, k, qo, ko, ids if has_ids else q, omega, NH, N, D, part, tpf, tpr, N * D,
+            *q.stride(), *k.stride(), sib, sid,
+            N_AXES=n_axes, HAS_IDS=has_ids, INTERLEAVED=interleaved, BACKWARD=backward, BLOCK_N=block_n, BLOCK_D=block_d,
+        )  # fmt: skip
     return qo, ko

@@ -21,13 +21,12 @@ The three gathers (ctx gradient, take, take backward) are one kernel. No autogra
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
 import triton.language as tl
 
-from ._tiles import cols_block, rows_block
+from ._launch import jit, on_device
+from ._tiles import cdiv, cols_block, rows_block
 
 _ROUND = {torch.bfloat16: 1, torch.float16: 2}  # ROUND_CTX / ROUND_TGT codes (0: no rounding)
 
@@ -47,7 +46,7 @@ def _round(v, MODE: tl.constexpr):
     return v
 
 
-@triton.jit
+@jit(dynamic=("KC", "L", "LK"))
 def _sorted_tokens_fwd_kernel(
     CTX,  # (R, off + Kc, P), strides (scr, sck, scp)
     ORDER,  # (R, L) contiguous int64
@@ -107,7 +106,7 @@ def _sorted_tokens_fwd_kernel(
     tl.store(OUT + (r * (OFF + LK) + u[:, None]) * P + p[None, :], v.to(OUT.dtype.element_ty), mask=ok)
 
 
-@triton.jit
+@jit(dynamic=("LS", "LM", "LO", "MAP_OFF", "SHIFT", "NVALID"))
 def _rows_gather_kernel(
     SRC,  # (R, Ls, P) contiguous
     MAP,  # (R, Lm) contiguous int64
@@ -145,7 +144,7 @@ def _rows_gather_kernel(
     tl.store(OUT + (r * LO + u[:, None]) * P + p[None, :], g.to(OUT.dtype.element_ty), mask=u_ok[:, None] & p_ok[None, :])
 
 
-@triton.jit
+@jit(dynamic=("KC", "L", "LK"))
 def _sorted_tokens_bwd_mask_kernel(
     GRAD,  # (R, off + Lk, P) contiguous
     ORDER,  # (R, L) contiguous int64
@@ -183,19 +182,14 @@ def _sorted_tokens_bwd_mask_kernel(
     tl.store(PART + (r * tl.num_programs(1) + chunk) * P + p, tl.sum(acc, axis=0), mask=p_ok)
 
 
-def _on(device: torch.device):
-    """Launch on the tensors' GPU, not the current one (Triton launches on the current device)."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
-
 def _gather_rows(src, map_, out, *, map_off, shift, nvalid, src_off, head, head_copy):
     R, LO, P = out.shape
     if R == 0 or LO == 0 or P == 0:
         return out
     block_p = cols_block(P, cap=256)
     block_t = rows_block(block_p, LO)
-    grid = (R, triton.cdiv(LO, block_t), triton.cdiv(P, block_p))
-    with _on(out.device):
+    grid = (R, cdiv(LO, block_t), cdiv(P, block_p))
+    with on_device(out.device):
         _rows_gather_kernel[grid](
             src, map_, out, src.size(1), map_.size(1), LO, P, map_off, shift, nvalid, src_off,
             HEAD=head, HEAD_COPY=head_copy, BLOCK_T=block_t, BLOCK_P=block_p,
@@ -236,10 +230,10 @@ def sorted_predictor_tokens_fwd(
     round_tgt = _ROUND.get(tgt_dtype, 0) if tgt_dtype != dtype else 0
     block_p = cols_block(P, cap=256)
     block_t = rows_block(block_p, off + LK)
-    grid = (R, triton.cdiv(off + LK, block_t), triton.cdiv(P, block_p))
+    grid = (R, cdiv(off + LK, block_t), cdiv(P, block_p))
     pos_arg = pos if pos is not None else mt
     spn, spp = (pos.stride(1), pos.stride(2)) if pos is not None else (0, 0)
-    with _on(out.device):
+    with on_device(out.device):
         _sorted_tokens_fwd_kernel[grid](
             ctx, order, positions, pos_arg, mt, out, KC, L, LK, P, 0 if pos is None else pos.size(1), *ctx.stride(), spn, spp,
             OFF=off, HAS_POS=pos is not None, ROUND_CTX=round_ctx, ROUND_TGT=round_tgt, BLOCK_T=block_t, BLOCK_P=block_p,
@@ -277,10 +271,10 @@ def sorted_predictor_tokens_bwd(
     block_p = cols_block(P, cap=256)
     block_t = rows_block(block_p, min(LK, chunk))
     chunk = max(chunk, block_t)
-    n_chunks = triton.cdiv(LK, chunk)
+    n_chunks = cdiv(LK, chunk)
     part = torch.empty((R * n_chunks, P), device=grad.device, dtype=torch.float32)
-    grid = (R, n_chunks, triton.cdiv(P, block_p))
-    with _on(grad.device):
+    grid = (R, n_chunks, cdiv(P, block_p))
+    with on_device(grad.device):
         _sorted_tokens_bwd_mask_kernel[grid](
             grad, order, positions, part, gpos if pos_grad else part, n_ctxt, L, LK, P, npos, chunk,
             OFF=off, POS_GRAD=pos_grad, BLOCK_T=block_t, BLOCK_P=block_p,

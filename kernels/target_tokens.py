@@ -8,13 +8,13 @@ gathered row is normalised once and written to its nenc slots. No gradient.
 from __future__ import annotations
 
 import torch
-import triton
 import triton.language as tl
 
-from ._tiles import whole_row_tiles
+from ._launch import jit, on_device
+from ._tiles import cdiv, whole_row_tiles
 
 
-@triton.jit
+@jit(dynamic=("KT", "ROWS"))
 def _target_tokens_kernel(
     H,  # (B, N, D), strides (shb, shn, shd)
     IDX,  # (npred, B, Kt) contiguous, int32 or int64
@@ -69,8 +69,9 @@ def target_tokens_fwd(
     if rows == 0 or D == 0:
         return out
     tiles = whole_row_tiles(rows, D)  # one program sees whole rows
-    _target_tokens_kernel[(triton.cdiv(rows, tiles.block_r),)](
-        h, idx, out, B, N, KT, D, nenc, rows, eps, *h.stride(),
-        BLOCK_R=tiles.block_r, BLOCK_D=tiles.block_d, num_warps=tiles.num_warps,
-    )
+    with on_device(out.device):
+        _target_tokens_kernel[(cdiv(rows, tiles.block_r),)](
+            h, idx, out, B, N, KT, D, nenc, rows, eps, *h.stride(),
+            BLOCK_R=tiles.block_r, BLOCK_D=tiles.block_d, num_warps=tiles.num_warps,
+        )
     return out

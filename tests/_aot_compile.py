@@ -8,7 +8,8 @@ works with any Triton whose ahead-of-time API matches 3.6 - 3.9, and its own tor
 Each kernel is compiled with the tile sizes and ``num_warps`` its launcher picks on a GPU
 (``fastjepa.kernels._tiles``) and with the specialisation Triton's JIT gives a typical
 call (ViT-B/16 and ViT-H/14 at 224 px, contiguous tensors): pointers 16-byte aligned,
-integer arguments divisible by 16 marked so, integer arguments equal to 1 made constants.
+integer arguments divisible by 16 marked so, integer arguments equal to 1 made constants,
+except the per-batch lengths a kernel marks ``do_not_specialize`` (plain i32).
 For each it reports the registers, the spill bytes (``ptxas -v`` on the PTX) and the
 width in bits of every global load and store in the PTX.
 
@@ -65,7 +66,15 @@ def cases(k, dt: str, it: str, m: dict):
     bw = tiles.row_tiles(B * N, D, gpu=True)
     yield (g._gather_tokens_fwd_kernel, dict(X=x, POS=x, IDX=i, OUT=x),
            dict(B=B, N=N, K=Kc, D=D, ROWS=rows, sxb=N * D, sxn=D, sxd=1, spn=D, spd=1), {},
-           dict(HAS_POS=True, BLOCK_R=fw.block_r, BLOCK_D=fw.block_d), fw.num_warps, dict(loads=2, stores=True, narrow=True))
+           dict(HAS_POS=True, SLOT_MAJOR=False, BLOCK_R=fw.block_r, BLOCK_D=fw.block_d), fw.num_warps,
+           dict(loads=2, stores=True, narrow=True))
+    # training's layout: the patch embedding's transposed view, strides (N·D, 1, N); x is read
+    # one element per thread along the slots (narrow by design), pos and the store stay wide
+    sm = tiles.slot_major_tiles(rows, D, gpu=True)
+    yield (g._gather_tokens_fwd_kernel, dict(X=x, POS=x, IDX=i, OUT=x),
+           dict(B=B, N=N, K=Kc, D=D, ROWS=rows, sxb=N * D, sxn=1, sxd=N, spn=D, spd=1), {},
+           dict(HAS_POS=True, SLOT_MAJOR=True, BLOCK_R=sm.block_r, BLOCK_D=sm.block_d), sm.num_warps,
+           dict(loads=1, stores=True, narrow=False))
     yield (g._gather_tokens_bwd_kernel, dict(GRAD=x, PERM="*i64", BOUNDS="*i64", GX=x, GPOS="*fp32"),
            dict(B=B, N=N, K=Kc, D=D, MK=NENC * Kc, ROWS=B * N), {},
            dict(POS_GRAD=True, BLOCK_R=bw.block_r, BLOCK_D=bw.block_d), bw.num_warps, dict(loads=1, stores=True, narrow=True))
@@ -86,16 +95,23 @@ def cases(k, dt: str, it: str, m: dict):
            dict(B=B, N=N, KT=Kt, D=D, NENC=NENC, ROWS=trows, shb=N * D, shn=D, shd=1), {"eps": 1e-5},
            dict(BLOCK_R=tt.block_r, BLOCK_D=tt.block_d), tt.num_warps, dict(loads=1, stores=True, narrow=True))
     n = R * Kt * D
-    yield (s._smooth_l1_fwd_kernel, dict(Z=x, H=x, PART="*fp32"), dict(n=n), {},
+    yield (s._smooth_l1_fwd_kernel, dict(Z=x, H=x, PART="*fp32"), dict(n=n), {"inv_n": 1.0 / n},
            dict(BLOCK=s.BLOCK), s.NUM_WARPS, dict(loads=2, stores=False, narrow=False))
     yield (s._smooth_l1_bwd_kernel, dict(Z=x, H=x, G=x, GZ=x, GH=x), dict(n=n), {"inv_n": 1.0 / n},
            dict(H_GRAD=True, BLOCK=s.BLOCK), s.NUM_WARPS, dict(loads=2, stores=True, narrow=False))
 
 
+def dynamic_args(fn) -> tuple[str, ...]:
+    """The arguments the kernel's ``@jit`` leaves unspecialised (``do_not_specialize``)."""
+    return tuple(fn.arg_names[a] if isinstance(a, int) else a for a in (getattr(fn, "do_not_specialize", None) or []))
+
+
 def source(ASTSource, fn, ptrs: dict, ints: dict, floats: dict, consts: dict):
-    """An ASTSource specialised as the JIT specialises a call with these values."""
+    """An ASTSource specialised as the JIT specialises a call with these values (the
+    ``do_not_specialize`` arguments as plain i32)."""
     sig, constexprs, attrs = {}, dict(consts), {}
     divisible = [["tt.divisibility", 16]]
+    dynamic = set(dynamic_args(fn))  # do_not_specialize: a plain i32, whatever the value
     for pos, name in enumerate(fn.arg_names):
         if name in consts:
             sig[name] = "constexpr"
@@ -104,6 +120,8 @@ def source(ASTSource, fn, ptrs: dict, ints: dict, floats: dict, consts: dict):
             attrs[(pos,)] = divisible  # torch allocations are 16-byte aligned
         elif name in floats:
             sig[name] = "fp32"
+        elif name in dynamic:
+            sig[name] = "i32"
         else:
             v = ints[name]
             if v == 1:
@@ -132,6 +150,25 @@ def access_widths(ptx: str) -> dict[str, dict[int, int]]:
             raise RuntimeError(f"unparsed global access in the PTX: {line.strip()!r}")
         bits = vec * int(ty[1:])
         out[mt.group(1)][bits] = out[mt.group(1)].get(bits, 0) + 1
+    return out
+
+
+LAYOUT = re.compile(r"^(#\w+) = #ttg\.blocked<\{(.*)\}>", re.M)
+LOAD = re.compile(r"tt\.load .*: tensor<(\d+(?:x\d+)*)x!tt\.ptr<\w+>, (#\w+)>")
+
+
+def load_orders(ttgir: str) -> list[dict]:
+    """Shape and thread layout of every 2-D global load in the TTGIR: ``threads`` (threads
+    per warp along each axis) and ``order`` (the fastest axis first)."""
+    layouts = {}
+    for name, body in LAYOUT.findall(ttgir):
+        fields = dict(re.findall(r"(\w+) = \[([\d, ]*)\]", body))
+        layouts[name] = {k: [int(v) for v in fields[k].split(",")] for k in ("threadsPerWarp", "order") if k in fields}
+    out = []
+    for shape, layout in LOAD.findall(ttgir):
+        dims = [int(v) for v in shape.split("x")]
+        if len(dims) == 2 and layout in layouts:
+            out.append({"shape": dims, "threads": layouts[layout].get("threadsPerWarp"), "order": layouts[layout].get("order")})
     return out
 
 
@@ -183,7 +220,8 @@ def main() -> int:
                 ptx = compiled.asm["ptx"]
                 row = {"kernel": fn.__name__, "arch": arch, "model": model, "dtype": dt, "idx": it, "num_warps": num_warps,
                        "consts": {n: v for n, v in consts.items()}, "checks": checks,
-                       **ptxas_report(ptxas, ptx), "access_bits": access_widths(ptx)}  # fmt: skip
+                       **ptxas_report(ptxas, ptx), "access_bits": access_widths(ptx),
+                       "load_orders": load_orders(compiled.asm["ttgir"])}  # fmt: skip
                 print(json.dumps(row), flush=True)
     print(f"DONE triton {version}", flush=True)
     return 0

@@ -78,6 +78,20 @@ def test_every_output_element_is_written():
     torch.testing.assert_close(out, gather_tokens_reference(x, list(idx), pos))
 
 
+@pytest.mark.parametrize("M", [2, 4])
+def test_one_index_per_mask_with_several_masks(M):
+    """K = 1, M > 1: the backward's (B, M·K) key view is strided; its sort order must still
+    be read row by row (once it was read as if contiguous: wrong gradients)."""
+    B, N, D = 3, 16, 8
+    x = torch.randn(B, N, D)
+    masks = [torch.randint(0, N, (B, 1)) for _ in range(M)]
+    grad = torch.randn(M * B, 1, D)
+    out, gx, _ = run("triton", x, masks, None, grad)
+    ref, gx_ref, _ = run("reference", x, masks, None, grad)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(gx, gx_ref)
+
+
 def test_heavily_repeated_index_accumulates():
     """Every index the same: one row of x.grad receives all M·K upstream rows."""
     B, N, D, M, K = 2, 6, 40, 3, 11

@@ -66,6 +66,28 @@ def test_gather_tokens_with_gpu_tiles(gpu_tiles, poison_empty, D, pos_grad):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("D", [768, 200])
+def test_gather_tokens_on_the_patch_embeddings_layout_with_gpu_tiles(gpu_tiles, poison_empty, D):
+    """x = conv(img).flatten(2).transpose(1, 2), strides (N·D, 1, N): the slot-major tiles
+    (64 slots × 64 channels, several row and channel tiles here, a partial last one at
+    D = 200), forward and backward, pos trainable."""
+    B, N, M, K = 3, 50, 2, 41  # 246 slots: four row tiles, the last one partial
+    x = torch.randn(B, D, N).transpose(1, 2).requires_grad_()
+    assert x.stride() == (N * D, 1, N)
+    assert gpu_tiles.slot_major_tiles(M * B * K, D).block_r == 64
+    pos = torch.randn(1, N, D, requires_grad=True)
+    masks = [torch.sort(torch.randint(0, N, (B, K)), dim=1).values for _ in range(M)]
+    grad = torch.randn(M * B, K, D)
+    with use_backend("triton"):
+        out = gather_tokens(x, masks, pos)
+    got = torch.autograd.grad(out, [x, pos], grad)
+    ref = gather_tokens_reference(x, masks, pos)
+    want = torch.autograd.grad(ref, [x, pos], grad)
+    torch.testing.assert_close(out, ref)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
 def test_predictor_tokens_with_gpu_tiles(gpu_tiles, poison_empty):
     nenc, npred, B, N, P, Kc, Kt = 1, 3, 2, 40, 384, 7, 37  # Kt > 16: several row tiles of the mask-grad kernel
     ctx = torch.randn(nenc * B, Kc, P, requires_grad=True)

@@ -104,3 +104,18 @@ def test_access_widths_are_read_from_ptx():
         "\tld.shared.v4.b32 { %r1, %r2, %r3, %r4 }, [ %r5 + 0 ];",  # not global
     ])  # fmt: skip
     assert access_widths(ptx) == {"ld": {32: 1, 128: 1, 64: 1, 16: 1}, "st": {128: 1, 64: 1}}
+
+
+@pytest.mark.slow
+def test_gather_reads_the_patch_embeddings_transposed_layout_slots_fastest(report):
+    """x with strides (N·D, 1, N) (training's layout): the forward's first 2-D load is x's
+    (BLOCK_D, BLOCK_R) tile, and its thread layout runs along the slots (the last axis
+    fastest, at least 8 threads of a warp side by side there), so that a warp reads
+    neighbouring tokens of a channel, not one 32-byte sector per thread."""
+    rows = [r for r in report if r["kernel"] == "_gather_tokens_fwd_kernel" and r["consts"]["SLOT_MAJOR"]]
+    assert {(r["arch"], r["dtype"]) for r in rows} >= {(a, d) for a in (80, 90) for d in ("fp32", "bf16", "fp16")}
+    for r in rows:
+        first = r["load_orders"][0]
+        c = r["consts"]
+        assert first["shape"] == [c["BLOCK_D"], c["BLOCK_R"]], (r["arch"], r["dtype"], first)
+        assert first["order"][0] == 1 and first["threads"][1] >= 8, (r["arch"], r["dtype"], first)

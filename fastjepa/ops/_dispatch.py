@@ -246,3 +246,28 @@ def select(op: str, device: torch.device, dtype: torch.dtype, *, cpp_op: bool = 
     if why is not None:
         raise RuntimeError(f"fastjepa.ops.{op}: backend {want!r} was forced but cannot run here: {why}")
     return want
+
+
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
+
+def direct(*tensors: torch.Tensor | None) -> bool:
+    """Whether a fused op may call its kernels through a plain ``torch.autograd.Function``
+    instead of its ``torch.library`` custom op.
+
+    The custom op is what ``torch.compile``, fake tensors, functorch transforms and tensor
+    subclasses need; in plain eager mode its layers (the dispatcher, the generated
+    autograd wrapper, a redispatch per call and per backward) cost more host time than a
+    small kernel runs on a GPU. The direct path runs the same launchers with the same
+    saved state. It is taken only for plain tensors (or parameters), outside
+    ``torch.compile``, with no dispatch mode (``FakeTensorMode``, ``FlopCounterMode``, ...)
+    and no functorch transform active.
+    """
+    if torch.compiler.is_compiling():
+        return False
+    if torch._C._len_torch_dispatch_stack() or torch._C._are_functorch_transforms_active():
+        return False
+    for t in tensors:
+        if t is not None and type(t) not in _PLAIN_TENSORS:
+            return False
+    return True

@@ -32,6 +32,8 @@ def mask_list(masks: torch.Tensor | Sequence[torch.Tensor], name: str) -> list[t
 def stack_masks(masks: list[torch.Tensor], device: torch.device) -> torch.Tensor:
     """(M, B, K) contiguous index tensor on ``device`` (int32/int64 kept)."""
     dtype = torch.int64 if any(m.dtype == torch.int64 for m in masks) else torch.int32
+    if len(masks) == 1:  # a view when the mask already is what the kernels take (no copy)
+        return masks[0].to(device=device, dtype=dtype).unsqueeze(0).contiguous()
     return torch.stack([m.to(device=device, dtype=dtype) for m in masks]).contiguous()
 
 
@@ -76,7 +78,7 @@ def check_range(masks: list[torch.Tensor], name: str, N: int) -> None:
     for i, m in enumerate(masks):
         if m.numel() == 0:
             continue
-        lo, hi = int(m.min()), int(m.max())
+        lo, hi = (int(v) for v in torch.aminmax(m))
         if lo < 0 or hi >= N:
             bad = lo if lo < 0 else hi
             raise IndexError(f"{name}[{i}]: index {bad} is out of range for {N} tokens (expected 0 <= index < {N})")

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from ..masks.utils import apply_masks as _apply_masks_reference
 from . import _validate as V
-from ._dispatch import kernels, select
+from ._dispatch import direct, kernels, select
 
 
 def gather_tokens_reference(
@@ -54,11 +54,17 @@ def _gather_tokens_triton_backward(
     grad: torch.Tensor, idx: torch.Tensor, n: int, npos: int, x_dtype: torch.dtype, pos_dtype: torch.dtype, pos_grad: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(M·B, K, D) grad -> (grad_x (B, n, D), grad_pos (1, npos, D), or (0,) unless ``pos_grad``)."""
+    gx, gpos = _backward_impl(grad, idx, n, npos, x_dtype, pos_dtype, pos_grad)
+    return gx, (gpos if pos_grad else grad.new_empty((0,), dtype=pos_dtype))
+
+
+def _backward_impl(grad, idx, n, npos, x_dtype, pos_dtype, pos_grad):
+    """The backward's launches: (grad_x, grad_pos (1, npos, D) or None)."""
     gx, gpos = kernels().gather_tokens_bwd(grad, idx, n, x_dtype, pos_grad)  # (B, n, D), fp32 (n, D)
     if pos_grad:
-        gpos = F.pad(gpos, (0, 0, 0, npos - n)).unsqueeze(0).to(pos_dtype)  # (1, npos, D)
-    else:
-        gpos = grad.new_empty((0,), dtype=pos_dtype)
+        if npos != n:
+            gpos = F.pad(gpos, (0, 0, 0, npos - n))
+        gpos = gpos.unsqueeze(0).to(pos_dtype)  # (1, npos, D)
     return gx, gpos
 
 
@@ -85,6 +91,25 @@ def _backward(ctx, grad):
 
 
 _gather_tokens_triton.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _GatherTokensDirect(torch.autograd.Function):
+    """The custom op's forward and backward without its dispatch layers (eager calls,
+    see :func:`fastjepa.ops._dispatch.direct`)."""
+
+    @staticmethod
+    def forward(ctx, x, idx, pos):
+        out = kernels().gather_tokens_fwd(x, idx, pos)
+        _setup_context(ctx, (x, idx, pos), out)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        (idx,) = ctx.saved_tensors
+        pos_grad = ctx.needs_input_grad[2]
+        gx, gpos = _backward_impl(grad, idx, ctx.n, ctx.npos, ctx.x_dtype, ctx.pos_dtype, pos_grad)
+        return gx, None, gpos
 
 
 # -- public op ---------------------------------------------------------------------------
@@ -126,6 +151,8 @@ def gather_tokens(
         return gather_tokens_reference(x, masks, pos_embed)
     idx = V.stack_masks(masks, x.device)  # (M, B, K)
     if backend == "triton":
+        if direct(x, pos_embed):
+            return _GatherTokensDirect.apply(x, idx, pos_embed)
         return _gather_tokens_triton(x, idx, pos_embed)
     from . import _cpp
 

@@ -19,7 +19,7 @@ import torch
 
 from ..masks.utils import apply_masks, repeat_interleave_batch
 from . import _validate as V
-from ._dispatch import kernels, select
+from ._dispatch import direct, kernels, select
 
 
 def predictor_tokens_reference(
@@ -74,9 +74,14 @@ def _predictor_tokens_triton_backward(
     pos_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> grad_ctx (nenc·B, Kc, P), grad_mask_token (P,), grad_pos (1, npos, P), or (0,) unless ``pos_grad``."""
+    gctx, gmt, gpos = _backward_impl(grad, idx_x, idx, npos, ctx_dtype, mt_dtype, pos_dtype, pos_grad)
+    return gctx, gmt, (gpos if pos_grad else grad.new_empty((0,), dtype=pos_dtype))
+
+
+def _backward_impl(grad, idx_x, idx, npos, ctx_dtype, mt_dtype, pos_dtype, pos_grad):
+    """The backward's launches: (grad_ctx, grad_mask_token (P,), grad_pos (1, npos, P) or None)."""
     gctx, gmt, gpos = kernels().predictor_tokens_bwd(grad, idx_x, idx, ctx_dtype, npos, pos_grad)
-    gpos = gpos.unsqueeze(0).to(pos_dtype) if pos_grad else grad.new_empty((0,), dtype=pos_dtype)
-    return gctx, gmt.to(mt_dtype), gpos
+    return gctx, gmt.to(mt_dtype), (gpos.unsqueeze(0).to(pos_dtype) if pos_grad else None)
 
 
 @_predictor_tokens_triton_backward.register_fake
@@ -104,6 +109,25 @@ def _backward(ctx, grad):
 
 
 _predictor_tokens_triton.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _PredictorTokensDirect(torch.autograd.Function):
+    """The custom op's forward and backward without its dispatch layers (eager calls,
+    see :func:`fastjepa.ops._dispatch.direct`)."""
+
+    @staticmethod
+    def forward(ctx, c, idx_x, idx, pos, mask_token):
+        out = kernels().predictor_tokens_fwd(c, idx_x, idx, pos, mask_token)
+        _setup_context(ctx, (c, idx_x, idx, pos, mask_token), out)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        idx_x, idx = ctx.saved_tensors
+        pos_grad = ctx.needs_input_grad[3]
+        gctx, gmt, gpos = _backward_impl(grad, idx_x, idx, ctx.npos, ctx.ctx_dtype, ctx.mt_dtype, ctx.pos_dtype, pos_grad)
+        return gctx, None, None, gpos, gmt.reshape(ctx.mt_shape)
 
 
 # -- public op ---------------------------------------------------------------------------
@@ -162,6 +186,8 @@ def predictor_tokens(
     idx_x = V.stack_masks(masks_x, ctx.device)  # (nenc, B, Kc)
     idx = V.stack_masks(masks, ctx.device)  # (npred, B, Kt)
     if backend == "triton":
+        if direct(ctx, pos_embed, mask_token):
+            return _PredictorTokensDirect.apply(ctx, idx_x, idx, pos_embed, mask_token)
         return _predictor_tokens_triton(ctx, idx_x, idx, pos_embed, mask_token)
     from . import _cpp
 

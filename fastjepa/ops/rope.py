@@ -55,7 +55,7 @@ from collections.abc import Sequence
 import torch
 
 from . import _validate as V
-from ._dispatch import kernels, select
+from ._dispatch import direct, kernels, select
 
 BASE = 10000.0
 LAYOUTS = ("vjepa2", "interleaved")
@@ -164,11 +164,17 @@ _OMEGA: dict[tuple, torch.Tensor] = {}
 
 def omega_table(half: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """(half,) :func:`frequencies` in ``dtype``, held in fp32 (fp64 for float64: the
-    values are exact there), cached per (half, dtype, device)."""
+    values are exact there), cached per (half, dtype, device).
+
+    Not cached while a CUDA graph is being captured: a tensor allocated during capture
+    lives in the graph's private memory and holds its values only once the graph has
+    been replayed (eager calls after the capture would read garbage)."""
     key = (half, dtype, device)
     omega = _OMEGA.get(key)
     if omega is None:
-        omega = _OMEGA[key] = frequencies(half, dtype, device).to(torch.float64 if dtype == torch.float64 else torch.float32)
+        omega = frequencies(half, dtype, device).to(torch.float64 if dtype == torch.float64 else torch.float32)
+        if not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            _OMEGA[key] = omega
     return omega
 
 
@@ -182,6 +188,10 @@ def _rope_triton(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, heads, N, D) q, k, (B, N) | (N,) | None ids -> rotated (q, k), contiguous.
     ``backward=True`` applies the transpose (the gradient map)."""
+    return _rope_impl(q, k, ids, n_axes, tpf, tpr, interleaved, backward)
+
+
+def _rope_impl(q, k, ids, n_axes, tpf, tpr, interleaved, backward):
     d = rotated_width(q.size(-1), n_axes)
     omega = omega_table(d // 2, q.dtype, q.device)
     return kernels_rope().rope_fwd(q, k, ids, omega, n_axes, tpf, tpr, interleaved, backward)
@@ -205,6 +215,23 @@ def _backward(ctx, gq, gk):
 
 
 _rope_triton.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _RopeDirect(torch.autograd.Function):
+    """The custom op's forward and backward without its dispatch layers (eager calls,
+    see :func:`fastjepa.ops._dispatch.direct`). The backward is the same function with
+    ``backward`` flipped, so double backward works as through the custom op."""
+
+    @staticmethod
+    def forward(ctx, q, k, ids, n_axes, tpf, tpr, interleaved, backward):
+        _setup_context(ctx, (q, k, ids, n_axes, tpf, tpr, interleaved, backward), None)
+        return _rope_impl(q, k, ids, n_axes, tpf, tpr, interleaved, backward)
+
+    @staticmethod
+    def backward(ctx, gq, gk):
+        (ids,) = ctx.saved_tensors
+        gq, gk = _RopeDirect.apply(gq, gk, ids, *ctx.args)
+        return gq, gk, None, None, None, None, None, None
 
 
 def kernels_rope():
@@ -285,6 +312,8 @@ def rope_qk(
         return rope_qk_reference(q, k, ids, grid, layout=layout)
     interleaved = layout == "interleaved"
     if backend == "triton":
+        if direct(q, k):
+            return _RopeDirect.apply(q, k, ids, n_axes, tpf, tpr, interleaved, False)
         return _rope_triton(q, k, ids, n_axes, tpf, tpr, interleaved, False)
     from . import _rope_cpp
 

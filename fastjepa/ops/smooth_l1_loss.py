@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from . import _validate as V
-from ._dispatch import current_backend, kernels, select
+from ._dispatch import current_backend, direct, kernels, select
 
 
 def smooth_l1_loss_reference(z: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
@@ -27,7 +27,7 @@ def smooth_l1_loss_reference(z: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
 @torch.library.custom_op("fastjepa::smooth_l1_loss_triton", mutates_args=())
 def _smooth_l1_loss_triton(z: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     """Same-shape z, h -> 0-dim mean loss in ``promote(z, h)``."""
-    return kernels().smooth_l1_loss_fwd(z, h).to(torch.promote_types(z.dtype, h.dtype))
+    return _forward_impl(z, h)
 
 
 @_smooth_l1_loss_triton.register_fake
@@ -42,6 +42,12 @@ def _smooth_l1_loss_triton_backward(
     """0-dim grad -> (grad_z like z, grad_h like h, or (0,) unless ``h_grad``)."""
     gz, gh = kernels().smooth_l1_loss_bwd(grad, z, h, h_grad)
     return gz, (gh if h_grad else h.new_empty((0,)))
+
+
+def _forward_impl(z, h):
+    loss = kernels().smooth_l1_loss_fwd(z, h)  # fp32
+    dtype = torch.promote_types(z.dtype, h.dtype)
+    return loss if loss.dtype == dtype else loss.to(dtype)
 
 
 @_smooth_l1_loss_triton_backward.register_fake
@@ -66,6 +72,24 @@ def _backward(ctx, grad):
 _smooth_l1_loss_triton.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _SmoothL1Direct(torch.autograd.Function):
+    """The custom op's forward and backward without its dispatch layers (eager calls,
+    see :func:`fastjepa.ops._dispatch.direct`)."""
+
+    @staticmethod
+    def forward(ctx, z, h):
+        ctx.save_for_backward(z, h)
+        return _forward_impl(z, h)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        z, h = ctx.saved_tensors
+        h_grad = ctx.needs_input_grad[1]
+        gz, gh = kernels().smooth_l1_loss_bwd(grad, z, h, h_grad)
+        return gz, gh
+
+
 def smooth_l1_loss(z: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     """Smooth-L1 of predictions ``z`` against targets ``h`` (same shape), mean.
 
@@ -75,5 +99,7 @@ def smooth_l1_loss(z: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     V.check_same_shape(z, h, "smooth_l1_loss")
     backend = select("smooth_l1_loss", z.device, torch.promote_types(z.dtype, h.dtype))
     if backend == "triton" and current_backend() == "triton":  # opt-in only, see the module docstring
+        if direct(z, h):
+            return _SmoothL1Direct.apply(z, h)
         return _smooth_l1_loss_triton(z, h)
     return smooth_l1_loss_reference(z, h)  # "reference" and "cpp": ATen's C++ kernels

@@ -47,7 +47,7 @@ from typing import NamedTuple
 import torch
 
 from . import _validate as V
-from ._dispatch import assume_constant_result, available, kernels, select
+from ._dispatch import assume_constant_result, available, direct, kernels, select
 
 
 class SortedOrder(NamedTuple):
@@ -170,9 +170,16 @@ def _tokens_triton_backward(
     pos_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> grad_ctx (R, has_cls + Kc, P), grad_mask_token (P,), grad_pos (1, npos, P), or (0,) unless ``pos_grad``."""
+    gctx, gmt, gpos = _tokens_backward_impl(
+        grad, order, inverse, positions, n_ctxt, has_cls, npos, ctx_dtype, mt_dtype, pos_dtype, pos_grad
+    )
+    return gctx, gmt, (gpos if pos_grad else grad.new_empty((0,), dtype=pos_dtype))
+
+
+def _tokens_backward_impl(grad, order, inverse, positions, n_ctxt, has_cls, npos, ctx_dtype, mt_dtype, pos_dtype, pos_grad):
+    """The backward's launches: (grad_ctx, grad_mask_token (P,), grad_pos (1, npos, P) or None)."""
     gctx, gmt, gpos = kernels().sorted_predictor_tokens_bwd(grad, order, inverse, positions, n_ctxt, has_cls, npos, ctx_dtype, pos_grad)
-    gpos = gpos.unsqueeze(0).to(pos_dtype) if pos_grad else grad.new_empty((0,), dtype=pos_dtype)
-    return gctx, gmt.to(mt_dtype), gpos
+    return gctx, gmt.to(mt_dtype), (gpos.unsqueeze(0).to(pos_dtype) if pos_grad else None)
 
 
 @_tokens_triton_backward.register_fake
@@ -240,6 +247,45 @@ def _take_backward(ctx, grad):
 
 
 _take_triton.register_autograd(_take_backward, setup_context=_take_setup)
+
+
+class _TokensDirect(torch.autograd.Function):
+    """``_tokens_triton`` without its dispatch layers (eager calls, see
+    :func:`fastjepa.ops._dispatch.direct`)."""
+
+    @staticmethod
+    def forward(ctx, c, order, inverse, positions, pos, mask_token, has_cls, chop):
+        out = kernels().sorted_predictor_tokens_fwd(c, order, positions, pos, mask_token, has_cls, chop)
+        _tokens_setup(ctx, (c, order, inverse, positions, pos, mask_token, has_cls, chop), out)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        order, inverse, positions = ctx.saved_tensors
+        pos_grad = ctx.npos > 0 and ctx.needs_input_grad[4]
+        gctx, gmt, gpos = _tokens_backward_impl(
+            grad, order, inverse, positions, ctx.n_ctxt, ctx.has_cls, ctx.npos, ctx.ctx_dtype, ctx.mt_dtype, ctx.pos_dtype,
+            pos_grad,
+        )  # fmt: skip
+        return gctx, None, None, None, gpos, gmt.reshape(ctx.mt_shape), None, None
+
+
+class _TakeDirect(torch.autograd.Function):
+    """``_take_triton`` without its dispatch layers (eager calls)."""
+
+    @staticmethod
+    def forward(ctx, y, order, inverse, n_ctxt, has_cls):
+        out = kernels().sorted_predictor_take_fwd(y, inverse, n_ctxt, has_cls)
+        _take_setup(ctx, (y, order, inverse, n_ctxt, has_cls), out)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        (order,) = ctx.saved_tensors
+        gy = kernels().sorted_predictor_take_bwd(grad, order, ctx.n_ctxt, ctx.has_cls, ctx.y_dtype)
+        return gy, None, None, None, None
 
 
 # -- public ops --------------------------------------------------------------------------
@@ -348,7 +394,8 @@ def sorted_predictor_tokens(
     idx_y = torch.cat([m.to(ctx.device) for m in masks_y], dim=0)  # (M·B, Kt)
     positions, order, inverse = _sort(idx_x, idx_y)  # (M·B, L) each
     if backend == "triton":
-        x = _tokens_triton(ctx, order, inverse, positions, pos_embed, mask_token, has_cls, chop_last_n)
+        fn = _TokensDirect.apply if direct(ctx, pos_embed, mask_token) else _tokens_triton
+        x = fn(ctx, order, inverse, positions, pos_embed, mask_token, has_cls, chop_last_n)
     else:
         from . import _cpp_sorted_predictor as cpp
 
@@ -385,7 +432,8 @@ def sorted_predictor_take_targets(y: torch.Tensor, order: SortedOrder) -> torch.
     if backend == "reference":
         return sorted_predictor_take_targets_reference(y, order)
     if backend == "triton":
-        return _take_triton(y, order.order, order.inverse, order.n_ctxt, order.has_cls)
+        fn = _TakeDirect.apply if direct(y) else _take_triton
+        return fn(y, order.order, order.inverse, order.n_ctxt, order.has_cls)
     from . import _cpp_sorted_predictor as cpp
 
     return cpp.sorted_predictor_take(y, order.order, order.inverse, order.n_ctxt, order.has_cls)

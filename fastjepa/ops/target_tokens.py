@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from ..masks.utils import apply_masks, repeat_interleave_batch
 from . import _validate as V
-from ._dispatch import kernels, select
+from ._dispatch import direct, kernels, select
 
 
 def target_tokens_reference(h: torch.Tensor, masks_pred: torch.Tensor | Sequence[torch.Tensor], nenc: int) -> torch.Tensor:
@@ -65,6 +65,8 @@ def target_tokens(
             return target_tokens_reference(h, masks_pred, nenc)
         idx = V.stack_masks(masks_pred, h.device)  # (npred, B, Kt)
         if backend == "triton":
+            if direct(h):  # no autograd to set up: the launcher itself
+                return kernels().target_tokens_fwd(h, idx, nenc)
             return _target_tokens_triton(h, idx, nenc)
         from . import _cpp
 
