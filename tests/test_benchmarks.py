@@ -103,7 +103,7 @@ def test_gpu_benchmark_shapes_are_the_models_at_224(name):
         sys.path.remove(str(ROOT / "benchmarks"))
     widths = {"vitb16": (196, 768), "vith14": (256, 1280)}
     for model, s in shapes.items():
-        N, D = widths[model]
+        N, D = widths[model.split("-")[0]]  # "vitb16-pe": the same model, another input layout
         assert s.get("N", N) == N, (model, s)
         assert s.get("D", D) == D, (model, s)
         for k in ("K", "Kc", "Kt"):
@@ -146,3 +146,103 @@ def test_gpu_check_dry_run_brings_back_what_the_device_tool_returns(tmp_path):
     ops = json.loads((out / "ops_table.json").read_text())
     assert ops["meta"]["providers"] == ["reference", "fused"] and ops["failures"] == []  # no cold torch.compile by default
     assert json.loads((out / "train_step.json").read_text())["rows"][0]["result"]["imgs_per_s"] > 0
+
+
+# -- the timing helpers, on the CPU with a fake device timer -------------------------------
+
+
+class _FakeTimer:
+    """Records what happens between two events; the 'device' takes 1 ms per call timed."""
+
+    def __init__(self, log):
+        self.log = log
+
+    def sync(self):
+        self.log.append("sync")
+
+    def hold(self, seconds):
+        self.log.append("hold")
+
+    def start(self):
+        self.log.append("start")
+
+    def stop(self):
+        calls = len(self.log) - 1 - max(i for i, e in enumerate(self.log) if e == "start")
+        self.log.append("stop")
+        return calls * 1e-3
+
+
+def _common():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import _common
+
+        return _common
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+
+def test_time_calls_times_back_to_back_calls_between_one_event_pair_rotating_the_inputs():
+    c = _common()
+    log = []
+    fns = [lambda i=i: log.append(i) for i in range(3)]
+    t = c.time_calls(fns, calls=7, repeats=3, warmup=2, timer=_FakeTimer(log))
+    # warm-up: every set twice, then a sync, before anything is timed
+    assert log[:7] == [0, 1, 2, 0, 1, 2, "sync"]
+    windows = []
+    for i, e in enumerate(log):
+        if e == "start":
+            windows.append(log[i + 1 : log.index("stop", i)])
+    assert len(windows) == 3 and all(w == [0, 1, 2, 0, 1, 2, 0] for w in windows)  # 7 launches, the sets in turn
+    assert all(log[log.index("start", i) - 1] == "hold" for i, e in enumerate(log) if e == "start")  # GPU busy first
+    assert t.device_s == pytest.approx(1e-3) and t.calls == 7 and t.sets == 3 and t.repeats == 3  # per call, not per window
+    assert 0 < t.host_s < 1  # measured apart from the device time, on the host clock
+    with pytest.raises(ValueError, match="no input sets"):
+        c.time_calls([], timer=_FakeTimer([]))
+
+
+def test_input_sets_exceed_twice_the_l2():
+    c = _common()
+    assert c.input_sets(10 * 2**20, 0) == 1  # no L2 (the CPU): one set
+    for nbytes, l2 in ((21_600_000, 50 * 2**20), (84 * 2**20, 50 * 2**20), (2**10, 60 * 2**20)):
+        n = c.input_sets(nbytes, l2)
+        assert n >= 2 and (n * nbytes > 2 * l2 or n == 64), (nbytes, l2, n)
+    assert c.input_sets(2**30, 50 * 2**20) == 2  # each set larger than the L2: two already evict each other
+
+
+def test_ops_table_records_an_error_per_provider_and_goes_on(monkeypatch, tmp_path):
+    """A RuntimeError in one op's fused path (not only a mismatch) is that cell's error; every
+    other op and provider still runs, and the JSON and markdown hold every row."""
+    c = _common()
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import bench_target_tokens
+        import ops_table
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+    real = bench_target_tokens.make_case
+
+    def broken(shape, **kw):
+        case = real(shape, **kw)
+
+        def boom():
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+        case.run["fused"]["fwd"] = boom
+        return case
+
+    monkeypatch.setattr(bench_target_tokens, "make_case", broken)
+    out = tmp_path / "ops.json"
+    rc = ops_table.main(["--iters", "1", "--providers", "reference,fused", "--out", str(out)])
+    assert rc == 1
+    result = json.loads(out.read_text())
+    ops = {r["op"] for r in result["rows"]}
+    assert ops == set(ops_table.OPS)  # the ops after the broken one ran
+    bad = [r for r in result["rows"] if r["op"] == "target_tokens"]
+    assert bad and "RuntimeError: CUDA error" in bad[0]["fused"]["error"] and bad[0]["reference"]["device_us"] > 0
+    assert len(result["failures"]) == 1 and "target_tokens" in result["failures"][0]
+    assert {(r["op"], r["shape"]) for r in result["rows"]} >= {("gather_tokens", "tiny-pe")}  # the training layout
+    md = out.with_suffix(".md").read_text()
+    assert "ERROR: RuntimeError: CUDA error" in md and "| smooth_l1_loss |" in md
+    assert c.ON_GPU is False
