@@ -213,7 +213,7 @@ speed() {
     step "ops_table" "$(box "${GPU_CHECK_BOX_OPS:-75}")" ops_table.log "$PY" benchmarks/ops_table.py "${ops_args[@]}"
 
     if [ "$DRY" = 1 ]; then
-        ts_args=(--repeats 1 --steps 1 --warmup 1 --paths fastjepa)
+        ts_args=(--repeats 1 --steps 1 --warmup 1 --paths fastjepa --in-process)  # the GPU's one-process code
     else
         ts_args=(--steps 5 --warmup 4)
         [ "${GPU_CHECK_MAX_BATCH:-0}" = 1 ] && ts_args+=(--max-batch --time-cap 60)

@@ -246,3 +246,35 @@ def test_ops_table_records_an_error_per_provider_and_goes_on(monkeypatch, tmp_pa
     md = out.with_suffix(".md").read_text()
     assert "ERROR: RuntimeError: CUDA error" in md and "| smooth_l1_loss |" in md
     assert c.ON_GPU is False
+
+
+def _train_step_table():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import train_step_table
+
+        return train_step_table
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+
+
+def test_train_step_mfu_datasheet_peaks_are_named():
+    t = _train_step_table()
+    assert t.datasheet_peak("NVIDIA H100 80GB HBM3", "bfloat16") == (989e12, "H100 datasheet bfloat16 dense 989 TFLOP/s")
+    assert t.datasheet_peak("NVIDIA H100 PCIe", "bfloat16")[0] == 756e12
+    assert t.datasheet_peak("NVIDIA H200", "bfloat16")[0] == 989e12
+    assert t.datasheet_peak("NVIDIA A100-SXM4-80GB", "bfloat16")[0] == 312e12
+    assert t.datasheet_peak("NVIDIA H100 80GB HBM3", "float32") is None and t.datasheet_peak("Intel Xeon", "bfloat16") is None
+
+
+def test_compile_counter_counts_triton_compiles_and_restores_the_hook():
+    triton = pytest.importorskip("triton")
+    t = _train_step_table()
+    knobs = getattr(triton, "knobs", None)
+    before = knobs.runtime.jit_cache_hook if knobs else None
+    with t.CompileCounter() as cc:
+        hook = knobs.runtime.jit_cache_hook if knobs else triton.runtime.jit.JITFunction.cache_hook
+        assert hook(key="k", repr="r") is False  # what Triton calls before compiling a new specialisation
+        hook(key="k2", repr="r2")
+    assert cc.triton == 2 and cc.graphs == 0
+    assert (knobs.runtime.jit_cache_hook if knobs else triton.runtime.jit.JITFunction.cache_hook) is before
