@@ -350,7 +350,10 @@ def test_gpu_decode_matches_the_cpu_path(jpegs, tmp_path):
     device = torch.device("cuda")
     assert resolve_decode("gpu", device) == "gpu"
     _bad_folder(tmp_path / "bad")
+    from fastjepa.data.decode import gpu_decode_counts
+
     for root, size in ((jpegs, 224), (jpegs, 48), (tmp_path / "bad", 16)):
+        before = gpu_decode_counts()
         gpu = ImageFolder(root, crop_size=size, output="uint8", decode="gpu", hflip=True)
         ref = ImageFolder(root, crop_size=size, output="uint8", fast_decode=False, hflip=True)
         with warnings.catch_warnings():
@@ -366,6 +369,10 @@ def test_gpu_decode_matches_the_cpu_path(jpegs, tmp_path):
         to255 = lambda x: (x.cpu() * std + mean) * 255  # noqa: E731
         for i in range(len(gpu)):
             assert _psnr(to255(out)[i], to255(expected)[i]) >= 30, (root, size, i)
+        counts = {k: v - before[k] for k, v in gpu_decode_counts().items()}
+        assert sum(counts.values()) == len(gpu), counts
+        if root == jpegs:  # every plain JPEG decoded by nvjpeg: a fallback would compare the CPU against itself
+            assert counts["cpu_fallback"] == 0 and counts["nvjpeg"] > 0, counts
 
 
 @pytest.mark.slow
