@@ -27,6 +27,7 @@ import importlib
 import json
 import platform
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -180,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         print(f"copy peak not measured: {_error(exc)}", file=sys.stderr)
         peak = None
-    meta = {"device": device, "torch": torch.__version__, "triton": triton.__version__, "dtype": args.dtype, "copy_GB/s": peak,
+    meta = {"device": device, "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "torch": torch.__version__, "triton": triton.__version__, "dtype": args.dtype, "copy_GB/s": peak,
             "l2_bytes": l2_bytes(), "providers": list(providers), "timing": "device: CUDA events around back-to-back calls"
             if ON_GPU else "wall clock (Triton interpreter)"}  # fmt: skip
     rows: list[dict] = []

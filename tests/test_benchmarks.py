@@ -278,3 +278,43 @@ def test_compile_counter_counts_triton_compiles_and_restores_the_hook():
         hook(key="k2", repr="r2")
     assert cc.triton == 2 and cc.graphs == 0
     assert (knobs.runtime.jit_cache_hook if knobs else triton.runtime.jit.JITFunction.cache_hook) is before
+
+
+def _lease_fixture(root: Path, name: str, gpu: str, date: str, fj: float, ref: float) -> None:
+    d = root / name
+    d.mkdir(parents=True)
+    res = lambda ips, **kw: {"batch": 128, "imgs_per_s": ips, "mfu": 0.4, "mfu_datasheet": 0.3, "peak_mem_gib": 20.0, **kw}  # noqa: E731
+    (d / "train_step.json").write_text(json.dumps({
+        "machine": {"device": gpu, "date_utc": date, "torch": "2.9.0"},
+        "rows": [{"model": "ViT-B/16", "path": "fastjepa", "result": res(fj)}, {"model": "ViT-B/16", "path": "reference", "result": res(ref)},
+                 {"model": "ViT-H/14", "path": "fastjepa", "result": {"error": "OutOfMemoryError: CUDA out of memory"}}]}))  # fmt: skip
+    (d / "ops_table.json").write_text(json.dumps({
+        "meta": {"device": gpu, "date_utc": date, "torch": "2.9.0", "triton": "3.5.0"},
+        "rows": [{"op": "gather_tokens", "shape": "vitb16-pe", "pass": "fwd", "fused_vs_reference": 3.0,
+                  "fused": {"device_us": 10.0, "host_us": 40.0, "pct_peak": 80.0}, "reference": {"device_us": 30.0, "host_us": 20.0}},
+                 {"op": "smooth_l1_loss", "shape": "vitb16", "pass": "fwd", "fused": {"error": "RuntimeError: boom"},
+                  "reference": {"device_us": 5.0}}]}))  # fmt: skip
+
+
+def test_results_table_merges_leases_from_several_gpus_and_days(tmp_path, capsys):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import results_table
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    _lease_fixture(tmp_path, "gpu-2026-12-07-h100", "NVIDIA H100 80GB HBM3", "2026-12-07 10:00", 2000.0, 1000.0)
+    _lease_fixture(tmp_path, "gpu-2026-12-09-h200", "NVIDIA H200", "2026-12-09 11:00", 2600.0, 1300.0)
+    cpu = tmp_path / "cpu-run"
+    cpu.mkdir()
+    (cpu / "train_step.json").write_text(json.dumps({"machine": {"device": "Intel Xeon", "date_utc": "2026-12-10"}, "rows": []}))
+    (cpu / "broken_ops_table.json").write_text("{not json")
+    assert results_table.main([str(tmp_path)]) == 0
+    md = capsys.readouterr().out
+    ts = [ln for ln in md.splitlines() if "ViT-B/16" in ln]
+    assert len(ts) == 2 and "NVIDIA H200" in ts[0] and "NVIDIA H100" in ts[1]  # newest first, one row per lease
+    assert "| 2,600 | 1,300 | 2.00× | 40.0 % | 30.0 % |" in ts[0]
+    assert sum("ViT-H/14" in ln and "error: OutOfMemoryError" in ln for ln in md.splitlines()) == 2
+    ops = [ln for ln in md.splitlines() if "gather_tokens" in ln]
+    assert len(ops) == 2 and "| 10.0 | 30.0 | 3.00× | 80 % | 40 |" in ops[0] and "2.9.0 / 3.5.0" in ops[0]
+    assert "error: RuntimeError: boom" in md and "Intel Xeon" not in md
+    assert results_table.main([str(tmp_path / "missing")]) == 2
