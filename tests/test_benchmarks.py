@@ -134,18 +134,43 @@ def test_gpu_check_dry_run_brings_back_what_the_device_tool_returns(tmp_path):
     for p in files:
         assert p.stat().st_size <= 16 * 2**20, (p, p.stat().st_size)
     names = {p.name for p in files}
-    assert {"gpu_check.md", "logs.tar.gz", "ops_table.json", "train_step.json", "train_step.md"} <= names, names
+    assert names == {"gpu_check.md", "logs.tar.gz", "ops_table.json", "ops_table.md", "train_step.json", "train_step.md",
+                     "data.json", "data.md"}, names  # fmt: skip
     assert not any(n.endswith(".tmp") for n in names), names
     with tarfile.open(out / "logs.tar.gz") as tar:
         logs = {Path(m).name for m in tar.getnames()}
     assert {"preflight.log", "pytest_gpu.log", "ops_table.log", "train_step.log"} <= logs, logs
     summary = (out / "gpu_check.md").read_text()
-    for part in ("preflight", "pytest -m gpu", "ops_table", "train_step_table"):
+    for part in ("preflight", "pytest -m gpu", "ops_table", "train_step_table", "bench_data"):
         assert f"| {part} | ok |" in summary, (part, summary)
     assert "**CUDA KERNEL (fastjepa._C, csrc/cuda): NOT BUILT, NOT TESTED.**" in summary, summary
     ops = json.loads((out / "ops_table.json").read_text())
     assert ops["meta"]["providers"] == ["reference", "fused"] and ops["failures"] == []  # no cold torch.compile by default
-    assert json.loads((out / "train_step.json").read_text())["rows"][0]["result"]["imgs_per_s"] > 0
+    # every op of the table at tiny shapes, one row per op, shape and pass, the training layout of gather_tokens included
+    assert {r["op"] for r in ops["rows"]} == {"gather_tokens", "predictor_tokens", "target_tokens", "smooth_l1_loss"}
+    assert ("gather_tokens", "tiny-pe", "fwd+bwd") in {(r["op"], r["shape"], r["pass"]) for r in ops["rows"]}
+    assert all(r["fused"]["device_us"] > 0 and r["reference"]["device_us"] > 0 for r in ops["rows"])
+    ts = json.loads((out / "train_step.json").read_text())
+    assert ts["machine"]["in_process"] and ts["rows"][0]["result"]["imgs_per_s"] > 0  # the GPU's one-process code ran
+
+
+@pytest.mark.slow
+def test_gpu_check_correctness_part_alone(tmp_path):
+    """``gpu_check.sh correctness``: preflight and the GPU tests only, nothing of the speed part."""
+    out = tmp_path / "out"
+    out.mkdir()
+    r = subprocess.run(["bash", "benchmarks/gpu_check.sh", "correctness"], cwd=ROOT, env={**ENV, "OUT": str(out), "GPU_CHECK_DRY": "1"},
+                       capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert _check_limits(out) == {"gpu_check.md", "logs.tar.gz"}
+    summary = (out / "gpu_check.md").read_text()
+    assert "| pytest -m gpu | ok |" in summary and "ops_table" not in summary and "GPU tests: 0 passed, 0 failed, 0 errors" in summary
+
+
+def test_gpu_check_rejects_an_unknown_part():
+    r = subprocess.run(["bash", "benchmarks/gpu_check.sh", "sped"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stdout == "" and r.stderr.strip().splitlines() == [
+        "gpu_check.sh: unknown part 'sped'; expected correctness, speed or nothing (both)"]
 
 
 # -- the timing helpers, on the CPU with a fake device timer -------------------------------
@@ -318,3 +343,129 @@ def test_results_table_merges_leases_from_several_gpus_and_days(tmp_path, capsys
     assert len(ops) == 2 and "| 10.0 | 30.0 | 3.00× | 80 % | 40 |" in ops[0] and "2.9.0 / 3.5.0" in ops[0]
     assert "error: RuntimeError: boom" in md and "Intel Xeon" not in md
     assert results_table.main([str(tmp_path / "missing")]) == 2
+
+
+# -- the done-when test: each part fails, hangs or raises in one op / one test; the others' files still come back
+
+
+_FAULT_SITE = '''
+import os, sys, time
+_faults = {faults!r}
+_script = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+_what = _faults.get(_script)
+if _what == "exit":
+    os._exit(3)
+if _what == "hang":
+    time.sleep(600)
+if _what in ("op-raise", "op-hang"):  # target_tokens, the third op of the table, raises or hangs
+    import fastjepa.ops
+
+    def _target_tokens(*args, **kwargs):
+        if _what == "op-hang":
+            time.sleep(600)
+        raise RuntimeError("injected: an illegal memory access in one op")
+
+    fastjepa.ops.target_tokens = _target_tokens
+if _what == "raise-late":  # the data benchmark raises after its per-core rows (in the all-cores phase)
+    import multiprocessing
+
+    def _get_context(*args, **kwargs):
+        raise RuntimeError("injected: the all-cores phase failed")
+
+    multiprocessing.get_context = _get_context
+'''
+
+_FAULT_PLUGIN = '''
+import time
+import pytest
+
+_calls = []
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    _calls.append(item.nodeid)
+    if {mode!r} == "raise" and len(_calls) == 1:
+        raise RuntimeError("injected: one test raises")
+    if {mode!r} == "hang" and len(_calls) == 2:
+        time.sleep(600)
+'''
+
+_FAULT_CASES = {
+    # each part in turn: one op raises, one test raises, a script exits, a script hangs at once
+    "raise": dict(faults={"ops_table.py": "op-raise", "train_step_table.py": "exit", "bench_data.py": "hang"}, pytest="raise",
+                  boxes={"DATA": 8}, rows={"pytest -m gpu": "exit 1", "ops_table": "exit 1", "train_step_table": "exit 3",
+                                           "bench_data": "TIMED OUT"}),  # fmt: skip
+    # hangs inside a part (the second test, the third op), and a raise late in the data benchmark
+    "hang": dict(faults={"ops_table.py": "op-hang", "train_step_table.py": "hang", "bench_data.py": "raise-late"}, pytest="hang",
+                 boxes={"PYTEST": 30, "OPS": 30, "TRAIN": 8}, rows={"pytest -m gpu": "TIMED OUT", "ops_table": "TIMED OUT",
+                                                                    "train_step_table": "TIMED OUT", "bench_data": "exit 1"}),  # fmt: skip
+    # the preflight fails: by design nothing else runs, and the summary and the logs still come back
+    "preflight": dict(faults={"-": "exit"}, pytest=None, boxes={}, rows={"preflight": "exit 3"}),
+}
+
+
+def _check_limits(out: Path) -> set[str]:
+    import re
+
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert len(files) <= 8, files
+    for p in out.rglob("*"):
+        rel = p.relative_to(out)
+        assert len(rel.parts) <= 3 and all(re.fullmatch(r"[A-Za-z0-9._-]+", part) for part in rel.parts), rel
+    assert all(p.stat().st_size <= 16 * 2**20 for p in files)
+    names = {p.name for p in files}
+    assert not any(n.endswith(".tmp") for n in names), names
+    return names
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(_FAULT_CASES))
+def test_gpu_check_parts_survive_each_others_failures(tmp_path, case):
+    """The dry run with each part made to fail, hang past its (tiny) time box, or raise in
+    one op or one test: every part still gets its row, the files of the parts that ran come
+    back within the device tool's limits, and what a broken part finished is kept."""
+    import tarfile
+
+    spec = _FAULT_CASES[case]
+    faults = tmp_path / "faults"
+    faults.mkdir()
+    (faults / "sitecustomize.py").write_text(_FAULT_SITE.format(faults=spec["faults"]))
+    env = {**ENV, "OUT": str(tmp_path / "out"), "GPU_CHECK_DRY": "1", "PYTHONPATH": f"{faults}{os.pathsep}{ROOT}", "GPU_CHECK_KILL_AFTER": "2"}
+    if spec["pytest"]:
+        (faults / "gpu_check_fault.py").write_text(_FAULT_PLUGIN.format(mode=spec["pytest"]))
+        env["PYTEST_ADDOPTS"] = "-p gpu_check_fault"
+    env.update({f"GPU_CHECK_BOX_{k}": str(v) for k, v in spec["boxes"].items()})
+    (tmp_path / "out").mkdir()
+    r = subprocess.run(["bash", "benchmarks/gpu_check.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    out = tmp_path / "out"
+    names = _check_limits(out)
+    summary = (out / "gpu_check.md").read_text()
+    for step, result in spec["rows"].items():
+        assert f"| {step} | {result} |" in summary, (step, result, summary, r.stdout[-3000:])
+    with tarfile.open(out / "logs.tar.gz") as tar:
+        logs = {Path(m.name).name: m for m in tar.getmembers()}
+        pytest_log = tar.extractfile(logs["pytest_gpu.log"]).read().decode() if "pytest_gpu.log" in logs else ""
+    if case == "preflight":
+        assert r.returncode == 1 and "**PREFLIGHT FAILED**" in summary and names == {"gpu_check.md", "logs.tar.gz"}
+        return
+    assert {"preflight.log", "pytest_gpu.log", "ops_table.log", "train_step.log", "bench_data.log"} <= set(logs), logs
+    for step in ("preflight",):
+        assert f"| {step} | ok |" in summary
+    # pytest: one line per test as it ends, so the tests before a kill are on record; a raise costs one test
+    assert "tests/test_cuda_ext.py::" in pytest_log and " SKIPPED" in pytest_log, pytest_log[-2000:]
+    if case == "raise":
+        assert pytest_log.count(" ERROR") >= 1 and "GPU tests: 0 passed, 0 failed, 1 errors" in summary, summary
+    ops = json.loads((out / "ops_table.json").read_text())
+    assert "ops_table.md" in names
+    done = {r["op"] for r in ops["rows"]}
+    if case == "raise":  # the op after the broken one still ran; the broken one's error is in its row
+        assert done == {"gather_tokens", "predictor_tokens", "target_tokens", "smooth_l1_loss"}, done
+        (bad,) = [r for r in ops["rows"] if r["op"] == "target_tokens"]
+        assert "injected" in bad["fused"]["error"] and bad["reference"]["device_us"] > 0
+        assert not {"train_step.json", "data.json"} & names
+    else:  # cut short in the third op: the rows before it are kept
+        assert done == {"gather_tokens", "predictor_tokens"}, done
+        data = json.loads((out / "data.json").read_text())
+        assert data["sets"]["500x375"]["per_core"]["fastjepa"]["images_per_s"] > 0  # written before the late raise
+        assert "data.md" in names and "train_step.json" not in names
