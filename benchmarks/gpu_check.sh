@@ -8,7 +8,7 @@
 #
 # Results go to $OUT (else benchmarks/results/gpu_check/). Offline: installs nothing, uses the
 # machine's own torch and Triton. Each part runs its steps in time boxes that add up to at most
-# GPU_CHECK_BUDGET seconds per part (default 280); a step that fails, hangs or is cut short costs
+# GPU_CHECK_BUDGET seconds per part (default 270); a step that fails, hangs or is cut short costs
 # only its own rows: every step writes as it goes and the others still run. What comes back fits
 # the device tool's limits (at most 8 files of at most 16 MiB, no folders):
 #   gpu_check.md     the summary: machine, one row per step (ok / exit N / TIMED OUT), whether the
@@ -67,7 +67,7 @@ PY
 export PYTHONPATH="$WORK/absent:$PYTHONPATH"
 fi
 SUMMARY="$DEST/gpu_check.md"
-BUDGET="${GPU_CHECK_BUDGET:-280}"  # seconds per part: a part and its kill grace stay under 5 minutes
+BUDGET="${GPU_CHECK_BUDGET:-270}"  # seconds per part: a part and its kill grace stay under 5 minutes
 KILL_AFTER="${GPU_CHECK_KILL_AFTER:-5}"
 PY="${PYTHON:-python3}"
 command -v "$PY" >/dev/null || PY=python
@@ -218,8 +218,10 @@ speed() {
         ts_args=(--steps 5 --warmup 4)
         [ "${GPU_CHECK_MAX_BATCH:-0}" = 1 ] && ts_args+=(--max-batch --time-cap 60)
     fi
-    step "train_step_table" "$(box "${GPU_CHECK_BOX_TRAIN:-150}")" train_step.log \
-        "$PY" benchmarks/train_step_table.py --out "$DEST" --name train_step "${ts_args[@]}"
+    local ts_box
+    ts_box=$(box "${GPU_CHECK_BOX_TRAIN:-150}")
+    step "train_step_table" "$ts_box" train_step.log \
+        "$PY" benchmarks/train_step_table.py --out "$DEST" --name train_step --time-budget $((ts_box - 10)) "${ts_args[@]}"
 
     # the dataset as training uses it, one loader core; data.decode=gpu (nvjpeg; "unavailable"
     # with the reason where torchvision cannot be imported): data.json + data.md

@@ -347,7 +347,7 @@ def child(config: str | None, overrides: list[str], *, steps: int, warmup: int, 
 
 
 # dense tensor-core peaks from the vendors' datasheets (TFLOP/s, bf16/fp16 without sparsity)
-DATASHEET_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0), ("GH200", 989.0),
+DATASHEET_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("GH200", 989.0), ("H200", 989.0),
                     ("H800", 989.0), ("A100", 312.0), ("A800", 312.0), ("L40S", 362.0))  # fmt: skip
 
 
@@ -488,6 +488,8 @@ def main(argv=None) -> int:
     ap.add_argument("--models", help="comma-separated subset of the GPU models (e.g. ViT-B/16)")
     ap.add_argument("--max-batch", action="store_true", help="GPU: also search the largest ViT-H/14 batch per path")
     ap.add_argument("--time-cap", type=float, default=120.0, help="seconds per path for the batch search")
+    ap.add_argument("--time-budget", type=float, default=None,
+                    help="seconds: start no further path once the next would likely end past this (the rows so far stand)")  # fmt: skip
     ap.add_argument("--in-process", action=argparse.BooleanOptionalAction, default=None,
                     help="all paths in this process (default on a GPU; on the CPU one child process per path and repeat)")  # fmt: skip
     ap.add_argument("--child", help=argparse.SUPPRESS)
@@ -559,7 +561,9 @@ def main(argv=None) -> int:
                     table += f"| {path} | error: {s['error'][:100]} | | |\n"
                 else:
                     table += f"| {path} | {s['max_batch']} | {s['first_failure']} | {'yes' if s['exact_to_8'] else 'no (time cap)'} |\n"
-        write_report(out, stem, {"machine": info, "rows": done, "max_batch": search,
+        if skipped:
+            table += f"\n\nNot run (the --time-budget of {args.time_budget:g} s would have been passed): {', '.join(skipped)}."
+        write_report(out, stem, {"machine": info, "rows": done, "max_batch": search, "skipped": skipped,
                                  "repeats": repeats, "steps": steps, "warmup": warmup}, table, indent=1)  # fmt: skip
         return table
 
@@ -571,9 +575,13 @@ def main(argv=None) -> int:
     jobs += [(m, p) for m in first_models for p in paths if p not in main_paths]
     jobs += [(m, p) for m in models if m not in first_models for p in paths]
     runs: dict[tuple[str, str], list[dict]] = {}
+    started, longest, skipped = time.perf_counter(), 0.0, []
     for rep in range(repeats):
         for model, path in jobs:  # repeats interleave: A B A B ...
             config, base = models[model]
+            if args.time_budget and time.perf_counter() - started + 1.3 * longest > args.time_budget:
+                skipped.append(f"{model} {path}")  # would end past the budget: left out, said so below
+                continue
             t0 = time.perf_counter()
             kw = dict(steps=steps, warmup=warmup, cpu_bf16="+bf16" in path, threads=threads)
             r = run_in_process(config, base + paths[path], **kw) if in_process else child(config, base + paths[path], **kw)
@@ -583,6 +591,7 @@ def main(argv=None) -> int:
                 + (f", {1e3 * statistics.median(r['step_cpu_s']):.1f} ms CPU" if clock == "cpu" else "")
             )
             print(f"  {model} {path} run {rep + 1}/{repeats}: {what} ({time.perf_counter() - t0:.0f} s)", flush=True)
+            longest = max(longest, time.perf_counter() - t0)
             rows[:] = [{"model": m, "path": p, "result": summarise(rs, peak, clock, datasheet)} for (m, p), rs in runs.items()]
             for m in models:
                 compare(rows, m, tol=1e-4)
