@@ -75,6 +75,7 @@ command -v "$PY" >/dev/null || PY=python
 pack_logs() { tar -czf "$DEST/logs.tar.gz.tmp" -C "$(dirname "$LOGS")" logs && mv "$DEST/logs.tar.gz.tmp" "$DEST/logs.tar.gz"; }
 say() { echo "$*" | tee -a "$SUMMARY"; }
 
+START=$SECONDS
 T0=$SECONDS
 left() { echo $((BUDGET - (SECONDS - T0))); }
 box() {  # box WANT — a time box of WANT seconds, shrunk to what the part's budget still has (at least 10)
@@ -112,7 +113,7 @@ step() {  # step NAME SECONDS LOGNAME COMMAND... — one time-boxed step; its ro
     echo "git: $(git -C "$REPO" log -1 --format='%h %s' 2>/dev/null | cut -c1-100 || echo 'not a git checkout')"
     echo '```'
     echo
-    echo "| step | result | time |"
+    echo "| part | result | time |"
     echo "|---|---|---:|"
 } >"$SUMMARY"  # each step adds its row when it ends
 
@@ -240,7 +241,7 @@ esac
 # -- the summary ---------------------------------------------------------------------------
 {
     echo
-    echo "Last part: $((SECONDS - T0)) s of its ${BUDGET} s budget."
+    echo "Total: $((SECONDS - START)) s; each part's budget ${BUDGET} s (the last part took $((SECONDS - T0)) s)."
     echo
     echo '```'
     grep -E "^(missing|optional|pytest-timeout|python|GPU|backends|imports)" "$LOGS/preflight.log" | cut -c1-400
