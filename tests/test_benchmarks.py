@@ -238,7 +238,6 @@ def test_input_sets_exceed_twice_the_l2():
 def test_ops_table_records_an_error_per_provider_and_goes_on(monkeypatch, tmp_path):
     """A RuntimeError in one op's fused path (not only a mismatch) is that cell's error; every
     other op and provider still runs, and the JSON and markdown hold every row."""
-    c = _common()
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
         import bench_target_tokens
@@ -270,7 +269,6 @@ def test_ops_table_records_an_error_per_provider_and_goes_on(monkeypatch, tmp_pa
     assert {(r["op"], r["shape"]) for r in result["rows"]} >= {("gather_tokens", "tiny-pe")}  # the training layout
     md = out.with_suffix(".md").read_text()
     assert "ERROR: RuntimeError: CUDA error" in md and "| smooth_l1_loss |" in md
-    assert c.ON_GPU is False
 
 
 def _train_step_table():
