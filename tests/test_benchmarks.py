@@ -238,12 +238,9 @@ def test_input_sets_exceed_twice_the_l2():
 def test_ops_table_records_an_error_per_provider_and_goes_on(monkeypatch, tmp_path):
     """A RuntimeError in one op's fused path (not only a mismatch) is that cell's error; every
     other op and provider still runs, and the JSON and markdown hold every row."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import bench_target_tokens
-        import ops_table
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # ops_table imports each bench_<op> as it goes
+    import bench_target_tokens
+    import ops_table
 
     real = bench_target_tokens.make_case
 
