@@ -11,12 +11,13 @@ shapes (the numbers then say nothing about speed; the run proves the harness wor
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import statistics
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
 
 import torch
 
@@ -159,3 +160,148 @@ def bench(benchmark, case: Case, provider: str, pass_: str) -> None:
         return
     median = benchmark.stats.stats.median
     benchmark.extra_info["GB/s"] = case.bytes[pass_] / median / 1e9 if median > 0 else None
+
+
+# -- device time: many calls between one pair of events, inputs rotated past the L2 --------
+
+
+class CudaTimer:
+    """Times the current stream of ``device`` with one pair of CUDA events.
+
+    ``hold(seconds)`` queues a GPU sleep of about that long first, so that the host can
+    queue the timed calls while the GPU sleeps and the GPU then runs them back to back: the
+    events measure the kernels, not the Python between them.
+    """
+
+    def __init__(self, device: torch.device | int | None = None):
+        index = None if device is None else (device if isinstance(device, int) else torch.device(device).index)
+        self.device = torch.device("cuda", torch.cuda.current_device() if index is None else index)
+        self._start = None
+        self._cycles_per_s = None
+
+    def sync(self) -> None:
+        torch.cuda.synchronize(self.device)
+
+    def hold(self, seconds: float) -> None:
+        if seconds <= 0:
+            return
+        if self._cycles_per_s is None:  # calibrate the sleep kernel once: cycles per second of this GPU
+            with torch.cuda.device(self.device):
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                torch.cuda._sleep(1_000_000)
+                b.record()
+                b.synchronize()
+                self._cycles_per_s = 1_000_000 / max(a.elapsed_time(b) / 1e3, 1e-6)
+        with torch.cuda.device(self.device):
+            torch.cuda._sleep(int(min(seconds, 0.5) * self._cycles_per_s))
+
+    def start(self) -> None:
+        with torch.cuda.device(self.device):
+            self._start = torch.cuda.Event(enable_timing=True)
+            self._start.record()
+
+    def stop(self) -> float:
+        """Seconds on the device since ``start``."""
+        with torch.cuda.device(self.device):
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            end.synchronize()
+            return self._start.elapsed_time(end) / 1e3
+
+
+class WallTimer:
+    """The CPU's stand-in: the wall clock (the interpreter runs the kernels on the host)."""
+
+    def sync(self) -> None:
+        pass
+
+    def hold(self, seconds: float) -> None:
+        pass
+
+    def start(self) -> None:
+        self._t0 = time.perf_counter()
+
+    def stop(self) -> float:
+        return time.perf_counter() - self._t0
+
+
+def default_timer():
+    return CudaTimer() if ON_GPU else WallTimer()
+
+
+def l2_bytes() -> int:
+    """The current GPU's L2 cache in bytes (0 without CUDA)."""
+    if not ON_GPU:
+        return 0
+    props = torch.cuda.get_device_properties(torch.cuda.current_device())
+    return int(getattr(props, "L2_cache_size", 0) or 0) or 64 * 2**20  # unknown: assume a large one
+
+
+def input_sets(bytes_per_set: int, l2: int, most: int = 64) -> int:
+    """How many independent input sets to rotate so that together they exceed twice the L2:
+    a set's data is then evicted before its next call reads it (1 where there is no L2)."""
+    if l2 <= 0:
+        return 1
+    return max(2, min(most, math.ceil(2 * l2 / max(1, bytes_per_set)) + 1))
+
+
+@dataclass
+class Timing:
+    device_s: float  # per call: the device's time, calls back to back between one event pair (median over repeats)
+    host_s: float  # per call: the host's time to issue a call (Python, dispatch, checks, launch), the GPU kept busy
+    calls: int  # calls between the two events
+    sets: int  # input sets rotated
+    repeats: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def time_calls(fns: Sequence[Callable], *, calls: int | None = None, repeats: int | None = None, warmup: int = 1,
+               timer=None) -> Timing:  # fmt: skip
+    """Device and host time per call of ``fns`` (one closure per input set, called in turn).
+
+    Warm-up: every set ``warmup`` times (compiles, allocator), then a sync. Host time: ``calls``
+    calls issued while the device sleeps (so nothing waits on it). Device time: a sleep long
+    enough to cover issuing them, then one start event, ``calls`` calls rotating the sets, one
+    end event; the median of ``repeats`` such windows, divided by ``calls``.
+    """
+    timer = timer or default_timer()
+    calls = calls or (20 if ON_GPU else 2)
+    repeats = repeats or (7 if ON_GPU else 1)
+    n = len(fns)
+    if n == 0:
+        raise ValueError("time_calls: no input sets")
+    for i in range(max(1, warmup) * n):
+        fns[i % n]()
+    timer.sync()
+    host = []
+    for _ in range(max(1, repeats // 2)):
+        timer.hold(0.05)
+        t0 = time.perf_counter()
+        for i in range(calls):
+            fns[i % n]()
+        host.append((time.perf_counter() - t0) / calls)
+        timer.sync()
+    host_s = statistics.median(host)
+    device = []
+    for _ in range(repeats):
+        timer.hold(1.5 * host_s * calls + 1e-3)
+        timer.start()
+        for i in range(calls):
+            fns[i % n]()
+        device.append(timer.stop() / calls)
+    return Timing(statistics.median(device), host_s, calls, n, repeats)
+
+
+def copy_peak_gbs(timer=None, nbytes: int = 2**30) -> float | None:
+    """Measured device-to-device copy bandwidth (read + write GB/s): the ceiling of these ops."""
+    if not ON_GPU:
+        return None
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=DEVICE)
+    dst = torch.empty_like(src)
+    t = time_calls([lambda: dst.copy_(src)], calls=10, repeats=5, timer=timer)
+    del src, dst
+    torch.cuda.empty_cache()
+    return 2 * nbytes / t.device_s / 1e9

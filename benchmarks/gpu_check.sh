@@ -1,26 +1,34 @@
 #!/usr/bin/env bash
-# One call on a lent GPU machine: preflight, the CUDA extension, the GPU tests, the op table,
-# the train-step table with MFU, the data-pipeline benchmark (when present).
+# A lent GPU machine, in two parts that each fit one command of the lease (docs/performance.md):
 #
-#   bash benchmarks/gpu_check.sh                 # from anywhere; results in $OUT, else benchmarks/results/gpu_check/
-#   GPU_CHECK_DRY=1 bash benchmarks/gpu_check.sh # a CPU dry run: tiny sizes, no build (tests/test_benchmarks.py)
+#   bash benchmarks/gpu_check.sh correctness   # preflight, the CUDA extension build, the GPU tests   (<= 5 min)
+#   bash benchmarks/gpu_check.sh speed         # preflight, the op table, the training-step table, data (<= 5 min)
+#   bash benchmarks/gpu_check.sh               # both, one after the other
+#   GPU_CHECK_DRY=1 OUT=DIR bash benchmarks/gpu_check.sh  # a CPU dry run: tiny sizes, no build (tests/test_benchmarks.py)
 #
-# Offline: installs nothing, uses the machine's own torch and Triton. The whole run stays under
-# 8 minutes (each part is time-boxed; the train-step table gets what is left), so a rerun fits
-# in one lease. What comes back fits the device tool's limits (at most 8 files of at most
-# 16 MiB, no folders): in $OUT
-#   gpu_check.md     the summary: machine, preflight, one row per part (ok / exit N / TIMED OUT),
-#                    whether the CUDA kernel was built and tested, the tables
-#   logs.tar.gz      every part's full log (re-packed after each part)
-#   ops_table.json   the fused-op table (rewritten after every op)
-#   train_step.json, train_step.md   the training-step table (rewritten after every model)
-#   data.json        the data-pipeline benchmark, when benchmarks/bench_data.py exists
-# Each part writes as it goes: a part cut short by its time box loses only its unfinished row.
+# Results go to $OUT (else benchmarks/results/gpu_check/). Offline: installs nothing, uses the
+# machine's own torch and Triton. Each part runs its steps in time boxes that add up to at most
+# GPU_CHECK_BUDGET seconds per part (default 270); a step that fails, hangs or is cut short costs
+# only its own rows: every step writes as it goes and the others still run. What comes back fits
+# the device tool's limits (at most 8 files of at most 16 MiB, no folders):
+#   gpu_check.md     the summary: machine, one row per step (ok / exit N / TIMED OUT), whether the
+#                    CUDA kernel was built and tested, the GPU tests' counts, the tables
+#   logs.tar.gz      every step's full log (re-packed after each step; pytest's has one line per test)
+#   ops_table.json, ops_table.md     the fused-op table (rewritten after every row)
+#   train_step.json, train_step.md   the training-step table (rewritten after every path)
+#   data.json, data.md               the data-pipeline benchmark (rewritten after every pipeline)
 #
 # Knobs: GPU_CHECK_BUILD=0 (skip the extension build), GPU_CHECK_COMPILED=1 (add the
 # torch.compile'd reference to the op table: cold inductor compiles cost minutes),
-# GPU_CHECK_BUDGET (seconds for the whole run, default 460), CUDA_HOME.
+# GPU_CHECK_MAX_BATCH=1 (the ViT-H/14 largest-batch search: minutes), GPU_CHECK_BUDGET (seconds
+# per part), the time boxes GPU_CHECK_BOX_{PREFLIGHT,BUILD,PYTEST,OPS,TRAIN,DATA} (seconds),
+# GPU_CHECK_TEST_TIMEOUT (seconds per GPU test, with pytest-timeout), CUDA_HOME.
 set -uo pipefail
+MODE="${1:-all}"
+case "$MODE" in
+    correctness | speed | all) ;;
+    *) echo "gpu_check.sh: unknown part '$MODE'; expected correctness, speed or nothing (both)" >&2; exit 2 ;;
+esac
 cd "$(dirname "$0")/.."
 REPO="$PWD"
 DRY="${GPU_CHECK_DRY:-0}"
@@ -30,40 +38,60 @@ export TRITON_INTERPRET="${TRITON_INTERPRET:-0}"  # compiled kernels (tests/conf
 DEST="${OUT:-$REPO/benchmarks/results/gpu_check}"
 mkdir -p "$DEST"
 WORK="$(mktemp -d)"
+trap 'rm -rf "$WORK"' EXIT
 LOGS="$WORK/logs"  # full logs live here and travel as one tar.gz
 mkdir -p "$LOGS"
 # the GPU machine has no mlxtend, flash-attn or xformers: a dry run hides them (every python
 # it starts imports this sitecustomize), so that it proves fastjepa and its benchmarks run
-# without them. Not on the GPU machine: there they are absent, and its own sitecustomize, if
+# without them. A sitecustomize further down the path (the machine's own, or a test's) still
+# runs after it. Not on the GPU machine: there they are absent, and its own sitecustomize, if
 # any, stays in force.
 if [ "$DRY" = 1 ]; then
 mkdir -p "$WORK/absent"
 cat >"$WORK/absent/sitecustomize.py" <<'PY'
-import importlib.abc, sys
+import importlib.abc, importlib.util, os, sys
 class _Absent(importlib.abc.MetaPathFinder):
     NAMES = {"mlxtend", "flash_attn", "xformers"}
     def find_spec(self, name, path=None, target=None):
         if name.split(".")[0] in self.NAMES:
             raise ModuleNotFoundError(f"No module named {name!r} (hidden by gpu_check.sh: absent on the GPU machine)", name=name)
 sys.meta_path.insert(0, _Absent())
+_here = os.path.dirname(os.path.abspath(__file__))
+for _d in sys.path:
+    _f = os.path.join(os.path.abspath(_d or "."), "sitecustomize.py")
+    if os.path.dirname(_f) != _here and os.path.isfile(_f):
+        _spec = importlib.util.spec_from_file_location("_next_sitecustomize", _f)
+        _spec.loader.exec_module(importlib.util.module_from_spec(_spec))
+        break
 PY
 export PYTHONPATH="$WORK/absent:$PYTHONPATH"
 fi
 SUMMARY="$DEST/gpu_check.md"
-BUDGET="${GPU_CHECK_BUDGET:-460}"
-T0=$SECONDS
+BUDGET="${GPU_CHECK_BUDGET:-270}"  # seconds per part: a part and its kill grace stay under 5 minutes
+KILL_AFTER="${GPU_CHECK_KILL_AFTER:-5}"
 PY="${PYTHON:-python3}"
 command -v "$PY" >/dev/null || PY=python
 
 pack_logs() { tar -czf "$DEST/logs.tar.gz.tmp" -C "$(dirname "$LOGS")" logs && mv "$DEST/logs.tar.gz.tmp" "$DEST/logs.tar.gz"; }
 say() { echo "$*" | tee -a "$SUMMARY"; }
 
-part() {  # part NAME SECONDS LOGNAME COMMAND... — one time-boxed part; its row goes into the summary at once
+START=$SECONDS
+T0=$SECONDS
+left() { echo $((BUDGET - (SECONDS - T0))); }
+box() {  # box WANT — a time box of WANT seconds, shrunk to what the part's budget still has (at least 10)
+    local l
+    l=$(left)
+    [ "$1" -lt "$l" ] && l=$1
+    [ "$l" -lt 10 ] && l=10
+    echo "$l"
+}
+
+step() {  # step NAME SECONDS LOGNAME COMMAND... — one time-boxed step; its row goes into the summary at once
     local name=$1 limit=$2 log="$LOGS/$3"
     shift 3
     local t=$SECONDS
     echo "== $name (limit ${limit}s)"
-    timeout --kill-after=10 "$limit" "$@" >"$log" 2>&1
+    timeout --kill-after="$KILL_AFTER" "$limit" "$@" >"$log" 2>&1
     local rc=$?
     local what="ok"
     if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then what="TIMED OUT"; elif [ $rc -ne 0 ]; then what="exit $rc"; fi
@@ -73,17 +101,8 @@ part() {  # part NAME SECONDS LOGNAME COMMAND... — one time-boxed part; its ro
     return $rc
 }
 
-left() { echo $((BUDGET - (SECONDS - T0))); }
-box() {  # box WANT — a time box of WANT seconds, shrunk to what the budget still has (at least 20)
-    local l
-    l=$(left)
-    [ "$1" -lt "$l" ] && l=$1
-    [ "$l" -lt 20 ] && l=20
-    echo "$l"
-}
-
 {
-    echo "# GPU check, $(date -u '+%Y-%m-%d %H:%M') UTC"
+    echo "# GPU check ($MODE), $(date -u '+%Y-%m-%d %H:%M') UTC"
     echo
     echo '```'
     if command -v nvidia-smi >/dev/null; then
@@ -96,11 +115,12 @@ box() {  # box WANT — a time box of WANT seconds, shrunk to what the budget st
     echo
     echo "| part | result | time |"
     echo "|---|---|---:|"
-} >"$SUMMARY"  # each part adds its row when it ends
+} >"$SUMMARY"  # each step adds its row when it ends
 
-# -- 0. preflight: what the parts need, in a second, before any time is spent --------------
-PREFLIGHT_OK=1
-part "preflight" 120 preflight.log "$PY" - <<'EOF' || PREFLIGHT_OK=0
+# -- preflight: what the steps need, in seconds, before any time is spent -------------------
+preflight() {
+    local ok=1
+    step "preflight" "$(box "${GPU_CHECK_BOX_PREFLIGHT:-60}")" preflight.log "$PY" - <<'EOF' || ok=0
 import importlib, importlib.util, os, sys
 for m in ("mlxtend", "flash_attn", "xformers"):  # absent on the GPU machine; hidden in a dry run
     try:
@@ -112,6 +132,7 @@ for m in ("mlxtend", "flash_attn", "xformers"):  # absent on the GPU machine; hi
         print(f"optional {m}: absent")
 missing = [m for m in ("torch", "triton", "yaml", "PIL", "pytest", "numpy") if importlib.util.find_spec(m) is None]
 print("missing:", ", ".join(missing) or "none")
+print("pytest-timeout:", "present" if importlib.util.find_spec("pytest_timeout") else "absent")
 import torch, triton
 print(f"python {sys.version.split()[0]}, torch {torch.__version__}, CUDA {torch.version.cuda}, Triton {triton.__version__}")
 print("GPU:", torch.cuda.get_device_name() if torch.cuda.is_available() else "none")
@@ -131,92 +152,119 @@ print("imports ok; synthetic data ok")
 if missing or (not torch.cuda.is_available() and os.environ.get("GPU_CHECK_DRY") != "1"):
     sys.exit(1)
 EOF
-if [ "$PREFLIGHT_OK" != 1 ]; then
-    say ""
-    say "**PREFLIGHT FAILED** — nothing else was run (it would only fail the same way); preflight.log in logs.tar.gz:"
-    tail -n 30 "$LOGS/preflight.log" | sed 's/^/    /' >>"$SUMMARY"
-    pack_logs
-    exit 1
-fi
+    if [ "$ok" != 1 ]; then
+        say ""
+        say "**PREFLIGHT FAILED** — nothing else was run (it would only fail the same way); preflight.log in logs.tar.gz:"
+        tail -n 30 "$LOGS/preflight.log" | sed 's/^/    /' >>"$SUMMARY"
+        pack_logs
+        exit 1
+    fi
+}
 
-# -- 1. the CUDA extension, sm_90 only, all cores, time-boxed ------------------------------
+# -- correctness: the CUDA extension (sm_90, all cores), then every GPU-marked test -------
 CUDA_EXT="NOT BUILT"
-if [ "${GPU_CHECK_BUILD:-1}" = 1 ] && [ "$DRY" != 1 ]; then
-    if [ -z "${CUDA_HOME:-}" ]; then
-        for c in /usr/local/cuda "$(dirname "$(dirname "$(command -v nvcc 2>/dev/null || echo /x/x)")")"; do
-            if [ -x "$c/bin/nvcc" ] && ls "$c"/lib64/libcudart.so* >/dev/null 2>&1; then export CUDA_HOME="$c"; break; fi
+CUDA_TESTED="NOT TESTED"
+TEST_COUNTS=""
+correctness() {
+    if [ "${GPU_CHECK_BUILD:-1}" = 1 ] && [ "$DRY" != 1 ]; then
+        if [ -z "${CUDA_HOME:-}" ]; then
+            for c in /usr/local/cuda "$(dirname "$(dirname "$(command -v nvcc 2>/dev/null || echo /x/x)")")"; do
+                if [ -x "$c/bin/nvcc" ] && ls "$c"/lib64/libcudart.so* >/dev/null 2>&1; then export CUDA_HOME="$c"; break; fi
+            done
+        fi
+        if step "build extension (sm_90, $(nproc) jobs)" "$(box "${GPU_CHECK_BOX_BUILD:-150}")" build.log \
+            env TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS="$(nproc)" "$PY" setup.py build_ext --inplace; then
+            "$PY" -c "import fastjepa._C as c, sys; sys.exit(0 if c.WITH_CUDA else 1)" >>"$LOGS/build.log" 2>&1 && CUDA_EXT="built"
+        fi
+    else
+        echo "| build extension | skipped (GPU_CHECK_BUILD=0 or dry run) | 0 s |" >>"$SUMMARY"
+    fi
+    # the CUDA extension's and test_gpu.py's cases first, then every other file; one line per
+    # test as it ends (-v), so a run cut short still shows what passed; a file that fails to
+    # collect costs only its own tests
+    local first=(tests/test_cuda_ext.py tests/test_gpu.py) rest=() f
+    if [ "$DRY" != 1 ]; then
+        for f in tests/test_*.py; do
+            case "$f" in tests/test_cuda_ext.py | tests/test_gpu.py) ;; *) rest+=("$f") ;; esac
         done
     fi
-    if part "build extension (sm_90, 16 jobs)" "$(box 120)" build.log \
-        env TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 "$PY" setup.py build_ext --inplace; then
-        "$PY" -c "import fastjepa._C as c, sys; sys.exit(0 if c.WITH_CUDA else 1)" >>"$LOGS/build.log" 2>&1 && CUDA_EXT="built"
+    local args=(-m gpu -v -rfE -p no:cacheprovider --continue-on-collection-errors "${first[@]}" "${rest[@]}")
+    if "$PY" -c "import pytest_timeout" 2>/dev/null; then
+        args+=(--timeout "${GPU_CHECK_TEST_TIMEOUT:-90}")
+    else
+        echo "pytest-timeout absent: no per-test timeout (the step's time box still holds)" >"$LOGS/pytest_gpu.note"
     fi
-else
-    echo "| build extension | skipped (GPU_CHECK_BUILD=0 or dry run) | 0 s |" >>"$SUMMARY"
-fi
+    step "pytest -m gpu" "$(box "${GPU_CHECK_BOX_PYTEST:-$(left)}")" pytest_gpu.log env TRITON_INTERPRET="$TRITON_INTERPRET" "$PY" -m pytest "${args[@]}"
+    local log="$LOGS/pytest_gpu.log" p fl e s
+    grep -qE "^tests/test_cuda_ext.py::\S+ PASSED" "$log" && CUDA_TESTED="tested"
+    grep -qE "^tests/test_cuda_ext.py::\S+ (FAILED|ERROR)" "$log" && CUDA_TESTED="FAILED its tests"
+    p=$(grep -cE "^tests/\S+ PASSED" "$log")
+    fl=$(grep -cE "^tests/\S+ FAILED" "$log")
+    e=$(grep -cE "^tests/\S+ ERROR" "$log")
+    s=$(grep -cE "^tests/\S+ SKIPPED" "$log")
+    TEST_COUNTS="GPU tests: $p passed, $fl failed, $e errors, $s skipped (from the per-test lines of pytest_gpu.log)."
+}
 
-# -- 2. every GPU-marked test, compiled kernels --------------------------------------------
-PYTEST_ARGS=(-q -m gpu tests -p no:cacheprovider -rA)
-[ "$DRY" = 1 ] && PYTEST_ARGS=(-q -m gpu tests/test_cuda_ext.py -p no:cacheprovider -rA)  # the dry run: the marker plumbing only
-part "pytest -m gpu" "$(box 100)" pytest_gpu.log env TRITON_INTERPRET="$TRITON_INTERPRET" "$PY" -m pytest "${PYTEST_ARGS[@]}"
-CUDA_TESTED="NOT TESTED"
-grep -qE "^PASSED tests/test_cuda_ext.py" "$LOGS/pytest_gpu.log" && CUDA_TESTED="tested"
-grep -qE "^FAILED tests/test_cuda_ext.py" "$LOGS/pytest_gpu.log" && CUDA_TESTED="FAILED its tests"
+# -- speed: the op table, the training-step table, the data pipeline -------------------------
+speed() {
+    local providers="reference,fused" ops_args ts_args data_args
+    [ "${GPU_CHECK_COMPILED:-0}" = 1 ] && providers="reference,compiled,fused"
+    ops_args=(--providers "$providers" --out "$DEST/ops_table.json")
+    if [ "$DRY" = 1 ]; then ops_args+=(--iters 1); else ops_args+=(--dtype bf16); fi
+    step "ops_table" "$(box "${GPU_CHECK_BOX_OPS:-75}")" ops_table.log "$PY" benchmarks/ops_table.py "${ops_args[@]}"
 
-# -- 3. the fused-op table (no torch.compile provider unless asked) ------------------------
-PROVIDERS="reference,fused"
-[ "${GPU_CHECK_COMPILED:-0}" = 1 ] && PROVIDERS="reference,compiled,fused"
-OPS_ARGS=(--providers "$PROVIDERS" --out "$DEST/ops_table.json")
-if [ "$DRY" = 1 ]; then OPS_ARGS+=(--iters 1 --ops smooth_l1_loss); else OPS_ARGS+=(--dtype bf16); fi
-part "ops_table" "$(box 70)" ops_table.log "$PY" benchmarks/ops_table.py "${OPS_ARGS[@]}"
+    if [ "$DRY" = 1 ]; then
+        ts_args=(--repeats 1 --steps 1 --warmup 1 --paths fastjepa --in-process)  # the GPU's one-process code
+    else
+        ts_args=(--steps 5 --warmup 4)
+        [ "${GPU_CHECK_MAX_BATCH:-0}" = 1 ] && ts_args+=(--max-batch --time-cap 60)
+    fi
+    local ts_box
+    ts_box=$(box "${GPU_CHECK_BOX_TRAIN:-150}")
+    step "train_step_table" "$ts_box" train_step.log \
+        "$PY" benchmarks/train_step_table.py --out "$DEST" --name train_step --time-budget $((ts_box - 10)) "${ts_args[@]}"
 
-# -- 4. the data pipeline (another engineer's script; run when present) --------------------
-if [ -f benchmarks/bench_data.py ]; then
-    # CPU paths per core and on all cores, and data.decode=gpu (nvjpeg; "unavailable" with the
-    # reason where torchvision cannot be imported): data.json + data.md
-    DATA_ARGS=(--gpu --files 32 --rounds 3 --seconds 2)
-    [ "$DRY" = 1 ] && DATA_ARGS=(--quick)
-    part "bench_data" "$(box 60)" bench_data.log "$PY" benchmarks/bench_data.py "${DATA_ARGS[@]}" --out "$DEST" --stem data
-else
-    echo "| bench_data | skipped (benchmarks/bench_data.py not in this checkout) | 0 s |" >>"$SUMMARY"
-fi
+    # the dataset as training uses it, one loader core; data.decode=gpu (nvjpeg; "unavailable"
+    # with the reason where torchvision cannot be imported): data.json + data.md
+    data_args=(--gpu --files 32 --rounds 3 --seconds 2)
+    [ "$DRY" = 1 ] && data_args=(--quick)
+    step "bench_data" "$(box "${GPU_CHECK_BOX_DATA:-45}")" bench_data.log "$PY" benchmarks/bench_data.py "${data_args[@]}" --out "$DEST" --stem data
+}
 
-# -- 5. the training-step table with MFU: whatever the budget has left (at least 2 minutes) -
-TS_LEFT=$(left)
-[ "$TS_LEFT" -lt 120 ] && TS_LEFT=120
-if [ "$DRY" = 1 ]; then
-    TS_ARGS=(--repeats 1 --steps 1 --warmup 1 --paths fastjepa)
-else
-    TS_ARGS=(--max-batch --time-cap $(((TS_LEFT - 150) / 2 > 30 ? (TS_LEFT - 150) / 2 : 30)))
-fi
-part "train_step_table" "$TS_LEFT" train_step.log "$PY" benchmarks/train_step_table.py --out "$DEST" --name train_step "${TS_ARGS[@]}"
+preflight
+case "$MODE" in
+    correctness) correctness ;;
+    speed) speed ;;
+    all) correctness; T0=$SECONDS; speed ;;  # each part its own budget
+esac
 
 # -- the summary ---------------------------------------------------------------------------
 {
     echo
-    echo "Total: $((SECONDS - T0)) s of a ${BUDGET} s budget."
+    echo "Total: $((SECONDS - START)) s; each part's budget ${BUDGET} s (the last part took $((SECONDS - T0)) s)."
     echo
     echo '```'
-    grep -E "^(missing|optional|python|GPU|backends|imports)" "$LOGS/preflight.log" | cut -c1-400
+    grep -E "^(missing|optional|pytest-timeout|python|GPU|backends|imports)" "$LOGS/preflight.log" | cut -c1-400
     echo '```'
-    echo
-    if [ "$CUDA_EXT" = built ] && [ "$CUDA_TESTED" = tested ]; then
-        echo "CUDA kernel (fastjepa._C, csrc/cuda): built for sm_90 and tested."
-    else
-        echo "**CUDA KERNEL (fastjepa._C, csrc/cuda): ${CUDA_EXT}, ${CUDA_TESTED}.** The fused ops ran on Triton / the reference."
+    if [ "$MODE" != speed ]; then
+        echo
+        if [ "$CUDA_EXT" = built ] && [ "$CUDA_TESTED" = tested ]; then
+            echo "CUDA kernel (fastjepa._C, csrc/cuda): built for sm_90 and tested."
+        else
+            echo "**CUDA KERNEL (fastjepa._C, csrc/cuda): ${CUDA_EXT}, ${CUDA_TESTED}.** The fused ops ran on Triton / the reference."
+        fi
+        echo
+        echo "$TEST_COUNTS"
+        grep -E "^tests/\S+ (FAILED|ERROR)" "$LOGS/pytest_gpu.log" 2>/dev/null | head -n 20 | sed 's/^/    /'
     fi
-    if [ -f "$DEST/train_step.md" ]; then
-        echo
-        echo "## Train step"
-        echo
-        cat "$DEST/train_step.md"
-    fi
-    if [ -f "$DEST/ops_table.json" ]; then
-        echo
-        echo "## Ops"
-        echo
-        sed -n '/^| op |/,/^$/p' "$LOGS/ops_table.log"
-    fi
+    for t in train_step ops_table data; do
+        if [ -f "$DEST/$t.md" ]; then
+            echo
+            echo "## $t"
+            echo
+            cat "$DEST/$t.md"
+        fi
+    done
 } >>"$SUMMARY"
 pack_logs
 echo

@@ -107,20 +107,74 @@ def _check_batch(cfg: dict, device: torch.device):
     return imgs.to(device), [m.to(device) for m in me], [m.to(device) for m in mp]
 
 
-def run_child(args) -> dict:
+class CompileCounter:
+    """Counts Triton kernel compilations (new specialisations) and torch.compile graphs while
+    active: a timed step that compiles measures the compiler, so the table reports it."""
+
+    def __init__(self):
+        self.triton = 0
+        self._restore = None
+
+    def _hook(self, *args, **kwargs):
+        self.triton += 1
+        return False  # go on compiling
+
+    def __enter__(self):
+        try:
+            import triton
+
+            knobs = getattr(triton, "knobs", None)
+            if knobs is not None and hasattr(knobs.runtime, "jit_cache_hook"):
+                prev = knobs.runtime.jit_cache_hook
+                knobs.runtime.jit_cache_hook = self._hook
+                self._restore = lambda: setattr(knobs.runtime, "jit_cache_hook", prev)
+            else:  # Triton < 3.3: a class attribute
+                from triton.runtime.jit import JITFunction
+
+                prev = JITFunction.cache_hook
+                JITFunction.cache_hook = self._hook
+                self._restore = lambda: setattr(JITFunction, "cache_hook", prev)
+        except Exception:  # no hook in this Triton: the count stays unknown
+            self.triton = None
+        try:
+            from torch._dynamo.utils import counters
+
+            self._graphs0 = counters["stats"]["unique_graphs"]
+        except Exception:
+            self._graphs0 = None
+        return self
+
+    def __exit__(self, *exc):
+        if self._restore:
+            self._restore()
+        return False
+
+    @property
+    def graphs(self) -> int | None:
+        if self._graphs0 is None:
+            return None
+        from torch._dynamo.utils import counters
+
+        return counters["stats"]["unique_graphs"] - self._graphs0
+
+
+def run_path(config: str | None, overrides: list[str], *, steps: int, warmup: int, cpu_bf16: bool = False, threads: int = 0) -> dict:
+    """One path: build the Trainer, check the loss on a fixed batch, draw warm-up + timed
+    batches from the real loader (timed as "load"), put each on the device (pinned,
+    non-blocking, synchronised) before its step's clock starts, time the steps."""
     from fastjepa.config import load_config
     from fastjepa.trainer import Trainer
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    cfg = load_config(args.config, [*COMMON, *args.set])
+    if threads:
+        torch.set_num_threads(threads)
+    cfg = load_config(config, [*COMMON, *overrides])
     B = cfg["data"]["batch_size"]
-    n_batches = args.warmup + args.steps
+    n_batches = warmup + steps
     cfg["data"]["synthetic_samples"] = B * n_batches
     with tempfile.TemporaryDirectory() as tmp:
         tr = Trainer(cfg, tmp, quiet=True)
     device = tr.device
-    if args.cpu_bf16 and device.type == "cpu":
+    if cpu_bf16 and device.type == "cpu":
         tr.amp_dtype = torch.bfloat16  # what the trainer does on CUDA with meta.use_bfloat16 (no GradScaler)
     step_dtype = tr.amp_dtype or torch.float32
 
@@ -128,6 +182,7 @@ def run_child(args) -> dict:
     imgs, me, mp = _check_batch(cfg, device)
     with torch.no_grad(), tr._backend_context(), torch.autocast(device.type, dtype=step_dtype, enabled=tr.amp_dtype is not None):
         check_loss = float(tr.model(imgs, me, mp))
+    del imgs, me, mp
 
     # the real loader and collator: time fetching the batches
     batches, load_s, load_cpu = [], [], []
@@ -138,34 +193,67 @@ def run_child(args) -> dict:
         load_s.append(time.perf_counter() - t0)
         load_cpu.append(time.process_time() - c0)
         batches.append((udata[0] if isinstance(udata, (list, tuple)) else udata, masks_enc, masks_pred))
+    del it
+
+    def to_device(t: torch.Tensor) -> torch.Tensor:
+        if device.type == "cuda":
+            return t.pin_memory().to(device, non_blocking=True)
+        return t.to(device)
 
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    step_s, step_cpu, step_flops = [], [], []
+    step_s, step_cpu, step_flops, compiles = [], [], [], []
     for i, (x, masks_enc, masks_pred) in enumerate(batches):
+        x = to_device(x)  # the batch is on the device before the clock starts, as a prefetching loader leaves it
+        masks_enc = [to_device(m) for m in masks_enc]
+        masks_pred = [to_device(m) for m in masks_pred]
         _sync(device)
-        t0, c0 = time.perf_counter(), time.process_time()
-        x = x.to(device, non_blocking=True)
-        masks_enc = [m.to(device, non_blocking=True) for m in masks_enc]
-        masks_pred = [m.to(device, non_blocking=True) for m in masks_pred]
-        with tr._backend_context():
-            loss, _, _ = tr.train_step(x, masks_enc, masks_pred)
-        _sync(device)
-        if i >= args.warmup:
-            step_s.append(time.perf_counter() - t0)
-            step_cpu.append(time.process_time() - c0)
+        with CompileCounter() as cc:
+            t0, c0 = time.perf_counter(), time.process_time()
+            with tr._backend_context():
+                loss, _, _ = tr.train_step(x, masks_enc, masks_pred)
+            _sync(device)
+            dt, dc = time.perf_counter() - t0, time.process_time() - c0
+        if i >= warmup:
+            step_s.append(dt)
+            step_cpu.append(dc)
             step_flops.append(flops.step_flops(flops.shape_of(tr.model, B, masks_enc, masks_pred))["total"])
+            compiles.append({"triton": cc.triton, "graphs": cc.graphs})
     final_loss = float(loss)
     if device.type == "cuda":
         peak_mem = torch.cuda.max_memory_allocated(device)
     else:
         peak_mem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    triton_compiles = None if any(c["triton"] is None for c in compiles) else sum(c["triton"] for c in compiles)
+    graphs = None if any(c["graphs"] is None for c in compiles) else sum(c["graphs"] for c in compiles)
     return {
-        "batch": B, "step_s": step_s, "load_s": load_s[args.warmup:], "step_cpu_s": step_cpu, "load_cpu_s": load_cpu[args.warmup:], "flops": step_flops, "peak_mem_bytes": peak_mem,
+        "batch": B, "step_s": step_s, "load_s": load_s[warmup:], "step_cpu_s": step_cpu, "load_cpu_s": load_cpu[warmup:], "flops": step_flops, "peak_mem_bytes": peak_mem,
         "check_loss": check_loss, "final_loss": final_loss, "step_dtype": str(step_dtype).replace("torch.", ""),
-        "device": str(device), "threads": torch.get_num_threads(),
+        "device": str(device), "threads": torch.get_num_threads(), "timed_triton_compiles": triton_compiles,
+        "timed_compiled_graphs": graphs,
     }  # fmt: skip
+
+
+def run_in_process(config: str | None, overrides: list[str], **kw) -> dict:
+    """:func:`run_path` in this process; its error (any exception) is the row's; the path's
+    memory is freed before the next (gc, then the CUDA cache)."""
+    import gc
+    import traceback
+
+    try:
+        return run_path(config, overrides, **kw)
+    except Exception as exc:
+        tb = traceback.format_exc().strip().splitlines()
+        return {"error": f"{type(exc).__name__}: {str(exc)[:500]} ({tb[-3].strip() if len(tb) > 2 else ''})"}
+    finally:
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def run_child(args) -> dict:
+    return run_path(args.config, args.set, steps=args.steps, warmup=args.warmup, cpu_bf16=args.cpu_bf16, threads=args.threads)
 
 
 def _fits(tr, B: int, crop: int, device: torch.device) -> bool:
@@ -258,7 +346,22 @@ def child(config: str | None, overrides: list[str], *, steps: int, warmup: int, 
         Path(out).unlink(missing_ok=True)
 
 
-def summarise(runs: list[dict], peak: dict[str, float], clock: str) -> dict:
+# dense tensor-core peaks from the vendors' datasheets (TFLOP/s, bf16/fp16 without sparsity)
+DATASHEET_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("GH200", 989.0), ("H200", 989.0),
+                    ("H800", 989.0), ("A100", 312.0), ("A800", 312.0), ("L40S", 362.0))  # fmt: skip
+
+
+def datasheet_peak(device_name: str, dtype: str) -> tuple[float, str] | None:
+    """(FLOP/s, which datasheet figure) for bf16/fp16 steps on a known GPU; None otherwise."""
+    if dtype not in ("bfloat16", "float16"):
+        return None
+    for key, tflops in DATASHEET_TFLOPS:
+        if key.lower() in device_name.lower():
+            return tflops * 1e12, f"{key} datasheet {dtype} dense {tflops:g} TFLOP/s"
+    return None
+
+
+def summarise(runs: list[dict], peak: dict[str, float], clock: str, datasheet: dict[str, tuple[float, str] | None] | None = None) -> dict:
     """Medians over every timed step of every run. ``clock="cpu"`` times with the process's
     CPU time (one thread: the step's own cycles, robust to other work on a shared machine),
     ``"wall"`` with the wall clock (always reported too)."""
@@ -279,11 +382,19 @@ def summarise(runs: list[dict], peak: dict[str, float], clock: str) -> dict:
         "load_ms": 1e3 * load, "imgs_per_s": B / step, "imgs_per_s_with_loading": B / (step + load),
         "wall_step_ms": 1e3 * statistics.median(wall), "wall_imgs_per_s": B / statistics.median(wall),
         "peak_mem_gib": max(r["peak_mem_bytes"] for r in ok) / 2**30,
-        "tflops_per_s": flops_per_s / 1e12, "mfu": flops_per_s / peak[dtype], "step_dtype": dtype, "gflops_per_step": statistics.mean(fl) / 1e9,
+        "tflops_per_s": flops_per_s / 1e12, "mfu": flops_per_s / peak[dtype], "step_dtype": dtype,
+        "mfu_datasheet": flops_per_s / ds[0] if (ds := (datasheet or {}).get(dtype)) else None, "datasheet": ds[1] if ds else None,
+        "timed_triton_compiles": _sum_known(r.get("timed_triton_compiles") for r in ok),
+        "timed_compiled_graphs": _sum_known(r.get("timed_compiled_graphs") for r in ok), "gflops_per_step": statistics.mean(fl) / 1e9,
         "check_loss": ok[0]["check_loss"], "final_loss": ok[-1]["final_loss"], "timed_steps": len(steps), "runs": len(ok),
         "per_run_imgs_per_s": [B / statistics.median(r["step" + key]) for r in ok], "errors": [r["error"] for r in runs if "error" in r],
         "threads": ok[0]["threads"],
     }  # fmt: skip
+
+
+def _sum_known(values) -> int | None:
+    values = list(values)
+    return None if any(v is None for v in values) else sum(values)
 
 
 def machine() -> dict:
@@ -310,28 +421,43 @@ def machine() -> dict:
 
 
 def markdown(rows: list[dict], info: dict) -> str:
+    peaks = info.get("measured_peak_tflops", {})
+    datasheets = sorted({r["result"]["datasheet"] for r in rows if r["result"].get("datasheet")})
     lines = [
         f"Device: {info['device']} · torch {info['torch']} · {info['date_utc']} UTC · "
         + ("timed by process CPU time, 1 thread per run" if info.get("clock") == "cpu" else "timed by wall clock")
+        + (" · all paths in one process" if info.get("in_process") else " · one process per path and repeat")
         + (
             f" · load average at start {info['load_avg_start'][0]:.1f} on {info['cores']} cores"
             if "load_avg_start" in info
             else ""
         ),
         "",
-        "| model | path | batch | step ms (median, range) | img/s (step) | img/s (with loading) | vs reference | wall step ms | peak mem GiB | TFLOP/s | MFU | loss check |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
-    ]
+        "MFU = counted FLOPs / step time / peak: against the measured matmul peak ("
+        + ", ".join(f"{k} {v:.3g} TFLOP/s" for k, v in peaks.items())
+        + ")" + (" and against the datasheet (" + "; ".join(datasheets) + ")" if datasheets else "; no datasheet peak for this device")
+        + ". Compiles: Triton kernels compiled (and torch.compile graphs) during the timed steps; should be 0.",
+        "",
+        "| model | path | batch | step ms (median, range) | img/s (step) | img/s (with loading) | vs reference | wall step ms "
+        "| peak mem GiB | TFLOP/s | MFU (measured peak) | MFU (datasheet) | compiles in timed steps | loss check |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]  # fmt: skip
+
+    def n(v):
+        return "?" if v is None else str(v)
+
     for r in rows:
         s = r["result"]
         if "error" in s:
-            lines.append(f"| {r['model']} | {r['path']} | | | | | | | | | | error: {s['error'][:120]} |")
+            lines.append(f"| {r['model']} | {r['path']} |" + " |" * 11 + f" error: {s['error'][:160]} |")
             continue
+        ds = f"{100 * s['mfu_datasheet']:.1f}%" if s.get("mfu_datasheet") is not None else "–"
         lines.append(
             f"| {r['model']} | {r['path']} | {s['batch']} | {s['step_ms']:.1f} ({s['step_ms_min']:.0f}–{s['step_ms_max']:.0f}) | "
             f"{s['imgs_per_s']:.1f} | {s['imgs_per_s_with_loading']:.1f} | {r.get('speedup', float('nan')):.2f}× "
             f"({r.get('speedup_with_loading', float('nan')):.2f}× w/ loading) | {s['wall_step_ms']:.0f} | {s['peak_mem_gib']:.2f} | {s['tflops_per_s']:.3f} | "
-            f"{100 * s['mfu']:.1f}% ({s['step_dtype']}) | {r.get('check', '')} |"
+            f"{100 * s['mfu']:.1f}% ({s['step_dtype']}) | {ds} | {n(s.get('timed_triton_compiles'))} / {n(s.get('timed_compiled_graphs'))} "
+            f"| {r.get('check', '')} |"
         )
     return "\n".join(lines)
 
@@ -362,6 +488,10 @@ def main(argv=None) -> int:
     ap.add_argument("--models", help="comma-separated subset of the GPU models (e.g. ViT-B/16)")
     ap.add_argument("--max-batch", action="store_true", help="GPU: also search the largest ViT-H/14 batch per path")
     ap.add_argument("--time-cap", type=float, default=120.0, help="seconds per path for the batch search")
+    ap.add_argument("--time-budget", type=float, default=None,
+                    help="seconds: start no further path once the next would likely end past this (the rows so far stand)")  # fmt: skip
+    ap.add_argument("--in-process", action=argparse.BooleanOptionalAction, default=None,
+                    help="all paths in this process (default on a GPU; on the CPU one child process per path and repeat)")  # fmt: skip
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--config", help=argparse.SUPPRESS)
     ap.add_argument("--set", action="append", default=[], help=argparse.SUPPRESS)
@@ -391,7 +521,12 @@ def main(argv=None) -> int:
     info["clock"] = clock
     dev = torch.device("cuda" if gpu else "cpu")
     peak = {dt: flops.measured_peak_flops(dev, getattr(torch, dt), clock=clock)["flops_per_s"] for dt in ("float32", "bfloat16")}
+    if gpu:
+        torch.cuda.empty_cache()  # the peak's operands: not held while the paths run
     info["measured_peak_tflops"] = {k: v / 1e12 for k, v in peak.items()}
+    datasheet = {dt: datasheet_peak(info["device"], dt) for dt in ("float32", "bfloat16")}
+    in_process = gpu if args.in_process is None else args.in_process
+    info["in_process"] = in_process
     print(
         f"# {info['device']}: measured matmul peak " + ", ".join(f"{k} {v / 1e12:.3f} TFLOP/s" for k, v in peak.items()),
         flush=True,
@@ -426,36 +561,48 @@ def main(argv=None) -> int:
                     table += f"| {path} | error: {s['error'][:100]} | | |\n"
                 else:
                     table += f"| {path} | {s['max_batch']} | {s['first_failure']} | {'yes' if s['exact_to_8'] else 'no (time cap)'} |\n"
-        write_report(out, stem, {"machine": info, "rows": done, "max_batch": search,
+        if skipped:
+            table += f"\n\nNot run (the --time-budget of {args.time_budget:g} s would have been passed): {', '.join(skipped)}."
+        write_report(out, stem, {"machine": info, "rows": done, "max_batch": search, "skipped": skipped,
                                  "repeats": repeats, "steps": steps, "warmup": warmup}, table, indent=1)  # fmt: skip
         return table
 
-    for model, (config, base) in models.items():
-        runs: dict[str, list[dict]] = {p: [] for p in paths}
-        for rep in range(repeats):
-            for path, extra in paths.items():  # interleaved: A B A B ...
-                t0 = time.perf_counter()
-                r = child(config, base + extra, steps=steps, warmup=warmup, cpu_bf16="+bf16" in path, threads=threads)
-                runs[path].append(r)
-                what = r.get("error") or (
-                    f"median step {1e3 * statistics.median(r['step_s']):.1f} ms wall"
-                    + (f", {1e3 * statistics.median(r['step_cpu_s']):.1f} ms CPU" if clock == "cpu" else "")
-                )
-                print(f"  {model} {path} run {rep + 1}/{repeats}: {what} ({time.perf_counter() - t0:.0f} s)", flush=True)
-                partial = rows + [{"model": model, "path": p, "result": summarise(runs[p], peak, clock)} for p in paths if runs[p]]
-                compare(partial, model, tol=1e-4)
-                write(partial)
-        for path in paths:
-            rows.append({"model": model, "path": path, "result": summarise(runs[path], peak, clock)})
-        compare(rows, model, tol=1e-4)
-        write()
-        if gpu and args.max_batch and model == "ViT-H/14":  # before ViT-L/16, the least needed rows
-            for path in ("fastjepa", "reference"):  # the published architecture only
-                t0 = time.perf_counter()
-                search[path] = child(config, GPU_PATHS[path], steps=1, warmup=0, max_batch=True, time_cap=args.time_cap,
-                                     timeout=args.time_cap + 240)  # fmt: skip
-                print(f"  ViT-H/14 {path} largest batch: {search[path]} ({time.perf_counter() - t0:.0f} s)", flush=True)
-                write()
+    # the order: ViT-B/16 and ViT-H/14, fastjepa vs reference, first; the other paths next; the
+    # other models last (a run cut short by its time box keeps the rows that matter most)
+    first_models = [m for m in models if m in ("ViT-B/16", "ViT-H/14")] or list(models)[:1]
+    main_paths = [p for p in paths if p in ("fastjepa", "reference")]
+    jobs = [(m, p) for m in first_models for p in main_paths]
+    jobs += [(m, p) for m in first_models for p in paths if p not in main_paths]
+    jobs += [(m, p) for m in models if m not in first_models for p in paths]
+    runs: dict[tuple[str, str], list[dict]] = {}
+    started, longest, skipped = time.perf_counter(), 0.0, []
+    for rep in range(repeats):
+        for model, path in jobs:  # repeats interleave: A B A B ...
+            config, base = models[model]
+            if args.time_budget and time.perf_counter() - started + 1.3 * longest > args.time_budget:
+                skipped.append(f"{model} {path}")  # would end past the budget: left out, said so below
+                continue
+            t0 = time.perf_counter()
+            kw = dict(steps=steps, warmup=warmup, cpu_bf16="+bf16" in path, threads=threads)
+            r = run_in_process(config, base + paths[path], **kw) if in_process else child(config, base + paths[path], **kw)
+            runs.setdefault((model, path), []).append(r)
+            what = r.get("error") or (
+                f"median step {1e3 * statistics.median(r['step_s']):.1f} ms wall"
+                + (f", {1e3 * statistics.median(r['step_cpu_s']):.1f} ms CPU" if clock == "cpu" else "")
+            )
+            print(f"  {model} {path} run {rep + 1}/{repeats}: {what} ({time.perf_counter() - t0:.0f} s)", flush=True)
+            longest = max(longest, time.perf_counter() - t0)
+            rows[:] = [{"model": m, "path": p, "result": summarise(rs, peak, clock, datasheet)} for (m, p), rs in runs.items()]
+            for m in models:
+                compare(rows, m, tol=1e-4)
+            write()
+            if gpu and args.max_batch and rep == 0 and "ViT-H/14" in models and (model, path) == jobs[len(first_models) * len(main_paths) - 1]:
+                for mb_path in ("fastjepa", "reference"):  # after the main rows; the published architecture only
+                    t0 = time.perf_counter()
+                    search[mb_path] = child(models["ViT-H/14"][0], GPU_PATHS[mb_path], steps=1, warmup=0, max_batch=True,
+                                            time_cap=args.time_cap, timeout=args.time_cap + 240)  # fmt: skip
+                    print(f"  ViT-H/14 {mb_path} largest batch: {search[mb_path]} ({time.perf_counter() - t0:.0f} s)", flush=True)
+                    write()
 
     print()
     print(write())

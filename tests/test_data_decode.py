@@ -350,7 +350,10 @@ def test_gpu_decode_matches_the_cpu_path(jpegs, tmp_path):
     device = torch.device("cuda")
     assert resolve_decode("gpu", device) == "gpu"
     _bad_folder(tmp_path / "bad")
+    from fastjepa.data.decode import gpu_decode_counts
+
     for root, size in ((jpegs, 224), (jpegs, 48), (tmp_path / "bad", 16)):
+        before = gpu_decode_counts()
         gpu = ImageFolder(root, crop_size=size, output="uint8", decode="gpu", hflip=True)
         ref = ImageFolder(root, crop_size=size, output="uint8", fast_decode=False, hflip=True)
         with warnings.catch_warnings():
@@ -366,6 +369,10 @@ def test_gpu_decode_matches_the_cpu_path(jpegs, tmp_path):
         to255 = lambda x: (x.cpu() * std + mean) * 255  # noqa: E731
         for i in range(len(gpu)):
             assert _psnr(to255(out)[i], to255(expected)[i]) >= 30, (root, size, i)
+        counts = {k: v - before[k] for k, v in gpu_decode_counts().items()}
+        assert sum(counts.values()) == len(gpu), counts
+        if root == jpegs:  # every plain JPEG decoded by nvjpeg: a fallback would compare the CPU against itself
+            assert counts["cpu_fallback"] == 0 and counts["nvjpeg"] > 0, counts
 
 
 @pytest.mark.slow
@@ -391,3 +398,37 @@ def test_imagefolder_resume_mid_epoch_with_workers_is_exact(jpegs, tmp_path):
     rest = Trainer(load_config(None, base), tmp_path / "part", resume=True, quiet=True).fit()
     assert full["status"] == rest["status"] == "done" and part["step"] == 3 and full["step"] == rest["step"] == 8
     assert losses(tmp_path / "full") == losses(tmp_path / "part")
+
+
+def test_gpu_decode_counts_nvjpeg_images_cpu_fallbacks_and_raw_payloads(jpegs, monkeypatch):
+    """The GPU path's tally, with a stand-in for torchvision's nvjpeg decode on the CPU: the
+    batched call fails, one file is then refused and decoded on the CPU, the rest decode;
+    PNG / CMYK files arrive RAW. Every image is counted once, in the right column."""
+    import types
+
+    from torch.utils.data import default_collate
+
+    ds = ImageFolder(jpegs, crop_size=32, output="uint8", decode="gpu")
+    items = [ds[i] for i in range(len(ds))]
+    raw = sum(p.startswith(fast.RAW) for p, *_ in items)
+    refused = next(i for i, (p, *_) in enumerate(items) if not p.startswith(fast.RAW))
+
+    def decode_jpeg(data, mode=None, device=None):
+        if isinstance(data, list):
+            raise RuntimeError("batched decode failed")
+        if bytes(data.numpy()) == items[refused][0]:
+            raise RuntimeError("nvjpeg: unsupported")
+        import io
+
+        img = np.asarray(Image.open(io.BytesIO(bytes(data.numpy()))).convert("RGB"))
+        return torch.from_numpy(img.copy()).permute(2, 0, 1)
+
+    io_mod = types.SimpleNamespace(decode_jpeg=decode_jpeg, ImageReadMode=types.SimpleNamespace(RGB="RGB"))
+    monkeypatch.setitem(sys.modules, "torchvision", types.SimpleNamespace(io=io_mod))
+    monkeypatch.setitem(sys.modules, "torchvision.io", io_mod)
+    before = fast.gpu_decode_counts()
+    out = batch_to_device(default_collate(items), "cpu", ds)
+    counts = {k: v - before[k] for k, v in fast.gpu_decode_counts().items()}
+    assert out.shape == (len(ds), 3, 32, 32)
+    assert counts == {"nvjpeg": len(ds) - raw - 1, "cpu_fallback": 1, "raw": raw}, counts
+    assert raw > 0  # the fixture has files nvjpeg is never given

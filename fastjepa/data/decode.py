@@ -41,6 +41,17 @@ from .transforms import IMAGENET_MEAN, IMAGENET_STD
 DCT_SCALES = (1, 2, 4, 8)
 RAW = b"FJRAW"  # marks a payload that is already a decoded (3, S, S) uint8 crop (GPU path fallback)
 
+# what the GPU decode path did with the images it was given, in this process
+_GPU_COUNTS = {"nvjpeg": 0, "cpu_fallback": 0, "raw": 0}
+
+
+def gpu_decode_counts() -> dict[str, int]:
+    """Images the GPU decode path has handled in this process: ``nvjpeg`` (decoded on the
+    device), ``cpu_fallback`` (nvjpeg refused them: decoded on the CPU instead, one by one)
+    and ``raw`` (not plain JPEGs: decoded by the loader worker, shipped as pixels). A
+    benchmark or a run reads it twice and compares, to tell nvjpeg numbers from CPU ones."""
+    return dict(_GPU_COUNTS)
+
 _simplejpeg = None
 
 
@@ -228,6 +239,7 @@ def _gpu_decode(payloads, boxes, indices, device, dataset) -> torch.Tensor:
     for i in sorted(set(range(len(payloads))) - set(enc)):
         raw = torch.frombuffer(bytearray(payloads[i][len(RAW) :]), dtype=torch.uint8).view(3, S, S)
         out[i] = raw.to(device)
+    _GPU_COUNTS["raw"] += len(payloads) - len(enc)
     tensors = [torch.frombuffer(bytearray(payloads[i]), dtype=torch.uint8) for i in enc]
     try:
         decoded = decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device) if tensors else []
@@ -240,8 +252,10 @@ def _gpu_decode(payloads, boxes, indices, device, dataset) -> torch.Tensor:
                 decoded.append(None)
     for i, img in zip(enc, decoded):
         if img is None:  # the CPU path: skipped, warned and counted if unreadable there too
+            _GPU_COUNTS["cpu_fallback"] += 1
             out[i] = dataset.cpu_crop(int(indices[i]))[0].to(device)
             continue
+        _GPU_COUNTS["nvjpeg"] += 1
         top, left, h, w = (int(v) for v in boxes[i])
         crop = img[:, top : top + h, left : left + w].float()[None]
         out[i] = F.interpolate(crop, size=(S, S), mode="bilinear", antialias=True, align_corners=False)[0]
