@@ -149,8 +149,10 @@ def test_float64_modules_compute_in_float64():
 
 def test_bad_image_size_raises():
     enc = models.vit_tiny(patch_size=8, img_size=16, depth=1)
+    with pytest.raises(ValueError, match="multiples of the patch size 8"):
+        enc(torch.randn(1, 3, 32, 36))  # 36 is not a multiple of the patch
     with pytest.raises(ValueError, match="expected"):
-        enc(torch.randn(1, 3, 32, 32))
+        enc(torch.randn(3, 32, 32))  # no batch dimension
     with pytest.raises(ValueError, match="multiple of patch_size"):
         VisionTransformer(img_size=30, patch_size=8)
 

@@ -326,40 +326,30 @@ def extract_features(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Average-pooled target-encoder tokens: ((n, layers·D) float32, (n,) int64 labels).
 
-    ``layers=1``: the encoder's output (after its final LayerNorm), mean over tokens.
+    ``layers=1``: the encoder's output (after its final LayerNorm), mean over tokens
+    (``forward_head(forward_features(x), pre_logits=True)``).
     ``layers=4``: the last four blocks' outputs, each through the final LayerNorm, pooled
-    and concatenated (last block last).
+    and concatenated, last block last (``get_intermediate_layers(x, 4, norm=True)``).
     """
     depth = len(encoder.blocks)
     if layers not in (1, 4) or layers > depth:
         raise EvalError(f"--layers {layers}: expected 1 or 4 (at most the encoder depth, {depth})")
     encoder = encoder.to(device).eval()
-    captured: list[torch.Tensor] = []
-    hooks = []
-    if layers > 1:
-        for blk in encoder.blocks[-layers:]:
-            hooks.append(blk.register_forward_hook(lambda _m, _i, out: captured.append(out)))
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
     feats, labels = [], []
     t0, seen = time.perf_counter(), 0
-    try:
-        with _progress(len(dataset), desc, quiet) as bar:
-            for imgs, y in loader:
-                imgs = imgs.to(device, non_blocking=True)  # (B, C, H, W)
-                captured.clear()
-                out = encoder(imgs)  # (B, N, D)
-                if layers == 1:
-                    f = out.mean(dim=1)  # (B, D)
-                else:
-                    f = torch.cat([encoder.norm(h).mean(dim=1) for h in captured], dim=1)  # (B, layers·D)
-                feats.append(f.float().cpu())
-                labels.append(torch.as_tensor(y).long())
-                seen += imgs.size(0)
-                bar.update(imgs.size(0))
-                bar.set_postfix(img_s=f"{seen / max(time.perf_counter() - t0, 1e-9):.0f}")
-    finally:
-        for hk in hooks:
-            hk.remove()
+    with _progress(len(dataset), desc, quiet) as bar:
+        for imgs, y in loader:
+            imgs = imgs.to(device, non_blocking=True)  # (B, C, H, W)
+            if layers == 1:
+                f = encoder.forward_head(encoder.forward_features(imgs), pre_logits=True)  # (B, D)
+            else:
+                f = torch.cat([h.mean(dim=1) for h in encoder.get_intermediate_layers(imgs, layers, norm=True)], dim=1)  # (B, layers·D)
+            feats.append(f.float().cpu())
+            labels.append(torch.as_tensor(y).long())
+            seen += imgs.size(0)
+            bar.update(imgs.size(0))
+            bar.set_postfix(img_s=f"{seen / max(time.perf_counter() - t0, 1e-9):.0f}")
     return torch.cat(feats).numpy(), torch.cat(labels).numpy()
 
 
