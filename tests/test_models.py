@@ -234,7 +234,8 @@ def test_drop_path_drops_whole_residual_branches_in_training_only():
 
 @pytest.mark.parametrize("build, message", [
     (lambda: models.vit_tiny(patch_size=4, img_size=16, depth=1, embed_dim=40, num_heads=3), r"dim=40 is not divisible by num_heads=3"),
-    (lambda: models.vit_tiny(patch_size=4, img_size=16, depth=1)(torch.randn(2, 3, 20, 20)), r"images: expected \(B, C, 16, 16\), got \(2, 3, 20, 20\)"),
+    (lambda: models.vit_tiny(patch_size=4, img_size=16, depth=1)(torch.randn(2, 3, 20, 18)),
+     r"images: expected \(B, C, H, W\) with H and W multiples of the patch size 4 \(built for 16\), got \(2, 3, 20, 18\)"),
     (lambda: models.vit_tiny(patch_size=4, img_size=16, depth=1, embed_dim=30, num_heads=3),
      r"embed_dim=30: a 2-D sin-cos embedding needs a width divisible by 4"),
     (lambda: models.vit_tiny(patch_size=4, img_size=(16, 20), depth=1), r"img_size=\[16, 20\]: expected an int or a one-element list"),
