@@ -437,13 +437,23 @@ def load_checkpoint(
 
 
 def load_encoder(
-    path: str | os.PathLike, encoder: nn.Module, *, which: str = "target_encoder", strict: bool = True, trust: bool = False
-) -> dict[str, Any]:
+    path: str | os.PathLike, encoder: nn.Module | None = None, *, which: str = "target_encoder", strict: bool = True, trust: bool = False
+) -> Any:
     """Load one network (default the target encoder, as used for evaluation) into
     ``encoder`` from a fastjepa or reference checkpoint, or from a ``.safetensors`` file
     written by ``python -m fastjepa.checkpoint export`` (its architecture is checked
     against ``encoder`` first). Returns the checkpoint dict; for safetensors
-    ``{which: state, "metadata": {...}}``."""
+    ``{which: state, "metadata": {...}}``.
+
+    Without ``encoder``: :func:`fastjepa.load_encoder` — a ready ``VisionTransformer``
+    built from the architecture the file records, for every layout it reads (run folders,
+    Hugging Face and timm files too). ``which``: ``"target_encoder"`` / ``"target"`` or
+    ``"encoder"`` / ``"context"``."""
+    if encoder is None:
+        from .encoders import load_encoder as load_any  # the one call upward: model building lives above this layer
+
+        flag = {"target_encoder": "target", "encoder": "context"}.get(which, which)
+        return load_any(path, which=flag, trust=trust)
     path = Path(path)
     if path.name.endswith(SAFETENSORS_SUFFIX):
         state, meta = read_safetensors(path)

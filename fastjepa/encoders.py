@@ -150,14 +150,30 @@ def _config_with(stored: Mapping[str, Any] | None, config: str | os.PathLike | N
     return validate(cfg), "the checkpoint's config"
 
 
-def _run_folder_checkpoint(folder: Path) -> tuple[Path, str]:
+def run_folder_checkpoint(folder: str | os.PathLike) -> tuple[Path, str] | None:
+    """``(checkpoint, "best" | "latest")`` of a run folder: its ``<tag>-best.pth.tar`` if
+    it has one, else its ``<tag>-latest.pth.tar``; None when it has neither."""
+    folder = Path(folder)
     for kind in ("best", "latest"):
         found = sorted(folder.glob(f"*-{kind}.pth.tar"))
         if len(found) == 1:
             return found[0], kind
         if len(found) > 1:
             raise CheckpointError(f"{folder} holds several {kind} checkpoints ({', '.join(p.name for p in found)}): pass one of them")
-    raise CheckpointError("")  # not a run folder; the caller names what it found
+    return None
+
+
+def config_names(arch: Mapping[str, Any]) -> dict[str, Any]:
+    """``arch`` as a fastjepa config's names: ``{model_name, model_kwargs, patch_size,
+    crop_size}`` (the factory of that width, kwargs for what differs from it). The
+    LayerNorm eps is not a config setting: build with :func:`build_encoder` to keep it."""
+    D = int(arch["embed_dim"])
+    name = next((n for n, s in models.VIT_SIZES.items() if s["embed_dim"] == D), "vit_base")
+    base = dict(models.VIT_SIZES[name], qkv_bias=True, in_chans=3)
+    kwargs = {k: arch[k] for k in ("embed_dim", "depth", "num_heads", "qkv_bias", "in_chans") if arch[k] != base[k]}
+    if abs(float(arch["mlp_ratio"]) - float(base["mlp_ratio"])) > 1e-9:
+        kwargs["mlp_ratio"] = float(arch["mlp_ratio"])
+    return {"model_name": name, "model_kwargs": kwargs, "patch_size": int(arch["patch_size"]), "crop_size": int(arch["img_size"])}
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -238,13 +254,11 @@ def read_encoder(
         cfg_file, weights = path / CONFIG_NAME, _weights_in(path)
         if cfg_file.is_file() and weights is not None:
             return _read_weights_file(weights, which, trust, info | {"path": str(path)}, _read_json(cfg_file))
-        try:
-            ckpt, kind = _run_folder_checkpoint(path)
-        except CheckpointError as exc:
-            if str(exc):
-                raise
+        chosen = run_folder_checkpoint(path)
+        if chosen is None:
             listing = sorted(p.name for p in path.iterdir())[:8]
-            raise _unknown(path, f"a folder holding {listing or 'nothing'}") from None
+            raise _unknown(path, f"a folder holding {listing or 'nothing'}")
+        ckpt, kind = chosen
         found = read_encoder(ckpt, which=which, trust=trust, config=config, overrides=overrides)
         found.info.update({"path": str(path), "checkpoint": str(ckpt), "chosen": kind})
         log.info("fastjepa: %s: loading its %s checkpoint %s", path, kind, ckpt.name)

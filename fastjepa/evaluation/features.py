@@ -123,13 +123,24 @@ def load_target_encoder(
     Returns ``(encoder, cfg, info)``; ``info`` says where the architecture came from, the
     checkpoint's epoch and which encoder was loaded.
     """
+    from ..checkpoint_formats import layout_of
+    from ..encoders import read_encoder, run_folder_checkpoint
+
     if which not in ENCODER_KEYS:
         raise ValueError(f"which={which!r}: expected one of {', '.join(ENCODER_KEYS)}")
     key = ENCODER_KEYS[which]
     path = Path(path)
+    if path.is_dir():
+        chosen = run_folder_checkpoint(path)
+        if chosen is None:  # a Hugging Face or timm folder, or an error naming what it holds
+            return _load_foreign(path, read_encoder(path, which=which, trust=trust), config, overrides, which)
+        encoder, cfg, info = load_target_encoder(chosen[0], config, overrides, which, trust=trust)
+        return encoder, cfg, {**info, "run_folder": str(path), "chosen": chosen[1]}
     if path.name.endswith(SAFETENSORS_SUFFIX):
-        return _load_safetensors_encoder(path, config, overrides, key)
+        return _load_safetensors_encoder(path, config, overrides, key, which, trust)
     ckpt = read_checkpoint(path, trust=trust)
+    if key not in ckpt and "encoder" not in ckpt and (layout_of(ckpt) or any(isinstance(ckpt.get(k), dict) for k in ("state_dict", "model"))):
+        return _load_foreign(path, read_encoder(path, which=which, trust=trust), config, overrides, which)  # HF / timm weights
     if key not in ckpt:
         raise CheckpointError(
             f"checkpoint {path} has no {key!r} (keys: {sorted(ckpt)}); expected a fastjepa or I-JEPA training checkpoint"
@@ -171,15 +182,53 @@ def load_target_encoder(
     return encoder, cfg, info
 
 
+def _load_foreign(
+    path: Path, found: Any, config: str | os.PathLike | None, overrides: Sequence[str], which: str
+) -> tuple[nn.Module, dict, dict[str, Any]]:
+    """:func:`load_target_encoder` for a Hugging Face or timm file or folder
+    (:func:`fastjepa.encoders.read_encoder` read it): the encoder is built from the
+    architecture it records (or ``--config``), the config describes it for the data and
+    the random-init baseline."""
+    from ..encoders import build_encoder, config_names
+
+    if config is not None:
+        cfg, source = load_config(config, overrides), f"--config {config}"
+        encoder = _build_encoder(cfg)
+    else:
+        try:
+            cfg = _config_for_architecture(config_names(found.arch), overrides)
+        except ConfigError as exc:
+            raise CheckpointError(f"{path}: its architecture does not validate as a config ({exc}); pass --config FILE") from None
+        source, encoder = found.info.get("architecture_from", "the file"), build_encoder(found.arch)
+    try:
+        encoder.load_state_dict(found.state, strict=True)
+    except RuntimeError as exc:
+        lines = " ".join(ln.strip() for ln in str(exc).strip().splitlines())
+        raise CheckpointError(f"{path}: its tensors do not fit the encoder built from {source} ({describe_model(cfg)}): {lines}") from None
+    info = {
+        "path": str(path),
+        "architecture_from": source,
+        "epoch": found.info.get("epoch"),
+        "format": found.info.get("layout"),
+        "encoder": which,
+    }
+    return encoder, cfg, info
+
+
 def _load_safetensors_encoder(
-    path: Path, config: str | os.PathLike | None, overrides: Sequence[str], key: str
+    path: Path, config: str | os.PathLike | None, overrides: Sequence[str], key: str, which: str = "target", trust: bool = False
 ) -> tuple[nn.Module, dict, dict[str, Any]]:
     """:func:`load_target_encoder` for an exported ``.safetensors`` encoder: the model is
     built from the metadata's architecture (or ``--config``), checked against it field by
-    field, then loaded strictly."""
+    field, then loaded strictly. A Hugging Face or timm safetensors file goes to
+    :func:`_load_foreign`."""
     from ..checkpoint import ENCODER_FORMAT, check_architecture, read_safetensors
+    from ..checkpoint_formats import CONFIG_NAME, layout_of
+    from ..encoders import read_encoder
 
     state, meta = read_safetensors(path)
+    if meta.get("format") != ENCODER_FORMAT and (layout_of(state) == "hf" or (path.parent / CONFIG_NAME).is_file()):
+        return _load_foreign(path, read_encoder(path, which=which, trust=trust), config, overrides, which)
     stored = meta.get("network")
     if stored and stored != key:
         flag = {v: k for k, v in ENCODER_KEYS.items()}
