@@ -123,7 +123,6 @@ def load_target_encoder(
     Returns ``(encoder, cfg, info)``; ``info`` says where the architecture came from, the
     checkpoint's epoch and which encoder was loaded.
     """
-    from ..checkpoint_formats import layout_of
     from ..encoders import read_encoder, run_folder_checkpoint
 
     if which not in ENCODER_KEYS:
@@ -139,8 +138,8 @@ def load_target_encoder(
     if path.name.endswith(SAFETENSORS_SUFFIX):
         return _load_safetensors_encoder(path, config, overrides, key, which, trust)
     ckpt = read_checkpoint(path, trust=trust)
-    if key not in ckpt and "encoder" not in ckpt and (layout_of(ckpt) or any(isinstance(ckpt.get(k), dict) for k in ("state_dict", "model"))):
-        return _load_foreign(path, read_encoder(path, which=which, trust=trust), config, overrides, which)  # HF / timm weights
+    if key not in ckpt and "encoder" not in ckpt:  # HF / timm weights, or an error naming the layouts read
+        return _load_foreign(path, read_encoder(path, which=which, trust=trust), config, overrides, which)
     if key not in ckpt:
         raise CheckpointError(
             f"checkpoint {path} has no {key!r} (keys: {sorted(ckpt)}); expected a fastjepa or I-JEPA training checkpoint"
