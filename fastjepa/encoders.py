@@ -33,8 +33,8 @@ from .checkpoint import (
     ENCODER_FORMAT,
     SAFETENSORS_SUFFIX,
     CheckpointError,
-    _torch_load,
     atomic_write_text,
+    read_checkpoint,
     read_safetensors,
     save_safetensors,
     strip_module_prefix,
@@ -197,12 +197,7 @@ def _load_tensors(path: Path, trust: bool) -> tuple[dict[str, Any], dict[str, st
     """(dict, safetensors metadata) of a weights file of any kind."""
     if path.name.endswith(SAFETENSORS_SUFFIX):
         return read_safetensors(path)
-    if path.stat().st_size == 0:
-        raise CheckpointError(f"checkpoint {path} is empty (0 bytes): damaged or an interrupted write")
-    obj = _torch_load(path, trust=trust)
-    if not isinstance(obj, Mapping):
-        raise _unknown(path, f"it holds a {type(obj).__name__}")
-    return dict(obj), {}
+    return dict(read_checkpoint(path, trust=trust)), {}  # weights-only; a non-dict is an error naming its type
 
 
 def _from_state(path: Path, state: Mapping[str, Any], folder_config: dict | None, info: dict[str, Any]) -> EncoderFile:
