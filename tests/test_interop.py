@@ -279,6 +279,17 @@ def test_eval_cli_takes_an_hf_folder(tmp_path, hf, capsys):
     assert res["checkpoint"]["format"] == "hf" and 0.0 <= res["linear_probe_top1"] <= 1.0
 
 
+def test_eval_cli_takes_a_run_folder_saying_which_checkpoint(tmp_path, capsys):
+    from fastjepa import eval as ev
+
+    run, _ = _run_folder(tmp_path, with_eval=False)
+    args = ["--checkpoint", str(run), "--limit-train", "40", "--limit-val", "20", "--no-cache", "--no-baseline"]
+    assert ev.main(args) == 0
+    assert f"its latest checkpoint, {run / 'jepa-latest.pth.tar'}" in capsys.readouterr().err
+    res = json.loads((run / "eval.json").read_text())  # written into the run folder
+    assert res["checkpoint"]["chosen"] == "latest" and res["checkpoint"]["epoch"] == 7
+
+
 # -- timm
 
 
