@@ -211,11 +211,12 @@ def arch_from_hf_config(cfg: Mapping[str, Any], where: str = "config.json") -> d
 
 
 def timm_model_name(arch: Mapping[str, Any]) -> str:
-    """A timm architecture to build ``arch`` from: its registered ViT of that width (the
-    ``model_args`` of :func:`timm_config` set everything else)."""
-    names = {192: "vit_tiny", 384: "vit_small", 768: "vit_base", 1024: "vit_large", 1280: "vit_huge", 1408: "vit_giant"}
-    size = names.get(int(arch["embed_dim"]), "vit_base")
-    return f"{size}_patch16_224" if size != "vit_giant" else "vit_giant_patch14_224"
+    """A timm architecture to build ``arch`` from: its registered ViT of that width — for
+    ViT-H and ViT-g the one timm's I-JEPA weights use — (the ``model_args`` of
+    :func:`timm_config` set everything else)."""
+    names = {192: "vit_tiny_patch16_224", 384: "vit_small_patch16_224", 768: "vit_base_patch16_224", 1024: "vit_large_patch16_224",
+             1280: "vit_huge_patch14_gap_224", 1408: "vit_giant_patch16_gap_224"}  # fmt: skip
+    return names.get(int(arch["embed_dim"]), "vit_base_patch16_224")
 
 
 def timm_config(arch: Mapping[str, Any]) -> dict[str, Any]:

@@ -337,6 +337,24 @@ def test_fastjepa_to_timm_and_back(tmp_path, timm):
         torch.testing.assert_close(_tokens(back, x), tiny.forward_features(x), atol=1e-5, rtol=1e-5)
 
 
+def test_timm_builds_the_exported_huge_encoder(tmp_path, timm):
+    enc = models.vit_huge(patch_size=14, img_size=28, depth=1).eval()
+    out = tmp_path / "h"
+    state = dict(enc.state_dict())
+    from fastjepa.checkpoint import save_safetensors
+    from fastjepa.checkpoint_formats import dumps_config, timm_config
+
+    out.mkdir()
+    save_safetensors(state, {"format": "pt"}, out / "model.safetensors")
+    cfg = timm_config(architecture_of(enc))
+    assert cfg["architecture"] == "vit_huge_patch14_gap_224"
+    (out / "config.json").write_text(dumps_config(cfg))
+    tm = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    x = torch.randn(1, 3, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(tm.forward_features(x), enc(x), atol=1e-4, rtol=1e-4)
+
+
 # -- every layout load_encoder reads
 
 
