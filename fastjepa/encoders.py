@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 
 from . import models
+from .models.pos_embed import sincos_2d
 from .checkpoint import (
     ENCODER_FORMAT,
     SAFETENSORS_SUFFIX,
@@ -376,6 +377,14 @@ def _pct(x: Any) -> str:
     return f"{100 * x:.1f} %" if isinstance(x, (int, float)) else "?"
 
 
+def _is_sincos_table(found: EncoderFile) -> bool:
+    pos = found.state.get("pos_embed")
+    grid = int(found.arch["img_size"]) // int(found.arch["patch_size"])
+    if pos is None or tuple(pos.shape) != (1, grid * grid, int(found.arch["embed_dim"])):
+        return False
+    return bool(torch.equal(pos[0].float(), sincos_2d(int(found.arch["embed_dim"]), grid)))
+
+
 def model_card(found: EncoderFile, *, fmt: str, source: str, out_name: str) -> str:
     """README.md of an exported folder: what the weights are, the run's config, data,
     epochs and probe numbers (where the run folder has them), and how to load them."""
@@ -404,7 +413,8 @@ def model_card(found: EncoderFile, *, fmt: str, source: str, out_name: str) -> s
         f"{arch['img_size']} | {arch['in_chans']} | {arch['qkv_bias']} | {arch['norm_eps']:g} |",
         "",
         "No class token; the features are the normed patch tokens, pooled by their mean for linear evaluation. "
-        "The position table is the fixed 2-D sin-cos one.",
+        + ("The position table is I-JEPA's fixed 2-D sin-cos one." if _is_sincos_table(found) else
+           "The position table is not the fixed 2-D sin-cos one (learned or edited)."),
         "",
     ]
     if cfg:

@@ -206,7 +206,7 @@ def test_export_hf_loads_in_transformers_with_equal_features(tmp_path, hf, capsy
     torch.testing.assert_close(_hf_tokens(loaded, x), want, atol=1e-5, rtol=1e-5)
     # the model card: config, data, epochs and the run's probe numbers
     card = (out / "README.md").read_text()
-    for text in ("target encoder", "epochs: 7", "synthetic", "81.2 %", "75.0 %", "random init | 50.0 %", "IJepaModel.from_pretrained", "library_name: transformers"):
+    for text in ("target encoder", "fixed 2-D sin-cos one", "epochs: 7", "synthetic", "81.2 %", "75.0 %", "random init | 50.0 %", "IJepaModel.from_pretrained", "library_name: transformers"):
         assert text in card, text
     # and back: fastjepa.load_encoder reads the folder, bit for bit
     back = fastjepa.load_encoder(out)
@@ -245,6 +245,7 @@ def test_hf_to_fastjepa_to_hf(tmp_path, hf, qkv_bias):
         torch.testing.assert_close(_tokens(enc, x), want, atol=1e-5, rtol=1e-5)
     out = tmp_path / "again"
     export_encoder(src, out, format="hf")
+    assert "not the fixed 2-D sin-cos one" in (out / "README.md").read_text()  # a random IJepaModel's table
     again, info = hf.Model.from_pretrained(out, output_loading_info=True)
     assert not (info["missing_keys"] or info["unexpected_keys"] or info["mismatched_keys"])
     for (k1, v1), (k2, v2) in zip(sorted(original.state_dict().items()), sorted(again.state_dict().items())):

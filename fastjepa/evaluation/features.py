@@ -113,8 +113,10 @@ def load_target_encoder(
     """Build the model and load the checkpoint's target encoder (strictly).
 
     ``path``: a ``.pth.tar`` (read weights-only; ``trust=True`` also opens one that needs
-    more, which may run code) or a ``.safetensors`` file from ``python -m fastjepa.checkpoint
-    export`` (the architecture comes from its metadata).
+    more, which may run code), a ``.safetensors`` file from ``python -m fastjepa.checkpoint
+    export`` (the architecture comes from its metadata), a run folder (its best checkpoint,
+    else its latest: ``info["chosen"]``), or a Hugging Face / timm file or folder as
+    :func:`fastjepa.encoders.read_encoder` reads it.
 
     ``which="context"`` loads the context encoder (the network trained by gradients)
     instead: a diagnostic, not the paper's protocol — it shows whether a collapse starts
