@@ -15,6 +15,8 @@ lines), which warns once per file.
 Sharing an encoder: ``python -m fastjepa.checkpoint export RUN_OR_FILE OUT.safetensors``
 writes one network (the target encoder by default) with its architecture in the
 safetensors metadata; :func:`load_encoder` and ``python -m fastjepa.eval`` read it.
+``--format hf`` / ``--format timm`` write a transformers ``IJepaModel`` or timm folder
+instead (:mod:`fastjepa.encoders`, which also reads every such layout).
 ``python -m fastjepa.checkpoint convert OLD NEW`` rewrites a checkpoint of an earlier
 fastjepa (NumPy RNG state pickled as an array) as a weights-only one.
 """
@@ -437,13 +439,23 @@ def load_checkpoint(
 
 
 def load_encoder(
-    path: str | os.PathLike, encoder: nn.Module, *, which: str = "target_encoder", strict: bool = True, trust: bool = False
-) -> dict[str, Any]:
+    path: str | os.PathLike, encoder: nn.Module | None = None, *, which: str = "target_encoder", strict: bool = True, trust: bool = False
+) -> Any:
     """Load one network (default the target encoder, as used for evaluation) into
     ``encoder`` from a fastjepa or reference checkpoint, or from a ``.safetensors`` file
     written by ``python -m fastjepa.checkpoint export`` (its architecture is checked
     against ``encoder`` first). Returns the checkpoint dict; for safetensors
-    ``{which: state, "metadata": {...}}``."""
+    ``{which: state, "metadata": {...}}``.
+
+    Without ``encoder``: :func:`fastjepa.load_encoder` — a ready ``VisionTransformer``
+    built from the architecture the file records, for every layout it reads (run folders,
+    Hugging Face and timm files too). ``which``: ``"target_encoder"`` / ``"target"`` or
+    ``"encoder"`` / ``"context"``."""
+    if encoder is None:
+        from .encoders import load_encoder as load_any  # the one call upward: model building lives above this layer
+
+        flag = {"target_encoder": "target", "encoder": "context"}.get(which, which)
+        return load_any(path, which=flag, trust=trust)
     path = Path(path)
     if path.name.endswith(SAFETENSORS_SUFFIX):
         state, meta = read_safetensors(path)

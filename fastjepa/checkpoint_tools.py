@@ -143,10 +143,11 @@ def save_safetensors(state: Mapping[str, torch.Tensor], metadata: Mapping[str, s
 
 
 def _resolve_source(src: Path) -> Path:
-    """A run folder's latest checkpoint, or ``src`` itself."""
+    """A run folder's best checkpoint if it has one, else its latest; or ``src`` itself."""
     if not src.is_dir():
         return src
-    found = sorted(src.glob("*-latest.pth.tar"))
+    best = sorted(src.glob("*-best.pth.tar"))
+    found = best if len(best) == 1 else sorted(src.glob("*-latest.pth.tar"))
     if len(found) == 1:
         return found[0]
     if not found:
@@ -172,7 +173,7 @@ def export_encoder(
 
     src, dst = _resolve_source(Path(src)), Path(dst)
     if not dst.name.endswith(SAFETENSORS_SUFFIX):
-        raise CheckpointError(f"export: {dst} should end in {SAFETENSORS_SUFFIX}")
+        raise CheckpointError(f"export: {dst} should end in {SAFETENSORS_SUFFIX} (or pass --format hf / --format timm to write a folder)")
     encoder, cfg, info = load_target_encoder(src, config, overrides, which, trust=trust)
     meta = encoder_metadata(encoder, cfg, network=ENCODER_KEYS[which], epoch=info.get("epoch"), source=src.name)
     save_safetensors(encoder.state_dict(), meta, dst)
@@ -246,13 +247,26 @@ def _parse_args(argv=None) -> argparse.Namespace:
     sub = top.add_subparsers(dest="command", required=True)
     ex = sub.add_parser(
         "export",
-        help="write a run's target encoder (with its architecture) to a .safetensors file",
-        description="Write the target encoder of a run folder or checkpoint to OUT.safetensors, parameter names as "
-        "the reference's, the architecture in the metadata (load_encoder and fastjepa.eval read it).",
+        help="write a run's target encoder to a .safetensors file, a Hugging Face IJepaModel folder or a timm folder",
+        description="Write the target encoder of a run folder or checkpoint to OUT.safetensors (parameter names as "
+        "the reference's, the architecture in the metadata; load_encoder and fastjepa.eval read it), or with "
+        "--format hf to a folder that transformers' IJepaModel.from_pretrained(OUT) loads, or with --format timm to "
+        "a folder for timm.create_model('local-dir:OUT', pretrained=True); both folders carry a model card (README.md).",
     )
-    ex.add_argument("source", metavar="RUN_OR_FILE", help="a run folder (its <tag>-latest.pth.tar) or a checkpoint file")
-    ex.add_argument("output", metavar="OUT.safetensors")
-    ex.add_argument("--encoder", choices=("target", "context"), default="target", help="which network (default: target)")
+    ex.add_argument(
+        "source",
+        metavar="RUN_OR_FILE",
+        help="a run folder (its <tag>-best.pth.tar, else <tag>-latest.pth.tar), a checkpoint, or any file fastjepa.load_encoder reads",
+    )
+    ex.add_argument("output", metavar="OUT")
+    ex.add_argument(
+        "--format",
+        choices=("safetensors", "hf", "timm"),
+        help="safetensors (default for OUT.safetensors), hf (transformers IJepaModel folder) or timm (timm model folder)",
+    )
+    ex.add_argument(
+        "--which", "--encoder", dest="encoder", choices=("target", "context"), default="target", help="which network (default: target)"
+    )
     ex.add_argument("--config", help="YAML config for the architecture of a reference checkpoint (default: its weight shapes)")
     ex.add_argument("--trust-checkpoint", action="store_true", help="open a checkpoint that needs more than weights-only (it may run code)")
     ex.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE", help="architecture overrides for a reference checkpoint")
@@ -278,7 +292,17 @@ def main(argv=None) -> int:
     from .eval import EvalError
 
     try:
-        if args.command == "export":
+        if args.command == "export" and args.format in ("hf", "timm"):
+            from .encoders import export_encoder as export_folder
+
+            out = export_folder(
+                args.source, args.output, format=args.format, which=args.encoder, config=args.config, overrides=args.overrides,
+                trust=args.trust_checkpoint,
+            )  # fmt: skip
+            arch = ", ".join(f"{k} {v}" for k, v in out["arch"].items())
+            print(f"fastjepa.checkpoint: wrote {args.output}/ ({args.format}: config.json, model.safetensors, README.md): "
+                  f"{out['info']['network']} of {out['info'].get('checkpoint') or out['info']['path']} ({arch})")  # fmt: skip
+        elif args.command == "export":
             meta = export_encoder(
                 args.source, args.output, which=args.encoder, config=args.config, overrides=args.overrides, trust=args.trust_checkpoint
             )

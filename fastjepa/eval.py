@@ -196,8 +196,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument(
         "--checkpoint",
-        help="a fastjepa checkpoint, a reference I-JEPA one (keys encoder/predictor/target_encoder), or an encoder "
-        "exported to .safetensors (python -m fastjepa.checkpoint export); opened weights-only",
+        help="a run folder (its best, else latest checkpoint), a fastjepa checkpoint, a reference I-JEPA one (keys "
+        "encoder/predictor/target_encoder), an encoder exported to .safetensors (python -m fastjepa.checkpoint export), "
+        "a Hugging Face IJepaModel folder or its model.safetensors, or a timm ViT state dict; opened weights-only",
     )
     p.add_argument(
         "--trust-checkpoint",
@@ -325,14 +326,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     quiet = args.quiet or not sys.stderr.isatty()
     if args.epochs is not None:
         return run_epochs(args, quiet)
-    if args.checkpoint is not None and Path(args.checkpoint).is_dir():
-        raise EvalError(
-            f"--checkpoint {args.checkpoint} is a folder: pass one of its .pth.tar files, or add --epochs all "
-            "to evaluate each epoch's checkpoint"
-        )
     if args.checkpoint is None and not args.random_init:
         raise EvalError("no --checkpoint given: pass --checkpoint runs/<run>/jepa-latest.pth.tar, or --random-init --config FILE")
-    if args.checkpoint is not None and not Path(args.checkpoint).is_file():
+    if args.checkpoint is not None and not Path(args.checkpoint).exists():
         hint = Path(args.checkpoint)
         near = sorted(hint.parent.glob("*.pth.tar")) if hint.parent.is_dir() else []
         also = f" ({hint.parent} holds: {', '.join(p.name for p in near[:5])})" if near else ""
@@ -343,6 +339,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     info: dict[str, Any] = {}
     if args.checkpoint is not None:
         encoder, cfg, info = load_target_encoder(args.checkpoint, args.config, args.overrides, args.encoder, trust=args.trust_checkpoint)
+        if info.get("chosen"):
+            print(f"fastjepa.eval: {args.checkpoint}: its {info['chosen']} checkpoint, {info['path']}", file=sys.stderr, flush=True)
     else:
         cfg, encoder = load_config(args.config, args.overrides), None
     train, val, desc, common = _eval_setup(args, cfg, quiet)
@@ -363,7 +361,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "checkpoint": info or None,
         **_run_fields(args, cfg, desc, train, val, t0),
     }
-    output = Path(args.output) if args.output else (Path(args.checkpoint).parent if args.checkpoint else Path("eval"))
+    default_out = Path("eval")
+    if args.checkpoint:
+        default_out = Path(args.checkpoint) if Path(args.checkpoint).is_dir() else Path(args.checkpoint).parent
+    output = Path(args.output) if args.output else default_out
     _write_json(output / "eval.json", out)
     print(format_table(result, baseline, label), flush=True)
     print(f"fastjepa.eval: wrote {output / 'eval.json'}", file=sys.stderr, flush=True)

@@ -13,7 +13,7 @@ import platform
 import torch
 
 from .ops import attention_available, available
-from .ops._dispatch import _cpp_has_cuda, cpu_has_bf16, triton_interpret
+from .ops._dispatch import _cpp_has_cuda, cpp_torch_mismatch, cpu_has_bf16, triton_interpret
 from .ops.linear_gelu import onednn_op
 
 
@@ -32,8 +32,10 @@ def rows() -> list[tuple[str, bool, str]]:
     out.append(("triton interpreter", triton_interpret(), "TRITON_INTERPRET=1" if triton_interpret() else "TRITON_INTERPRET is not 1"))
     cpp = avail["cpp"]
     if cpp:
-        info = importlib.import_module("fastjepa._C").build_info()
-        out.append(("fastjepa._C", True, ", ".join(f"{k} {v}" for k, v in info.items())))
+        module = importlib.import_module("fastjepa._C")
+        text = ", ".join(f"{k} {v}" for k, v in module.build_info().items())
+        problem = cpp_torch_mismatch(module)
+        out.append(("fastjepa._C", True, f"{text}; WARNING: {problem}" if problem else f"{text} (built for the running torch)"))
         out.append(("fastjepa._C CUDA kernels", _cpp_has_cuda(), "built" if _cpp_has_cuda() else "built without CUDA"))
     else:
         out.append(("fastjepa._C", False, cpp.reason))

@@ -149,8 +149,10 @@ def test_float64_modules_compute_in_float64():
 
 def test_bad_image_size_raises():
     enc = models.vit_tiny(patch_size=8, img_size=16, depth=1)
+    with pytest.raises(ValueError, match="multiples of the patch size 8"):
+        enc(torch.randn(1, 3, 32, 36))  # 36 is not a multiple of the patch
     with pytest.raises(ValueError, match="expected"):
-        enc(torch.randn(1, 3, 32, 32))
+        enc(torch.randn(3, 32, 32))  # no batch dimension
     with pytest.raises(ValueError, match="multiple of patch_size"):
         VisionTransformer(img_size=30, patch_size=8)
 
@@ -232,7 +234,8 @@ def test_drop_path_drops_whole_residual_branches_in_training_only():
 
 @pytest.mark.parametrize("build, message", [
     (lambda: models.vit_tiny(patch_size=4, img_size=16, depth=1, embed_dim=40, num_heads=3), r"dim=40 is not divisible by num_heads=3"),
-    (lambda: models.vit_tiny(patch_size=4, img_size=16, depth=1)(torch.randn(2, 3, 20, 20)), r"images: expected \(B, C, 16, 16\), got \(2, 3, 20, 20\)"),
+    (lambda: models.vit_tiny(patch_size=4, img_size=16, depth=1)(torch.randn(2, 3, 20, 18)),
+     r"images: expected \(B, C, H, W\) with H and W multiples of the patch size 4 \(built for 16\), got \(2, 3, 20, 18\)"),
     (lambda: models.vit_tiny(patch_size=4, img_size=16, depth=1, embed_dim=30, num_heads=3),
      r"embed_dim=30: a 2-D sin-cos embedding needs a width divisible by 4"),
     (lambda: models.vit_tiny(patch_size=4, img_size=(16, 20), depth=1), r"img_size=\[16, 20\]: expected an int or a one-element list"),

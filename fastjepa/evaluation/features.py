@@ -113,8 +113,10 @@ def load_target_encoder(
     """Build the model and load the checkpoint's target encoder (strictly).
 
     ``path``: a ``.pth.tar`` (read weights-only; ``trust=True`` also opens one that needs
-    more, which may run code) or a ``.safetensors`` file from ``python -m fastjepa.checkpoint
-    export`` (the architecture comes from its metadata).
+    more, which may run code), a ``.safetensors`` file from ``python -m fastjepa.checkpoint
+    export`` (the architecture comes from its metadata), a run folder (its best checkpoint,
+    else its latest: ``info["chosen"]``), or a Hugging Face / timm file or folder as
+    :func:`fastjepa.encoders.read_encoder` reads it.
 
     ``which="context"`` loads the context encoder (the network trained by gradients)
     instead: a diagnostic, not the paper's protocol — it shows whether a collapse starts
@@ -123,13 +125,23 @@ def load_target_encoder(
     Returns ``(encoder, cfg, info)``; ``info`` says where the architecture came from, the
     checkpoint's epoch and which encoder was loaded.
     """
+    from ..encoders import read_encoder, run_folder_checkpoint
+
     if which not in ENCODER_KEYS:
         raise ValueError(f"which={which!r}: expected one of {', '.join(ENCODER_KEYS)}")
     key = ENCODER_KEYS[which]
     path = Path(path)
+    if path.is_dir():
+        chosen = run_folder_checkpoint(path)
+        if chosen is None:  # a Hugging Face or timm folder, or an error naming what it holds
+            return _load_foreign(path, read_encoder(path, which=which, trust=trust), config, overrides, which)
+        encoder, cfg, info = load_target_encoder(chosen[0], config, overrides, which, trust=trust)
+        return encoder, cfg, {**info, "run_folder": str(path), "chosen": chosen[1]}
     if path.name.endswith(SAFETENSORS_SUFFIX):
-        return _load_safetensors_encoder(path, config, overrides, key)
+        return _load_safetensors_encoder(path, config, overrides, key, which, trust)
     ckpt = read_checkpoint(path, trust=trust)
+    if key not in ckpt and "encoder" not in ckpt:  # HF / timm weights, or an error naming the layouts read
+        return _load_foreign(path, read_encoder(path, which=which, trust=trust), config, overrides, which)
     if key not in ckpt:
         raise CheckpointError(
             f"checkpoint {path} has no {key!r} (keys: {sorted(ckpt)}); expected a fastjepa or I-JEPA training checkpoint"
@@ -171,15 +183,53 @@ def load_target_encoder(
     return encoder, cfg, info
 
 
+def _load_foreign(
+    path: Path, found: Any, config: str | os.PathLike | None, overrides: Sequence[str], which: str
+) -> tuple[nn.Module, dict, dict[str, Any]]:
+    """:func:`load_target_encoder` for a Hugging Face or timm file or folder
+    (:func:`fastjepa.encoders.read_encoder` read it): the encoder is built from the
+    architecture it records (or ``--config``), the config describes it for the data and
+    the random-init baseline."""
+    from ..encoders import build_encoder, config_names
+
+    if config is not None:
+        cfg, source = load_config(config, overrides), f"--config {config}"
+        encoder = _build_encoder(cfg)
+    else:
+        try:
+            cfg = _config_for_architecture(config_names(found.arch), overrides)
+        except ConfigError as exc:
+            raise CheckpointError(f"{path}: its architecture does not validate as a config ({exc}); pass --config FILE") from None
+        source, encoder = found.info.get("architecture_from", "the file"), build_encoder(found.arch)
+    try:
+        encoder.load_state_dict(found.state, strict=True)
+    except RuntimeError as exc:
+        lines = " ".join(ln.strip() for ln in str(exc).strip().splitlines())
+        raise CheckpointError(f"{path}: its tensors do not fit the encoder built from {source} ({describe_model(cfg)}): {lines}") from None
+    info = {
+        "path": str(path),
+        "architecture_from": source,
+        "epoch": found.info.get("epoch"),
+        "format": found.info.get("layout"),
+        "encoder": which,
+    }
+    return encoder, cfg, info
+
+
 def _load_safetensors_encoder(
-    path: Path, config: str | os.PathLike | None, overrides: Sequence[str], key: str
+    path: Path, config: str | os.PathLike | None, overrides: Sequence[str], key: str, which: str = "target", trust: bool = False
 ) -> tuple[nn.Module, dict, dict[str, Any]]:
     """:func:`load_target_encoder` for an exported ``.safetensors`` encoder: the model is
     built from the metadata's architecture (or ``--config``), checked against it field by
-    field, then loaded strictly."""
+    field, then loaded strictly. A Hugging Face or timm safetensors file goes to
+    :func:`_load_foreign`."""
     from ..checkpoint import ENCODER_FORMAT, check_architecture, read_safetensors
+    from ..checkpoint_formats import CONFIG_NAME, layout_of
+    from ..encoders import read_encoder
 
     state, meta = read_safetensors(path)
+    if meta.get("format") != ENCODER_FORMAT and (layout_of(state) == "hf" or (path.parent / CONFIG_NAME).is_file()):
+        return _load_foreign(path, read_encoder(path, which=which, trust=trust), config, overrides, which)
     stored = meta.get("network")
     if stored and stored != key:
         flag = {v: k for k, v in ENCODER_KEYS.items()}
@@ -326,40 +376,30 @@ def extract_features(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Average-pooled target-encoder tokens: ((n, layers·D) float32, (n,) int64 labels).
 
-    ``layers=1``: the encoder's output (after its final LayerNorm), mean over tokens.
+    ``layers=1``: the encoder's output (after its final LayerNorm), mean over tokens
+    (``forward_head(forward_features(x), pre_logits=True)``).
     ``layers=4``: the last four blocks' outputs, each through the final LayerNorm, pooled
-    and concatenated (last block last).
+    and concatenated, last block last (``get_intermediate_layers(x, 4, norm=True)``).
     """
     depth = len(encoder.blocks)
     if layers not in (1, 4) or layers > depth:
         raise EvalError(f"--layers {layers}: expected 1 or 4 (at most the encoder depth, {depth})")
     encoder = encoder.to(device).eval()
-    captured: list[torch.Tensor] = []
-    hooks = []
-    if layers > 1:
-        for blk in encoder.blocks[-layers:]:
-            hooks.append(blk.register_forward_hook(lambda _m, _i, out: captured.append(out)))
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
     feats, labels = [], []
     t0, seen = time.perf_counter(), 0
-    try:
-        with _progress(len(dataset), desc, quiet) as bar:
-            for imgs, y in loader:
-                imgs = imgs.to(device, non_blocking=True)  # (B, C, H, W)
-                captured.clear()
-                out = encoder(imgs)  # (B, N, D)
-                if layers == 1:
-                    f = out.mean(dim=1)  # (B, D)
-                else:
-                    f = torch.cat([encoder.norm(h).mean(dim=1) for h in captured], dim=1)  # (B, layers·D)
-                feats.append(f.float().cpu())
-                labels.append(torch.as_tensor(y).long())
-                seen += imgs.size(0)
-                bar.update(imgs.size(0))
-                bar.set_postfix(img_s=f"{seen / max(time.perf_counter() - t0, 1e-9):.0f}")
-    finally:
-        for hk in hooks:
-            hk.remove()
+    with _progress(len(dataset), desc, quiet) as bar:
+        for imgs, y in loader:
+            imgs = imgs.to(device, non_blocking=True)  # (B, C, H, W)
+            if layers == 1:
+                f = encoder.forward_head(encoder.forward_features(imgs), pre_logits=True)  # (B, D)
+            else:
+                f = torch.cat([h.mean(dim=1) for h in encoder.get_intermediate_layers(imgs, layers, norm=True)], dim=1)  # (B, layers·D)
+            feats.append(f.float().cpu())
+            labels.append(torch.as_tensor(y).long())
+            seen += imgs.size(0)
+            bar.update(imgs.size(0))
+            bar.set_postfix(img_s=f"{seen / max(time.perf_counter() - t0, 1e-9):.0f}")
     return torch.cat(feats).numpy(), torch.cat(labels).numpy()
 
 

@@ -15,11 +15,12 @@ from functools import partial
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from .. import ops
 from ..ops._dispatch import current_backend
-from .pos_embed import get_2d_sincos_pos_embed
+from .pos_embed import sincos_2d
 
 LayerNorm6 = partial(nn.LayerNorm, eps=1e-6)  # the norm every reference model is built with
 
@@ -36,8 +37,14 @@ def _fixed_pos_embed(num_patches: int, dim: int) -> nn.Parameter:
     grid = int(math.isqrt(num_patches))
     if grid * grid != num_patches:
         raise ValueError(f"num_patches={num_patches}: expected a square grid")
-    table = torch.from_numpy(get_2d_sincos_pos_embed(dim, grid)).float().unsqueeze(0)  # (1, N, dim)
+    table = sincos_2d(dim, grid).unsqueeze(0)  # (1, N, dim), on the default device (meta included)
     return nn.Parameter(table, requires_grad=False)
+
+
+def _drop_path_rates(rate: float, depth: int) -> list[float]:
+    # the reference's torch.linspace values (float32), computed on the CPU so that a
+    # model built under `with torch.device("meta")` does not call .item() on a meta tensor
+    return [float(r) for r in torch.linspace(0, rate, depth, device="cpu")]
 
 
 def _pos_for(pos: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -139,7 +146,9 @@ class Block(nn.Module):
 
 
 class PatchEmbed(nn.Module):
-    """Image to patch tokens: (B, C, H, W) -> (B, N, D), raster order."""
+    """Image to patch tokens: (B, C, H, W) -> (B, N, D), raster order. Any H and W that
+    are multiples of the patch size are accepted (N = H·W / patch²); ``img_size`` is the
+    size the position table was built for."""
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768):
         super().__init__()
@@ -151,8 +160,12 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 4 or x.shape[-2:] != (self.img_size, self.img_size):
-            raise ValueError(f"images: expected (B, C, {self.img_size}, {self.img_size}), got {tuple(x.shape)}")
+        p = self.patch_size
+        if x.dim() != 4 or x.shape[-2] % p or x.shape[-1] % p or x.shape[-2] == 0 or x.shape[-1] == 0:
+            raise ValueError(
+                f"images: expected (B, C, H, W) with H and W multiples of the patch size {p} "
+                f"(built for {self.img_size}), got {tuple(x.shape)}"
+            )
         return self.proj(x).flatten(2).transpose(1, 2)  # (B, N, D)
 
 
@@ -171,17 +184,48 @@ def _init_weights(module: nn.Module, std: float) -> None:
         nn.init.zeros_(module.bias)
 
 
+def _run_block(blk: nn.Module, x: torch.Tensor, checkpointing: bool) -> torch.Tensor:
+    if checkpointing and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
+    return blk(x)
+
+
 def _run_blocks(blocks: nn.ModuleList, x: torch.Tensor, checkpointing: bool) -> torch.Tensor:
     for blk in blocks:
-        if checkpointing and torch.is_grad_enabled():
-            x = torch.utils.checkpoint.checkpoint(blk, x, use_reentrant=False)
-        else:
-            x = blk(x)
+        x = _run_block(blk, x, checkpointing)
     return x
 
 
+POS_EMBED_RESIZE = ("auto", "sincos", "interpolate")
+
+
+def interpolate_pos_embed(pos: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """A (1, G², D) position table resampled to a ``rows`` × ``cols`` grid: bicubic,
+    ``align_corners=False``, as transformers' ``interpolate_pos_encoding`` (and DINO's)."""
+    _, N, D = pos.shape
+    g = math.isqrt(N)
+    grid = pos.reshape(1, g, g, D).permute(0, 3, 1, 2)  # (1, D, G, G)
+    grid = F.interpolate(grid, size=(rows, cols), mode="bicubic", align_corners=False)  # (1, D, rows, cols)
+    return grid.permute(0, 2, 3, 1).reshape(1, rows * cols, D)  # (1, rows·cols, D)
+
+
 class VisionTransformer(nn.Module):
-    """The I-JEPA context/target encoder (no class token, fixed sin-cos pos-embed)."""
+    """The I-JEPA context/target encoder (no class token, fixed sin-cos pos-embed).
+
+    ``forward(x)`` returns the normed patch tokens (B, N, D); with ``masks`` only the
+    kept tokens go through the blocks. The feature API has the names timm and DINOv2
+    users know: :meth:`forward_features` (normed tokens), :meth:`forward_head` (their
+    average, timm's ``global_pool="avg"``; there is no classifier head, so ``pre_logits``
+    changes nothing) and :meth:`get_intermediate_layers`.
+
+    Any input size whose sides are multiples of the patch size runs: for another patch
+    grid the position table is recomputed (``pos_embed_resize="sincos"``; exact, the
+    table a model built for that size has) or resampled bicubically (``"interpolate"``,
+    what transformers' ``interpolate_pos_encoding=True`` and timm's ``dynamic_img_size``
+    do). ``"auto"`` (default) recomputes when the stored table is the fixed sin-cos one,
+    as in every I-JEPA checkpoint, and interpolates a table that is not (learned or
+    edited weights).
+    """
 
     def __init__(
         self,
@@ -201,16 +245,21 @@ class VisionTransformer(nn.Module):
         drop_path_rate: float = 0.0,
         norm_layer: Callable[[int], nn.Module] = LayerNorm6,
         init_std: float = 0.02,
+        pos_embed_resize: str = "auto",
         **kwargs,
     ):
         super().__init__()
         img_size = _image_size(img_size)
+        if pos_embed_resize not in POS_EMBED_RESIZE:
+            raise ValueError(f"pos_embed_resize={pos_embed_resize!r}: expected one of {', '.join(POS_EMBED_RESIZE)}")
+        self.pos_embed_resize = pos_embed_resize
+        self._sincos_seen: tuple | None = None  # (table identity, is it the sin-cos table)
         self.num_features = self.embed_dim = embed_dim
         self.num_heads = num_heads
         self.grad_checkpointing = False
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
         self.pos_embed = _fixed_pos_embed(self.patch_embed.num_patches, embed_dim)  # (1, N, D)
-        dpr = [float(r) for r in torch.linspace(0, drop_path_rate, depth)]
+        dpr = _drop_path_rates(drop_path_rate, depth)
         self.blocks = nn.ModuleList(
             [
                 Block(embed_dim, num_heads, mlp_ratio, qkv_bias, qk_scale, drop_rate, attn_drop_rate, dpr[i], norm_layer=norm_layer)
@@ -221,16 +270,87 @@ class VisionTransformer(nn.Module):
         self.init_std = init_std
         self.apply(partial(_init_weights, std=init_std))
 
+    def _is_sincos(self) -> bool:
+        """Whether the stored table is the fixed sin-cos one (checked once per table value)."""
+        pos = self.pos_embed
+        key = (pos.data_ptr(), pos._version, pos.device, pos.dtype)
+        if self._sincos_seen is None or self._sincos_seen[0] != key:
+            g = self.patch_embed.grid_size
+            fixed = sincos_2d(pos.shape[-1], g, device=pos.device, dtype=pos.dtype)  # (N, D)
+            self._sincos_seen = (key, bool(torch.equal(pos[0], fixed)))
+        return self._sincos_seen[1]
+
+    def pos_embed_for(self, rows: int, cols: int) -> torch.Tensor:
+        """The (1, rows·cols, D) position table for a ``rows`` × ``cols`` patch grid: the
+        stored one for the grid it was built for, else recomputed or interpolated as
+        ``pos_embed_resize`` says (see the class docstring)."""
+        g = self.patch_embed.grid_size
+        if (rows, cols) == (g, g):
+            return self.pos_embed
+        mode = self.pos_embed_resize
+        if mode == "auto":
+            mode = "sincos" if self._is_sincos() else "interpolate"
+        if mode == "sincos":
+            return sincos_2d(self.embed_dim, rows, cols, device=self.pos_embed.device, dtype=self.pos_embed.dtype).unsqueeze(0)
+        return interpolate_pos_embed(self.pos_embed, rows, cols)
+
+    def _embed(self, x: torch.Tensor, masks) -> tuple[torch.Tensor, tuple[int, int]]:
+        p = self.patch_embed.patch_size
+        grid = (x.shape[-2] // p, x.shape[-1] // p) if x.dim() == 4 else (0, 0)
+        x = self.patch_embed(x)  # (B, N, D)
+        pos = _pos_for(self.pos_embed_for(*grid), x)  # (1, N, D)
+        if masks is None:
+            return x + pos, grid  # (B, N, D)
+        return ops.gather_tokens(x, masks, pos), grid  # (M·B, K, D)
+
     def forward(self, x: torch.Tensor, masks: torch.Tensor | Sequence[torch.Tensor] | None = None) -> torch.Tensor:
         """(B, C, H, W) images, optional list of (B, K) masks -> (len(masks)·B, K, D) or (B, N, D)."""
-        x = self.patch_embed(x)  # (B, N, D)
-        pos = _pos_for(self.pos_embed, x)  # (1, N, D)
-        if masks is None:
-            x = x + pos  # (B, N, D)
-        else:
-            x = ops.gather_tokens(x, masks, pos)  # (M·B, K, D)
+        x, _ = self._embed(x, masks)
         x = _run_blocks(self.blocks, x, self.grad_checkpointing)
         return self.norm(x)
+
+    def forward_features(self, x: torch.Tensor, masks: torch.Tensor | Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+        """The normed tokens (B, N, D) (timm's name; the same as ``forward``)."""
+        return self.forward(x, masks)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Tokens from :meth:`forward_features` (B, N, D) -> their average (B, D): the pooled
+        feature of I-JEPA's linear evaluation (timm: ``global_pool="avg"``, no ``fc_norm``).
+        There is no classifier head, so ``pre_logits`` returns the same."""
+        return x.mean(dim=1)
+
+    def get_intermediate_layers(
+        self,
+        x: torch.Tensor,
+        n: int | Sequence[int] = 1,
+        reshape: bool = False,
+        return_class_token: bool = False,
+        norm: bool = True,
+    ) -> tuple[torch.Tensor, ...]:
+        """The outputs of the last ``n`` blocks (``n`` an int), or of the blocks indexed by
+        ``n`` (a sequence), in block order, as DINOv2's method: each (B, N, D), through the
+        final LayerNorm when ``norm``; ``reshape=True`` gives (B, D, rows, cols) maps."""
+        if return_class_token:
+            raise ValueError("return_class_token=True: an I-JEPA encoder has no class token")
+        depth = len(self.blocks)
+        if isinstance(n, int):
+            if not 1 <= n <= depth:
+                raise ValueError(f"n={n}: expected 1 to the depth ({depth})")
+            wanted = list(range(depth - n, depth))
+        else:
+            wanted = sorted({i % depth if -depth <= i < depth else i for i in n})
+            bad = [i for i in wanted if not 0 <= i < depth]
+            if bad or not wanted:
+                raise ValueError(f"n={list(n)}: block indices must lie in [-{depth}, {depth - 1}]")
+        x, (rows, cols) = self._embed(x, None)
+        outs = []
+        for i, blk in enumerate(self.blocks[: wanted[-1] + 1]):
+            x = _run_block(blk, x, self.grad_checkpointing)
+            if i in wanted:
+                outs.append(self.norm(x) if norm else x)
+        if reshape:
+            outs = [o.reshape(o.shape[0], rows, cols, -1).permute(0, 3, 1, 2).contiguous() for o in outs]  # (B, D, rows, cols)
+        return tuple(outs)
 
 
 class VisionTransformerPredictor(nn.Module):
@@ -262,7 +382,7 @@ class VisionTransformerPredictor(nn.Module):
         self.grad_checkpointing = False
         self.predictor_embed = nn.Linear(embed_dim, predictor_embed_dim, bias=True)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, predictor_embed_dim))  # (1, 1, P)
-        dpr = [float(r) for r in torch.linspace(0, drop_path_rate, depth)]
+        dpr = _drop_path_rates(drop_path_rate, depth)
         self.predictor_pos_embed = _fixed_pos_embed(num_patches, predictor_embed_dim)  # (1, N, P)
         self.predictor_blocks = nn.ModuleList(
             [

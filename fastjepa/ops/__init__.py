@@ -5,7 +5,7 @@ autograd / custom-op wrapper and the dispatch. :func:`available` says which back
 run here; ``FASTJEPA_BACKEND`` or :func:`use_backend` forces one.
 """
 
-from ._dispatch import BACKENDS, Availability, available, current_backend, use_backend
+from ._dispatch import BACKENDS, Availability, ExtensionVersionWarning, available, current_backend, use_backend
 from .attention import attention, attention_available, attention_reference, current_attention, use_attention
 from .gather_tokens import apply_masks, gather_tokens, gather_tokens_reference
 from .linear_gelu import fused_linear_gelu_applies, linear_gelu, linear_gelu_reference
@@ -24,6 +24,7 @@ from .target_tokens import target_tokens, target_tokens_reference
 __all__ = [
     "BACKENDS",
     "Availability",
+    "ExtensionVersionWarning",
     "apply_masks",
     "attention",
     "attention_available",

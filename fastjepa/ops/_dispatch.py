@@ -170,16 +170,43 @@ def _triton_available() -> Availability:
     return Availability(True, f"triton {getattr(triton, '__version__', '?')}")
 
 
+class ExtensionVersionWarning(UserWarning):
+    """fastjepa._C was compiled against another torch version than the one running."""
+
+
+def cpp_torch_mismatch(module: object) -> str | None:
+    """The problem, when the loaded extension ``module`` was compiled against another torch
+    (its ``build_info()["torch"]``, torch's TORCH_VERSION at build time) than the running
+    one; None when they agree or the extension does not say."""
+    try:
+        built = str(module.build_info().get("torch", "")).strip()
+    except Exception:  # an extension without build_info
+        return None
+    running = torch.__version__.split("+")[0]
+    if not built or built.split("+")[0] == running:
+        return None
+    return (
+        f"fastjepa._C was built for torch {built} but torch {running} is running: its ops may fail or misbehave; "
+        "rebuild it (pip install -e . --no-build-isolation, or python setup.py build_ext --inplace)"
+    )
+
+
 @functools.cache
 def _cpp_available() -> Availability:
     if os.environ.get("FASTJEPA_NO_EXT", "0") == "1":
         return Availability(False, "disabled by FASTJEPA_NO_EXT=1")
     try:
-        importlib.import_module("fastjepa._C")
+        module = importlib.import_module("fastjepa._C")
     except ImportError as exc:
         return Availability(False, f"the fastjepa._C extension is not built ({exc})")
     except OSError as exc:  # built against another torch, missing shared library
         return Availability(False, f"the fastjepa._C extension does not load ({exc})")
+    problem = cpp_torch_mismatch(module)
+    if problem:
+        import warnings
+
+        warnings.warn(problem, ExtensionVersionWarning, stacklevel=2)
+        return Availability(True, f"fastjepa._C loaded; {problem}")
     return Availability(True, "fastjepa._C loaded")
 
 
