@@ -4,8 +4,7 @@ Public entry points: :mod:`fastjepa.models`, :mod:`fastjepa.masks`, :mod:`fastje
 :class:`fastjepa.IJEPA`, :mod:`fastjepa.checkpoint`, ``python -m fastjepa.train``.
 """
 
-__version__ = "0.1.0"
-
-from .ijepa import IJEPA
+from .models.ijepa import IJEPA
+from .version import __version__
 
 __all__ = ["IJEPA", "__version__"]

@@ -14,7 +14,9 @@ import torch
 
 from fastjepa.checkpoint import load_encoder, read_checkpoint
 from fastjepa.config import load_config
-from fastjepa.trainer import Trainer, build_model, seed_everything
+from fastjepa.build import build_model
+from fastjepa.rng import seed_everything
+from fastjepa.trainer import Trainer
 
 from ._tiny import TINY
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 import yaml
 
-from fastjepa import time_budget
+from fastjepa.training import time_budget
 from fastjepa.checkpoint import read_checkpoint
 from fastjepa.config import ConfigError, load_config
 from fastjepa.trainer import Trainer

@@ -80,7 +80,7 @@ def _make_call(original):
 
 @functools.cache
 def _cpp_ready() -> bool:
-    from ..ops._dispatch import available
+    from ..ops import available
 
     if not available()["cpp"]:
         return False

@@ -203,7 +203,7 @@ def _attention(mods):
 def _mask_collator(mods):
     if "src.masks.multiblock" not in mods:
         return []
-    from ..ops._dispatch import available
+    from ..ops import available
 
     why = None if available()["cpp"] else available()["cpp"].reason
     if why is None and not hasattr(torch.ops.fastjepa, "sample_masks_sized"):

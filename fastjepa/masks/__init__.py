@@ -2,6 +2,6 @@
 
 from .multiblock import MaskCollator, block_size
 from .multiblock3d import MaskCollator3D
-from .utils import apply_masks, repeat_interleave_batch
+from ..ops.masks_reference import apply_masks, repeat_interleave_batch
 
 __all__ = ["MaskCollator", "MaskCollator3D", "apply_masks", "block_size", "repeat_interleave_batch"]

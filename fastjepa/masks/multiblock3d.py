@@ -43,7 +43,7 @@ from collections.abc import Sequence
 import torch
 from torch.utils.data import default_collate
 
-from .multiblock import derive_seed
+from ..rng import derive_seed
 
 COMPAT_MODES = ("fastjepa", "reference")
 BACKENDS = ("auto", "cpp", "python")
@@ -93,7 +93,7 @@ def _complement(idx: torch.Tensor, N: int) -> torch.Tensor:
 
 
 def _pick_backend(backend: str | None, compat: str) -> str:
-    from ..ops._dispatch import available
+    from ..ops import available
 
     backend = "auto" if backend is None else backend
     if backend not in BACKENDS:

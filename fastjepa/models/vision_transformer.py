@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.utils.checkpoint
 
 from .. import ops
-from ..ops._dispatch import current_backend
+from ..ops import current_backend
 from .pos_embed import get_2d_sincos_pos_embed
 
 LayerNorm6 = partial(nn.LayerNorm, eps=1e-6)  # the norm every reference model is built with

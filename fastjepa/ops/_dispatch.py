@@ -19,11 +19,8 @@ import contextlib
 import contextvars
 import functools
 import importlib
-import importlib.util
 import os
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -94,31 +91,9 @@ def triton_interpret() -> bool:
 
 
 def kernels():
-    """The ``fastjepa.kernels`` package (Triton kernels + launchers).
-
-    Installed, it is a normal subpackage (``kernels/`` mapped by setup.py). From a source
-    checkout on ``PYTHONPATH`` it is loaded from ``<repo>/kernels`` under the same name.
-    """
-    name = "fastjepa.kernels"
-    if name in sys.modules:
-        return sys.modules[name]
-    try:
-        return importlib.import_module(name)
-    except ModuleNotFoundError as exc:
-        if exc.name != name:
-            raise
-    src = Path(__file__).resolve().parents[2] / "kernels"
-    spec = importlib.util.spec_from_file_location(name, src / "__init__.py", submodule_search_locations=[str(src)])
-    if spec is None or not (src / "__init__.py").is_file():
-        raise ModuleNotFoundError(f"{name} is neither installed nor found at {src}", name=name)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        del sys.modules[name]
-        raise
-    return module
+    """The ``fastjepa.kernels`` package (Triton kernels + launchers), imported on first use
+    so that ``import fastjepa`` does not import Triton."""
+    return importlib.import_module("fastjepa.kernels")
 
 
 def _interpreter_broken(triton_version: str) -> str | None:
@@ -206,13 +181,13 @@ def _why_not(backend: str, device: torch.device, dtype: torch.dtype) -> str | No
     if backend == "cpp":
         if device.type == "cpu":
             return None
-        if device.type == "cuda" and _cpp_has_cuda():
+        if device.type == "cuda" and cpp_has_cuda():
             return None
         return f"the extension has no kernels for {device}"
     raise AssertionError(backend)
 
 
-def _cpp_has_cuda() -> bool:
+def cpp_has_cuda() -> bool:
     if not _cpp_available():
         return False
     return bool(getattr(importlib.import_module("fastjepa._C"), "WITH_CUDA", False))

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from ..masks.utils import apply_masks as _apply_masks_reference
+from .masks_reference import apply_masks as _apply_masks_reference
 from . import _validate as V
 from ._dispatch import kernels, select
 

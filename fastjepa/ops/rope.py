@@ -55,7 +55,7 @@ from collections.abc import Sequence
 import torch
 
 from . import _validate as V
-from ._dispatch import kernels, select
+from ._dispatch import select
 
 BASE = 10000.0
 LAYOUTS = ("vjepa2", "interleaved")
@@ -184,7 +184,7 @@ def _rope_triton(
     ``backward=True`` applies the transpose (the gradient map)."""
     d = rotated_width(q.size(-1), n_axes)
     omega = omega_table(d // 2, q.dtype, q.device)
-    return kernels_rope().rope_fwd(q, k, ids, omega, n_axes, tpf, tpr, interleaved, backward)
+    return importlib.import_module("fastjepa.kernels.rope").rope_fwd(q, k, ids, omega, n_axes, tpf, tpr, interleaved, backward)
 
 
 @_rope_triton.register_fake
@@ -205,12 +205,6 @@ def _backward(ctx, gq, gk):
 
 
 _rope_triton.register_autograd(_backward, setup_context=_setup_context)
-
-
-def kernels_rope():
-    """``fastjepa.kernels.rope`` (loaded through :func:`fastjepa.ops._dispatch.kernels`)."""
-    kernels()
-    return importlib.import_module("fastjepa.kernels.rope")
 
 
 # -- public op -------------------------------------------------------------------------
@@ -286,6 +280,6 @@ def rope_qk(
     interleaved = layout == "interleaved"
     if backend == "triton":
         return _rope_triton(q, k, ids, n_axes, tpf, tpr, interleaved, False)
-    from . import _rope_cpp
+    from . import _cpp_rope
 
-    return _rope_cpp.rope_qk(q, k, ids, n_axes, tpf, tpr, interleaved)
+    return _cpp_rope.rope_qk(q, k, ids, n_axes, tpf, tpr, interleaved)

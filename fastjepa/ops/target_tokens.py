@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from ..masks.utils import apply_masks, repeat_interleave_batch
+from .masks_reference import apply_masks, repeat_interleave_batch
 from . import _validate as V
 from ._dispatch import kernels, select
 
