@@ -84,7 +84,7 @@ def _cpp_ready() -> bool:
 
     if not available()["cpp"]:
         return False
-    from ..masks import _sampler3d  # noqa: F401 — loads the op and its fake
+    from ..masks import cpp_sampler3d  # noqa: F401 — loads the op and its fake
 
     return hasattr(torch.ops.fastjepa, "sample_masks3d")
 

@@ -54,7 +54,7 @@ from collections.abc import Sequence
 
 import torch
 
-from . import _validate as V
+from . import _validate as checks
 from ._dispatch import select
 
 BASE = 10000.0
@@ -238,7 +238,7 @@ def _check(q, k, ids, grid, layout, validate):
         return n_axes, tpf, tpr
     if not isinstance(ids, torch.Tensor):
         raise ValueError(f"rope_qk: ids: expected a tensor or None, got {type(ids).__name__}")
-    if ids.dtype not in V.INDEX_DTYPES:
+    if ids.dtype not in checks.INDEX_DTYPES:
         raise ValueError(f"rope_qk: ids: expected int32 or int64 token ids, got {ids.dtype}")
     if ids.shape not in ((N,), (B, N)):
         raise ValueError(f"rope_qk: ids has shape {tuple(ids.shape)}, expected ({B}, {N}) or ({N},)")
