@@ -4,7 +4,6 @@ one network to ``.safetensors`` (docs/eval.md, docs/design.md#6-checkpoints)."""
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
@@ -27,7 +26,7 @@ from .checkpoint import (
     save_safetensors,
     strip_module_prefix,
 )
-from .config import ConfigError, load_config, merge, parse_override, validate
+from .config import ConfigError, apply_overrides, load_config, merge
 
 
 def describe_model(cfg: dict) -> str:
@@ -88,15 +87,7 @@ def _config_for_architecture(arch: dict[str, Any], overrides: Sequence[str]) -> 
     cfg["meta"]["model_name"], cfg["meta"]["model_kwargs"] = arch["model_name"], arch["model_kwargs"]
     cfg["data"]["crop_size"], cfg["mask"]["patch_size"] = arch["crop_size"], arch["patch_size"]
     cfg["mask"]["min_keep"] = 0  # evaluation samples no masks; keep any grid size valid
-    return _apply_overrides(cfg, overrides)
-
-
-def _apply_overrides(cfg: dict, overrides: Sequence[str]) -> dict:
-    cfg = copy.deepcopy(cfg)
-    for text in overrides:
-        sec, key, value = parse_override(text)
-        merge(cfg, {sec: {key: value}}, f"override {text!r}")
-    return validate(cfg)
+    return apply_overrides(cfg, overrides)
 
 
 ENCODER_KEYS = {"target": "target_encoder", "context": "encoder"}  # --encoder -> checkpoint key
@@ -144,7 +135,7 @@ def load_target_encoder(
         cfg, source = load_config(config, overrides), f"--config {config}"
     elif isinstance(stored, dict):
         try:
-            cfg = _apply_overrides(merge(load_config(None, []), stored, f"config stored in {path}"), overrides)
+            cfg = apply_overrides(merge(load_config(None, []), stored, f"config stored in {path}"), overrides)
         except ConfigError as exc:
             raise CheckpointError(f"checkpoint {path}: its stored config does not validate ({exc}); pass --config FILE") from None
         source = "the checkpoint's config"

@@ -1,4 +1,4 @@
-"""The package's import structure (docs/design.md#10-layers): an AST pass over every
+"""The package's import structure (docs/design.md §10): an AST pass over every
 module- and function-level import of every ``fastjepa`` module.
 
 It fails on an import cycle, on a module importing one of a higher layer, on anything

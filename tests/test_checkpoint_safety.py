@@ -17,10 +17,11 @@ import pytest
 import torch
 
 from fastjepa import checkpoint as ck
-from fastjepa.checkpoint import __main__ as checkpoint_cli
 from fastjepa import encoder as encoders
+from fastjepa import eval as ev
 from fastjepa import rng
 from fastjepa import train as train_cli
+from fastjepa.checkpoint import __main__ as checkpoint_cli
 from fastjepa.checkpoint import (
     CheckpointError,
     TrustedCheckpointWarning,
@@ -30,9 +31,9 @@ from fastjepa.checkpoint import (
     read_checkpoint,
     read_safetensors,
 )
+from fastjepa.build import build_model
 from fastjepa.config import load_config
 from fastjepa.models import vit_tiny
-from fastjepa.build import build_model
 from fastjepa.trainer import Trainer
 
 from ._tiny import TINY
@@ -429,12 +430,12 @@ def test_weights_only_false_appears_only_in_the_trust_path():
                     unsafe.append((rel, fn))
                 if kw.arg == "allow_pickle" and not (isinstance(kw.value, ast.Constant) and kw.value.value is False):
                     unsafe.append((rel, fn, "allow_pickle"))
-        assert text.count("weights_only=False") == (1 if rel == "fastjepa/checkpoint.py" else 0), rel
-    assert unsafe == [("fastjepa/checkpoint.py", "_load_trusted")]
+        assert text.count("weights_only=False") == (1 if rel == "fastjepa/checkpoint/core.py" else 0), rel
+    assert unsafe == [("fastjepa/checkpoint/core.py", "_load_trusted")]
     assert sorted(loads) == [
-        ("fastjepa/checkpoint.py", "_load_trusted", "torch.load"),
-        ("fastjepa/checkpoint.py", "_torch_load", "torch.load"),
-        ("fastjepa/checkpoint.py", "_torch_load", "torch.load"),
+        ("fastjepa/checkpoint/core.py", "_load_trusted", "torch.load"),
+        ("fastjepa/checkpoint/core.py", "_torch_load", "torch.load"),
+        ("fastjepa/checkpoint/core.py", "_torch_load", "torch.load"),
     ]
     # the trusted load is reached only from _torch_load, below its `if not trust: raise`
     callers = [

@@ -18,10 +18,10 @@ from fastjepa import eval as ev
 from fastjepa.build import build_model
 from fastjepa.checkpoint import CheckpointError, save_checkpoint
 from fastjepa.config import load_config
-from fastjepa.masks import MaskCollator
 from fastjepa.evaluation import classifiers as clf
 from fastjepa.evaluation import features as feat
 from fastjepa.evaluation import probe
+from fastjepa.masks import MaskCollator
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [

@@ -28,7 +28,6 @@ BACKENDS = ("auto", "reference", "triton", "cpp")
 CPP_CUDA_OPS = frozenset({"gather_tokens"})  # ops with a CUDA kernel in csrc/cuda/
 FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
-_override: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastjepa_backend", default=None)
 
 
 @dataclass(frozen=True)
@@ -40,10 +39,36 @@ class Availability:
         return self.ok
 
 
-def _check_name(name: str, source: str) -> str:
-    if name not in BACKENDS:
-        raise ValueError(f"{source}={name!r} is not a fastjepa backend; expected one of {', '.join(BACKENDS)}")
-    return name
+class BackendSetting:
+    """One backend choice (the fused ops', attention's): the innermost :meth:`use` block,
+    else the environment variable ``env``, else ``auto``."""
+
+    def __init__(self, env: str, choices: tuple[str, ...], what: str):
+        self.env, self.choices, self.what = env, choices, what
+        self._override: contextvars.ContextVar[str | None] = contextvars.ContextVar(env.lower(), default=None)
+
+    def check(self, name: str, source: str) -> str:
+        """``name`` if it is one of the choices, else a ``ValueError`` naming ``source``."""
+        if name not in self.choices:
+            raise ValueError(f"{source}={name!r} is not {self.what}; expected one of {', '.join(self.choices)}")
+        return name
+
+    def current(self) -> str:
+        name = self._override.get()
+        if name is not None:
+            return name
+        return self.check(os.environ.get(self.env, "auto").strip().lower() or "auto", self.env)
+
+    @contextlib.contextmanager
+    def use(self, name: str, source: str):
+        token = self._override.set(self.check(name, source))
+        try:
+            yield
+        finally:
+            self._override.reset(token)
+
+
+OPS_BACKEND = BackendSetting("FASTJEPA_BACKEND", BACKENDS, "a fastjepa backend")
 
 
 def assume_constant_result(fn):
@@ -61,20 +86,12 @@ def current_backend() -> str:
     ContextVar): compiled code keeps the backend it was traced with until
     ``torch._dynamo.reset()``.
     """
-    name = _override.get()
-    if name is not None:
-        return name
-    return _check_name(os.environ.get("FASTJEPA_BACKEND", "auto").strip().lower() or "auto", "FASTJEPA_BACKEND")
+    return OPS_BACKEND.current()
 
 
-@contextlib.contextmanager
 def use_backend(name: str):
     """Force a backend inside a ``with`` block (overrides ``FASTJEPA_BACKEND``)."""
-    token = _override.set(_check_name(name, "use_backend"))
-    try:
-        yield
-    finally:
-        _override.reset(token)
+    return OPS_BACKEND.use(name, "use_backend")
 
 
 @functools.cache

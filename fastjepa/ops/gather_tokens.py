@@ -19,9 +19,9 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from .masks_reference import apply_masks as _apply_masks_reference
 from . import _validate as checks
 from ._dispatch import kernels, select
+from .masks_reference import apply_masks as _apply_masks_reference
 
 
 def gather_tokens_reference(

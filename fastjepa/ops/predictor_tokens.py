@@ -17,9 +17,9 @@ from collections.abc import Sequence
 
 import torch
 
-from .masks_reference import apply_masks, repeat_interleave_batch
 from . import _validate as checks
 from ._dispatch import kernels, select
+from .masks_reference import apply_masks, repeat_interleave_batch
 
 
 def predictor_tokens_reference(

@@ -255,9 +255,9 @@ def _cpp_has_op_cached() -> bool:
 
 @assume_constant_result  # a plain function: Dynamo traces through functools.cache wrappers
 def _cpp_has_op() -> bool:
-    """Whether the loaded extension has these kernels (an extension built before
-    ``csrc/sorted_predictor_cpu.cpp`` existed has not: then ``auto`` takes the reference on
-    the CPU and a forced ``cpp`` says so)."""
+    """Whether the loaded extension has these kernels (a library compiled without
+    ``csrc/sorted_predictor_cpu.cpp`` has not: then ``auto`` takes the reference on the CPU
+    and a forced ``cpp`` says so)."""
     return _cpp_has_op_cached()
 
 

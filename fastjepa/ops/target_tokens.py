@@ -15,9 +15,9 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from .masks_reference import apply_masks, repeat_interleave_batch
 from . import _validate as checks
 from ._dispatch import kernels, select
+from .masks_reference import apply_masks, repeat_interleave_batch
 
 
 def target_tokens_reference(h: torch.Tensor, masks_pred: torch.Tensor | Sequence[torch.Tensor], nenc: int) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""The rooms of the training loop; :class:`fastjepa.trainer.Trainer` joins them.
+"""The parts of the training loop; :class:`fastjepa.trainer.Trainer` joins them.
 
 * :mod:`.optim`: the optimizer and the autocast dtype.
 * :mod:`.step`: one optimizer step (schedules, micro-batches, the ``nan_policy=skip``

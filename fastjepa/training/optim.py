@@ -37,8 +37,8 @@ FUSED_ADAMW_DEVICES = ("cuda", "cpu")  # torch >= 2.4 has a fused AdamW kernel f
 
 def make_optimizer(model: IJEPA, device: torch.device, reference_step: bool) -> torch.optim.Optimizer:
     """AdamW over ``param_groups``. fastjepa: the fused kernel (one pass over each
-    parameter) on CUDA and on the CPU — on the CPU ``foreach`` is a per-tensor loop, 3-4x
-    slower than fused for vit_tiny's 6 M parameters (measured) —, ``foreach`` elsewhere.
+    parameter) on CUDA and on the CPU — on the CPU ``foreach`` is a per-tensor loop, slower
+    than fused (docs/performance.md) —, ``foreach`` elsewhere.
     The reference step: the per-parameter loop, as the reference code gets by default."""
     kwargs: dict[str, Any] = {}
     if not reference_step:
@@ -48,7 +48,7 @@ def make_optimizer(model: IJEPA, device: torch.device, reference_step: bool) -> 
 
 def autocast_dtype(use_bfloat16: bool, device: torch.device, reference_step: bool) -> torch.dtype | None:
     """bf16 autocast on CUDA (docs/design.md §5), and on CPUs with bf16 matrix units — where it pays
-    (measured 1.4-1.5x on AVX512-BF16) — except for the reference step, which runs fp32 off
+    (docs/performance.md) — except for the reference step, which runs fp32 off
     CUDA as the reference code does. None: fp32."""
     if not use_bfloat16:
         return None
