@@ -7,9 +7,9 @@ import inspect
 
 import torch
 
-from .models.ijepa import IJEPA
 from . import models
 from .config import ConfigError
+from .models.ijepa import IJEPA
 
 
 def pick_device(name: str, setting: str = "meta.device={}") -> torch.device:

@@ -19,13 +19,13 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
-from .evaluation.classifiers import C_GRID, KNN_K, KNN_T, evaluate_encoder
-from .evaluation.features import default_cache_dir, eval_datasets, limit
-from .evaluation.probe import format_table, model_summary, score_lines, write_json
 from .build import pick_device
 from .checkpoint import CheckpointError
 from .config import ConfigError, load_config
 from .encoder import ENCODER_KEYS, EvalError, describe_model, load_target_encoder, random_init_encoder
+from .evaluation.classifiers import C_GRID, KNN_K, KNN_T, evaluate_encoder
+from .evaluation.features import default_cache_dir, eval_datasets, limit
+from .evaluation.probe import format_table, model_summary, score_lines, write_json
 
 
 # -- command line

@@ -12,8 +12,8 @@ import platform
 
 import torch
 
-from .ops.linear_gelu import onednn_op
 from .ops import attention_available, available, cpp_has_cuda, cpu_has_bf16, triton_interpret
+from .ops.linear_gelu import onednn_op
 
 
 def rows() -> list[tuple[str, bool, str]]:

@@ -72,11 +72,11 @@ def main(argv=None) -> int:
     else:
         out = default_output(cfg)
 
-    from .training.checkpointing import NonFiniteLoss
     from .build import pick_device
     from .checkpoint import CheckpointError
     from .distributed import init_distributed
     from .trainer import Trainer
+    from .training.checkpointing import NonFiniteLoss
 
     try:
         device = pick_device(cfg["meta"]["device"])

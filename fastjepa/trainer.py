@@ -14,10 +14,6 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from .training.checkpointing import FaultHandling, NonFiniteLoss, StopRequested
-from .training.logs import RunLog, ScalarLoggers
-from .training.optim import autocast_dtype, make_optimizer
-from .training.step import TrainStep
 from .build import build_model, pick_device
 from .config import dump_config
 from .data import build_dataset, loader_options
@@ -25,6 +21,10 @@ from .distributed import DistInfo, ResumableSampler, ddp_device_kwargs, rank_dev
 from .masks import MaskCollator
 from .rng import seed_everything, set_rng_state
 from .training import time_budget
+from .training.checkpointing import FaultHandling, NonFiniteLoss, StopRequested
+from .training.logs import RunLog, ScalarLoggers
+from .training.optim import autocast_dtype, make_optimizer
+from .training.step import TrainStep
 
 __all__ = ["NonFiniteLoss", "StopRequested", "Trainer"]
 
