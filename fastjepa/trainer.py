@@ -26,7 +26,7 @@ from .training.logs import RunLog, ScalarLoggers
 from .training.optim import autocast_dtype, make_optimizer
 from .training.step import TrainStep
 
-__all__ = ["NonFiniteLoss", "StopRequested", "Trainer"]
+__all__ = ["Trainer"]
 
 
 class Trainer(TrainStep, RunLog, FaultHandling):
