@@ -18,8 +18,7 @@ import sys
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-PACKAGES = find_packages(include=["fastjepa", "fastjepa.*"]) + ["fastjepa.kernels"]
-PACKAGE_DIR = {"fastjepa.kernels": "kernels"}
+PACKAGES = find_packages(include=["fastjepa", "fastjepa.*"])
 DEFAULT_CUDA_ARCHS = "8.0;9.0+PTX"  # +PTX: GPUs newer than sm_90 JIT-compile the embedded PTX
 
 
@@ -63,4 +62,4 @@ def extension_build():
 
 
 ext_modules, cmdclass = extension_build()
-setup(packages=PACKAGES, package_dir=PACKAGE_DIR, ext_modules=ext_modules, cmdclass=cmdclass)
+setup(packages=PACKAGES, ext_modules=ext_modules, cmdclass=cmdclass)

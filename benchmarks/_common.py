@@ -302,6 +302,6 @@ def copy_peak_gbs(timer=None, nbytes: int = 2**30) -> float | None:
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=DEVICE)
     dst = torch.empty_like(src)
     t = time_calls([lambda: dst.copy_(src)], calls=10, repeats=5, timer=timer)
-    del src, dst
+    src = dst = None  # free both before empty_cache
     torch.cuda.empty_cache()
     return 2 * nbytes / t.device_s / 1e9

@@ -5,9 +5,8 @@ Public entry points: :mod:`fastjepa.models`, :mod:`fastjepa.masks`, :mod:`fastje
 ``python -m fastjepa.train``.
 """
 
-__version__ = "0.1.0"
-
-from .ijepa import IJEPA
+from .models.ijepa import IJEPA
+from .version import __version__
 
 __all__ = ["IJEPA", "__version__", "load_encoder"]
 
@@ -16,8 +15,8 @@ def load_encoder(path, *, which: str = "target", trust: bool = False, device=Non
     """A ready encoder (a :class:`fastjepa.models.VisionTransformer`, eval mode) from a
     fastjepa run folder or checkpoint, a reference I-JEPA checkpoint, a fastjepa, Hugging
     Face or timm export; its architecture is read from the file. See
-    :func:`fastjepa.encoders.load_encoder` (imported on first call: ``import fastjepa``
+    :func:`fastjepa.interop.load_encoder` (imported on first call: ``import fastjepa``
     stays light)."""
-    from .encoders import load_encoder as load
+    from .interop import load_encoder as load
 
     return load(path, which=which, trust=trust, device=device)

@@ -270,7 +270,12 @@ def read_yaml(path: str | os.PathLike) -> dict:
 def load_config(path: str | os.PathLike | None = None, overrides: Iterable[str] = ()) -> dict:
     """Defaults <- YAML file (default: the packaged CPU config) <- overrides, validated."""
     path = default_config_path() if path is None else Path(path)
-    cfg = merge(defaults(), read_yaml(path), str(path))
+    return apply_overrides(merge(defaults(), read_yaml(path), str(path)), overrides)
+
+
+def apply_overrides(cfg: dict, overrides: Iterable[str]) -> dict:
+    """A validated copy of ``cfg`` with ``section.key=value`` overrides applied in order."""
+    cfg = copy.deepcopy(cfg)
     for text in overrides:
         sec, key, value = parse_override(text)
         merge(cfg, {sec: {key: value}}, f"override {text!r}")

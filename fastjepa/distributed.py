@@ -9,7 +9,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
-from .masks.multiblock import derive_seed
+from .rng import derive_seed
 
 
 @dataclass(frozen=True)

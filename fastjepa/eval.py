@@ -1,55 +1,15 @@
 """``python -m fastjepa.eval --checkpoint PATH [--random-init] [--output DIR] [--data embedded|imagefolder]``
 
-Frozen-feature evaluation of an I-JEPA **target encoder**: a linear probe and a k-NN
-classifier on held-out images, with the same architecture at random initialisation
-beside them as the baseline. Writes ``DIR/eval.json``; accuracies are fractions in [0, 1].
-``--encoder context`` evaluates the checkpoint's context encoder instead (a diagnostic).
-
-Features. Each image is resized to the model's crop size (no augmentation), encoded by
-the target encoder (the network the paper evaluates), and its output tokens are
-average-pooled: (B, N, D) -> (B, D), as the paper's linear evaluation. ``--layers 4``
-instead concatenates the pooled tokens of the last four blocks, each passed through the
-encoder's final LayerNorm, (B, 4·D). Features are extracted once, in batches, and cached
-on disk keyed by a digest of the weights, of the data and of the settings, so a second
-evaluation of the same checkpoint (or the same random init) costs only the probe.
-
-Linear probe: scikit-learn's ``LogisticRegression`` (L-BFGS, multinomial, L2) on
-standardised features. Why this and not a PyTorch probe trained by SGD:
-
-* it is a convex problem solved to convergence by a well-kept library: no learning rate,
-  epochs or batch size to tune, the same answer on every run and every machine;
-* standardising (zero mean, unit variance per feature, fitted on the training split)
-  puts every feature on the same scale, so L-BFGS converges in tens of iterations and the
-  single L2 strength ``C`` means the same thing for any encoder width or layer. Raw ViT
-  features have a few channels orders of magnitude larger than the rest; without it the
-  solver crawls and the penalty mostly ignores the small channels;
-* ``C`` is picked from a short grid on a held-out fifth of the training features, then
-  the probe is refitted on all of them (``--C`` fixes it instead).
-
-At the feature sizes this evaluation is meant for (up to ~10^5 images × a few thousand
-dimensions) it runs in seconds to minutes on a CPU; for ImageNet-scale probes use a
-GPU-trained probe instead.
-
-k-NN: cosine similarity between L2-normalised raw features, the k = 20 nearest training
-images vote with weight ``exp(sim / T)``, T = 0.07 (the weighted k-NN of Wu et al. 2018
-and DINO).
-
-Checkpoints: a fastjepa checkpoint carries its resolved config (``ckpt["fastjepa"]["config"]``),
-which builds the model. A reference I-JEPA checkpoint (keys ``encoder``, ``predictor``,
-``target_encoder``, with or without ``module.``) has no config: the architecture comes
-from ``--config`` and ``section.key=value`` overrides, or, without them, is read off the
-weights' shapes (width, depth, patch, image size, MLP ratio; the head count is the
-standard one for that width). ``--random-init`` evaluates only the random initialisation
-(the run's own step-0 weights: ``meta.seed`` seeds them exactly as training does).
-An encoder exported with ``python -m fastjepa.checkpoint export`` (``.safetensors``) is
-rebuilt from the architecture in its metadata. Checkpoints are opened weights-only (no
-code in a file runs); ``--trust-checkpoint`` opens one that needs more, with a warning.
+Frozen-feature evaluation of an I-JEPA target encoder (``--encoder context``: the context
+encoder): a linear probe and a k-NN classifier on held-out images, beside the same
+architecture at random initialisation. Writes ``DIR/eval.json``; accuracies are fractions
+in [0, 1]. The features, the probe, the k-NN and how a checkpoint's architecture is found
+are defined in docs/eval.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import sys
@@ -59,130 +19,13 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
-from .checkpoint import CheckpointError, atomic_write_text, read_checkpoint, strip_module_prefix
+from .build import pick_device
+from .checkpoint import CheckpointError
 from .config import ConfigError, load_config
-
-# the features and classifiers live in fastjepa/evaluation/; they are this module's API too
-from .evaluation.classifiers import (  # noqa: F401
-    C_GRID,
-    KNN_K,
-    KNN_T,
-    effective_rank,
-    evaluate_encoder,
-    knn_classify,
-    knn_top1,
-    linear_probe,
-)
-from .evaluation.features import (  # noqa: F401
-    ENCODER_KEYS,
-    FEATURE_VERSION,
-    EvalError,
-    _build_encoder,
-    _limit,
-    cached_features,
-    dataset_fingerprint,
-    default_cache_dir,
-    describe_model,
-    eval_datasets,
-    extract_features,
-    infer_architecture,
-    load_target_encoder,
-    random_init_encoder,
-    weights_fingerprint,
-)
-
-QUICK_TRAIN = 1000  # quick_probe: training images used (all 1,000 held-out images are scored)
-
-
-# -- reporting
-
-
-def _score_lines(rows: list[tuple[str, dict[str, Any]]], width: int) -> list[str]:
-    """A header and one line per encoder: linear probe, k-NN and (when known) effective rank."""
-    lines = [f"{'':{width}}  linear probe   k-NN (k={KNN_K})   eff. rank"]
-    for name, r in rows:
-        erank = r.get("feature_effective_rank")
-        erank = f"{erank:12.1f}" if erank is not None else f"{'':12}"
-        lines.append(f"{name:{width}}  {100 * r['linear_probe_top1']:10.1f} %  {100 * r['knn_top1']:10.1f} %{erank}")
-    return lines
-
-
-def format_table(result: dict[str, Any], baseline: dict[str, Any] | None, label: str) -> str:
-    rows = [(label, result)]
-    if baseline is not None and baseline is not result:
-        rows.append(("random init", baseline))
-    width = max(len(r[0]) for r in rows + [("difference", None)])
-    lines = _score_lines(rows, width)
-    if len(rows) == 2:
-        d_lin = 100 * (result["linear_probe_top1"] - baseline["linear_probe_top1"])
-        d_knn = 100 * (result["knn_top1"] - baseline["knn_top1"])
-        lines.append(f"{'difference':{width}}  {d_lin:+10.1f} pt {d_knn:+10.1f} pt")
-    return "\n".join(lines)
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
-
-
-def _model_summary(cfg: dict) -> dict[str, Any]:
-    return {
-        "model_name": cfg["meta"]["model_name"],
-        "model_kwargs": cfg["meta"]["model_kwargs"],
-        "patch_size": cfg["mask"]["patch_size"],
-        "crop_size": cfg["data"]["crop_size"],
-        "seed": cfg["meta"]["seed"],
-    }
-
-
-# -- quick probe at the end of training
-
-
-def quick_probe(
-    run_dir: str | os.PathLike, cfg: dict, *, quiet: bool | None = None, cache_dir: Path | None = None
-) -> dict[str, Any]:
-    """The end-of-training check on the embedded digits: the run's latest target encoder
-    and its own random initialisation, linear probe and k-NN, trained on the first 1,000
-    training digits and scored on the 1,000 held-out ones. Writes ``run_dir/eval.json``;
-    returns the dict (with ``random_init`` inside). ``python -m fastjepa.eval`` uses all
-    4,000 training digits and is the number to quote.
-
-    About 10–20 s on a 2-core CPU for the default model; the random-init features are
-    cached, so later runs of the same architecture and seed pay only for the trained ones.
-    """
-    run_dir = Path(run_dir)
-    quiet = (not sys.stderr.isatty()) if quiet is None else quiet
-    cache_dir = default_cache_dir() if cache_dir is None else cache_dir
-    ckpt_path = run_dir / f"{cfg['logging']['write_tag']}-latest.pth.tar"
-    encoder = _build_encoder(cfg)
-    ckpt = read_checkpoint(ckpt_path)
-    if "target_encoder" not in ckpt:
-        raise CheckpointError(f"checkpoint {ckpt_path} has no 'target_encoder'")
-    try:
-        encoder.load_state_dict(strip_module_prefix(ckpt["target_encoder"]), strict=True)
-    except RuntimeError as exc:
-        raise CheckpointError(f"checkpoint {ckpt_path}: 'target_encoder' does not fit the config's model: {exc}") from None
-    train, val, desc = eval_datasets(cfg, "embedded")
-    train = _limit(train, QUICK_TRAIN)
-    common = dict(layers=1, cache_dir=cache_dir, quiet=quiet)
-    t0 = time.perf_counter()
-    result = evaluate_encoder(encoder, train, val, name="trained", **common)
-    baseline = evaluate_encoder(random_init_encoder(cfg), train, val, name="random init", **common)
-    out = {
-        **result,
-        "random_init": baseline,
-        "checkpoint": str(ckpt_path),
-        "epoch": ckpt.get("epoch"),
-        "evaluated": "checkpoint",
-        "quick": True,
-        "data": {"name": "embedded", "description": desc, "n_train": len(train), "n_val": len(val)},
-        "model": _model_summary(cfg),
-        "layers": 1,
-        "knn": {"k": KNN_K, "temperature": KNN_T},
-        "wall_time_s": round(time.perf_counter() - t0, 2),
-    }
-    _write_json(run_dir / "eval.json", out)
-    print(format_table(result, baseline, f"epoch {ckpt.get('epoch')}"), file=sys.stderr, flush=True)
-    return out
+from .encoder import ENCODER_KEYS, EvalError, describe_model, load_target_encoder, random_init_encoder
+from .evaluation.classifiers import C_GRID, KNN_K, KNN_T, evaluate_encoder
+from .evaluation.features import default_cache_dir, eval_datasets, limit
+from .evaluation.probe import format_table, model_summary, score_lines, write_json
 
 
 # -- command line
@@ -246,10 +89,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def _eval_setup(args: argparse.Namespace, cfg: dict, quiet: bool) -> tuple[Dataset, Dataset, str, dict[str, Any]]:
     """The command line's data (limited as asked) and the keyword arguments of :func:`evaluate_encoder`."""
-    from .trainer import pick_device
-
     train, val, desc = eval_datasets(cfg, args.data, args.train_dir, args.val_dir)
-    train, val = _limit(train, args.limit_train), _limit(val, args.limit_val)
+    train, val = limit(train, args.limit_train), limit(val, args.limit_val)
     cache_dir = None if args.no_cache else Path(args.cache_dir) if args.cache_dir else default_cache_dir()
     common = dict(
         layers=args.layers,
@@ -271,7 +112,7 @@ def _run_fields(args: argparse.Namespace, cfg: dict, desc: str, train: Dataset, 
     """The eval.json fields every command-line evaluation writes: data, model, settings, time."""
     return {
         "data": {"name": args.data or "auto", "description": desc, "n_train": len(train), "n_val": len(val)},
-        "model": _model_summary(cfg),
+        "model": model_summary(cfg),
         "layers": args.layers,
         "encoder": "random_init" if args.random_init else args.encoder,
         "knn": {"k": KNN_K, "temperature": KNN_T},
@@ -319,7 +160,7 @@ def epoch_checkpoints(where: str | os.PathLike, epochs: str) -> list[tuple[int, 
 
 def format_epochs(rows: list[tuple[str, dict[str, Any]]]) -> str:
     """One line per encoder (random init, then each epoch): linear probe, k-NN and effective rank."""
-    return "\n".join(_score_lines(rows, max(len(name) for name, _ in rows)))
+    return "\n".join(score_lines(rows, max(len(name) for name, _ in rows)))
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -365,7 +206,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.checkpoint:
         default_out = Path(args.checkpoint) if Path(args.checkpoint).is_dir() else Path(args.checkpoint).parent
     output = Path(args.output) if args.output else default_out
-    _write_json(output / "eval.json", out)
+    write_json(output / "eval.json", out)
     print(format_table(result, baseline, label), flush=True)
     print(f"fastjepa.eval: wrote {output / 'eval.json'}", file=sys.stderr, flush=True)
     return out
@@ -405,7 +246,7 @@ def run_epochs(args: argparse.Namespace, quiet: bool) -> dict[str, Any]:
     }
     folder = Path(args.checkpoint) if Path(args.checkpoint).is_dir() else Path(args.checkpoint).parent
     output = Path(args.output) if args.output else folder
-    _write_json(output / "eval.json", out)
+    write_json(output / "eval.json", out)
     print(format_epochs(rows), flush=True)
     print(f"fastjepa.eval: wrote {output / 'eval.json'}", file=sys.stderr, flush=True)
     return out

@@ -12,8 +12,7 @@ import platform
 
 import torch
 
-from .ops import attention_available, available
-from .ops._dispatch import _cpp_has_cuda, cpp_torch_mismatch, cpu_has_bf16, triton_interpret
+from .ops import attention_available, available, cpp_has_cuda, cpp_torch_mismatch, cpu_has_bf16, triton_interpret
 from .ops.linear_gelu import onednn_op
 
 
@@ -36,7 +35,7 @@ def rows() -> list[tuple[str, bool, str]]:
         text = ", ".join(f"{k} {v}" for k, v in module.build_info().items())
         problem = cpp_torch_mismatch(module)
         out.append(("fastjepa._C", True, f"{text}; WARNING: {problem}" if problem else f"{text} (built for the running torch)"))
-        out.append(("fastjepa._C CUDA kernels", _cpp_has_cuda(), "built" if _cpp_has_cuda() else "built without CUDA"))
+        out.append(("fastjepa._C CUDA kernels", cpp_has_cuda(), "built" if cpp_has_cuda() else "built without CUDA"))
     else:
         out.append(("fastjepa._C", False, cpp.reason))
     attn = attention_available()

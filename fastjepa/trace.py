@@ -49,7 +49,7 @@ def trace_shapes_from_config(cfg: dict, *, file: TextIO | None = None, batch_siz
     Returns ``{"shapes": {name: shape}, "loss": float, "max_abs_diff": float}`` and raises
     ``AssertionError`` if the traced computation differs from the model's forward.
     """
-    from .trainer import build_model, pick_device
+    from .build import build_model, pick_device
 
     out = _Printer(file or sys.stdout)
     data, mask, meta = cfg["data"], cfg["mask"], cfg["meta"]

@@ -72,9 +72,11 @@ def main(argv=None) -> int:
     else:
         out = default_output(cfg)
 
+    from .build import pick_device
     from .checkpoint import CheckpointError
     from .distributed import init_distributed
-    from .trainer import NonFiniteLoss, Trainer, pick_device
+    from .trainer import Trainer
+    from .training.checkpointing import NonFiniteLoss
 
     try:
         device = pick_device(cfg["meta"]["device"])
@@ -112,14 +114,11 @@ def main(argv=None) -> int:
     return 0
 
 
-# What the quick probe can and cannot show, said once under its numbers (the evidence is
-# in docs/probe-experiments.md).
+# What the quick probe can and cannot show, said once under its numbers; the evidence and
+# the published numbers are in docs/probe-experiments.md.
 PROBE_MEANING = (
-    "fastjepa: what the probe means: at this scale I-JEPA is not expected to beat its random initialisation — "
-    "the reference's tracker reports the same on a small dataset (facebookresearch/ijepa issue #55), and "
-    "stable-pretraining's Imagenette benchmark measured I-JEPA ViT-S/16 after 200 epochs at 34.0% linear probe "
-    "(LeJEPA 87.1%, MAE 84.1%); this run checks the machinery, the published recipe needs ImageNet, ~300 epochs "
-    "at batch 2048 (docs/probe-experiments.md)"
+    "fastjepa: what the probe means: at this scale I-JEPA is not expected to beat its random initialisation; "
+    "this run checks the machinery, the published recipe needs ImageNet and ~300 epochs (docs/probe-experiments.md)"
 )
 
 
@@ -142,7 +141,7 @@ def _after_training(cfg: dict, out: Path, summary: dict, quiet: bool) -> str:
     plots. Returns text for the summary line."""
     text = ""
     if cfg["logging"]["probe"] and cfg["data"]["dataset"] == "embedded" and summary["status"] == "done":
-        from .eval import quick_probe
+        from .evaluation.probe import quick_probe
 
         res = quick_probe(out, cfg, quiet=quiet)
         base = res["random_init"]

@@ -1,6 +1,6 @@
 """The I-JEPA training loop (docs/design.md §5): ``Trainer(cfg, output).fit()``.
 
-The loop is here; its rooms are in :mod:`fastjepa.training` (setup, step, logs, faults).
+The loop is here; its parts are in :mod:`fastjepa.training` (optim, step, logs, checkpointing, time_budget).
 """
 
 from __future__ import annotations
@@ -14,32 +14,19 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from . import time_budget
+from .build import build_model, pick_device
 from .config import dump_config
 from .data import build_dataset, loader_options
 from .distributed import DistInfo, ResumableSampler, ddp_device_kwargs, rank_device
 from .masks import MaskCollator
-from .ops._dispatch import cpu_has_bf16
-from .training.faults import FaultHandling, NonFiniteLoss, StopRequested
-from .training.logs import CSV_COLUMNS, RunLog, ScalarLoggers
-from .training.setup import (
-    FUSED_ADAMW_DEVICES,
-    autocast_dtype,
-    build_model,
-    make_optimizer,
-    param_groups,
-    pick_device,
-    rng_state,
-    seed_everything,
-    set_rng_state,
-)
+from .rng import seed_everything, set_rng_state
+from .training import time_budget
+from .training.checkpointing import FaultHandling, NonFiniteLoss, StopRequested
+from .training.logs import RunLog, ScalarLoggers
+from .training.optim import autocast_dtype, make_optimizer
 from .training.step import TrainStep
 
-# the trainer and the rooms' public names, importable from here as before the split
-__all__ = [
-    "CSV_COLUMNS", "FUSED_ADAMW_DEVICES", "NonFiniteLoss", "StopRequested", "Trainer", "autocast_dtype", "build_model",
-    "cpu_has_bf16", "make_optimizer", "param_groups", "pick_device", "rng_state", "seed_everything", "set_rng_state",
-]  # fmt: skip
+__all__ = ["Trainer"]
 
 
 class Trainer(TrainStep, RunLog, FaultHandling):

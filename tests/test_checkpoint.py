@@ -85,16 +85,17 @@ def test_wrong_architecture_is_an_error_not_a_restart(tmp_path):
 
 
 def test_atomic_write_leaves_old_file_on_failure(tmp_path, monkeypatch):
-    import fastjepa.checkpoint as ck
-
     path = tmp_path / "c.pth.tar"
     _save(path, tiny(), None)
     before = path.read_bytes()
+    real_save = torch.save
 
-    def boom(tmp):
+    def boom(obj, f):  # interrupted inside the write, after the temporary file holds the data
+        real_save(obj, f)
+        f.flush()
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(ck, "_SAVE_HOOK", boom)
+    monkeypatch.setattr(torch, "save", boom)
     with pytest.raises(KeyboardInterrupt):
         _save(path, tiny(), None)
     assert path.read_bytes() == before

@@ -17,8 +17,11 @@ import pytest
 import torch
 
 from fastjepa import checkpoint as ck
+from fastjepa import encoder as encoders
 from fastjepa import eval as ev
+from fastjepa import rng
 from fastjepa import train as train_cli
+from fastjepa.checkpoint import __main__ as checkpoint_cli
 from fastjepa.checkpoint import (
     CheckpointError,
     TrustedCheckpointWarning,
@@ -28,9 +31,10 @@ from fastjepa.checkpoint import (
     read_checkpoint,
     read_safetensors,
 )
+from fastjepa.build import build_model
 from fastjepa.config import load_config
 from fastjepa.models import vit_tiny
-from fastjepa.trainer import Trainer, build_model
+from fastjepa.trainer import Trainer
 
 from ._tiny import TINY
 
@@ -94,7 +98,7 @@ def test_api_refuses_a_payload_without_running_it(trained, tmp_path, how):
         "read_checkpoint": lambda: read_checkpoint(path),
         "load_checkpoint": lambda: load_checkpoint(path, build_model(cfg)),
         "load_encoder": lambda: load_encoder(path, _tiny_encoder()),
-        "load_target_encoder": lambda: ev.load_target_encoder(path),
+        "load_target_encoder": lambda: encoders.load_target_encoder(path),
     }
     with pytest.raises(UnsafeCheckpointError) as info:
         calls[how]()
@@ -209,7 +213,7 @@ def test_reference_layout_with_module_prefix_and_adamw_state_loads_weights_only(
     for sa, sb in zip(opt.state_dict()["state"].values(), opt_b.state_dict()["state"].values()):
         assert all(torch.equal(sa[k], sb[k]) for k in ("exp_avg", "exp_avg_sq", "step"))
     assert opt_b.param_groups[1]["WD_exclude"] is True
-    enc, _, info = ev.load_target_encoder(path)  # evaluation opens it too (architecture from the shapes)
+    enc, _, info = encoders.load_target_encoder(path)  # evaluation opens it too (architecture from the shapes)
     assert info["format"] == "reference" and torch.equal(
         enc.blocks[0].attn.qkv.weight, a.target_encoder.blocks[0].attn.qkv.weight
     )
@@ -244,7 +248,7 @@ def test_an_earlier_checkpoint_is_refused_naming_convert_which_keeps_resume_exac
     msg = _one_line(str(info.value))
     assert "numpy" in msg and f"python -m fastjepa.checkpoint convert {old} NEW.pth.tar" in msg and "earlier fastjepa" in msg
 
-    assert ck.main(["convert", str(old), str(part / "jepa-latest.pth.tar")]) == 0
+    assert checkpoint_cli.main(["convert", str(old), str(part / "jepa-latest.pth.tar")]) == 0
     assert "NumPy RNG state" in capsys.readouterr().out
     new = part / "jepa-latest.pth.tar"
     assert torch.serialization.get_unsafe_globals_in_checkpoint(new) == []
@@ -253,7 +257,7 @@ def test_an_earlier_checkpoint_is_refused_naming_convert_which_keeps_resume_exac
     a, b = ckpt["fastjepa"]["rng"]["numpy"], conv["fastjepa"]["rng"]["numpy"]
     assert torch.equal(a["state"]["key"], b["state"]["key"]) and a["state"]["pos"] == b["state"]["pos"]
     assert (a["has_gauss"], a["gauss"]) == (b["has_gauss"], b["gauss"])
-    np_state = ck.numpy_rng_from_plain(b)
+    np_state = rng.numpy_rng_from_plain(b)
     assert np.array_equal(np_state["state"]["key"], _as_format_1(ckpt)["fastjepa"]["rng"]["numpy"][1])
     rest = Trainer(load_config(None, TINY), part, resume=True, quiet=True).fit()
     assert rest["step"] == full["step"] == 12
@@ -264,10 +268,10 @@ def test_an_earlier_checkpoint_is_refused_naming_convert_which_keeps_resume_exac
 
 def test_convert_refuses_foreign_globals_unless_trusted(trained, tmp_path, capsys):
     path, marker = _poisoned(trained, tmp_path)
-    assert ck.main(["convert", str(path), str(tmp_path / "new.pth.tar")]) == 2
+    assert checkpoint_cli.main(["convert", str(path), str(tmp_path / "new.pth.tar")]) == 2
     assert "builtins.exec" in _one_line(capsys.readouterr().err) and not marker.exists()
     with pytest.warns(TrustedCheckpointWarning):
-        assert ck.main(["convert", "--trust-checkpoint", str(path), str(tmp_path / "new.pth.tar")]) == 0
+        assert checkpoint_cli.main(["convert", "--trust-checkpoint", str(path), str(tmp_path / "new.pth.tar")]) == 0
     assert marker.exists()  # it had to run to be read ...
     marker.unlink()
     conv = read_checkpoint(tmp_path / "new.pth.tar")  # ... and the rewrite opens weights-only, payload gone
@@ -293,7 +297,7 @@ def test_extras_that_cannot_load_weights_only_are_refused_at_save_naming_where(t
 def test_export_round_trip_bit_equal_reference_names_and_eval_gives_the_same_numbers(trained, tmp_path, capsys):
     out, ckpt = trained
     dst = tmp_path / "enc.safetensors"
-    assert ck.main(["export", str(out), str(dst)]) == 0  # a run folder: its latest checkpoint
+    assert checkpoint_cli.main(["export", str(out), str(dst)]) == 0  # a run folder: its latest checkpoint
     assert "embed_dim 32" in capsys.readouterr().out
     state, meta = read_safetensors(dst)
     want = ckpt["target_encoder"]
@@ -326,20 +330,20 @@ def test_export_round_trip_bit_equal_reference_names_and_eval_gives_the_same_num
 def test_export_context_encoder_and_its_network_is_checked(trained, tmp_path):
     out, ckpt = trained
     dst = tmp_path / "ctx.safetensors"
-    ck.export_encoder(out / "jepa-latest.pth.tar", dst, which="context")
+    encoders.export_encoder(out / "jepa-latest.pth.tar", dst, which="context")
     state, meta = read_safetensors(dst)
     assert meta["network"] == "encoder" and all(torch.equal(state[k], ckpt["encoder"][k]) for k in state)
     with pytest.raises(CheckpointError, match="holds the encoder, not the target_encoder"):
         load_encoder(dst, _tiny_encoder())
     load_encoder(dst, _tiny_encoder(), which="encoder")
     with pytest.raises(CheckpointError, match="should end in .safetensors"):
-        ck.export_encoder(out, tmp_path / "x.pth.tar")
+        encoders.export_encoder(out, tmp_path / "x.pth.tar")
 
 
 def test_wrong_architecture_safetensors_fails_naming_what_differs(trained, tmp_path, capsys):
     out, _ = trained
     dst = tmp_path / "enc.safetensors"
-    ck.export_encoder(out, dst)
+    encoders.export_encoder(out, dst)
     with pytest.raises(CheckpointError, match=r"embed_dim 32 in the file, 48 in the model"):
         load_encoder(dst, _tiny_encoder(embed_dim=48))
     # the same shapes, another head count: a plain state-dict load would pass silently
@@ -378,13 +382,13 @@ def test_safetensors_of_another_tool_loads_by_shape(trained, tmp_path):
     enc = _tiny_encoder()
     load_encoder(path, enc)
     assert all(torch.equal(v, ckpt["target_encoder"][k]) for k, v in enc.state_dict().items())
-    _, _, info = ev.load_target_encoder(path)
+    _, _, info = encoders.load_target_encoder(path)
     assert info["architecture_from"] == "the file's weight shapes"
 
 
 def test_read_checkpoint_points_safetensors_to_load_encoder(trained, tmp_path):
     out, _ = trained
-    ck.export_encoder(out, tmp_path / "enc.safetensors")
+    encoders.export_encoder(out, tmp_path / "enc.safetensors")
     with pytest.raises(CheckpointError, match="safetensors file .*load_encoder"):
         load_checkpoint(tmp_path / "enc.safetensors", build_model(load_config(None, TINY)))
 
@@ -426,12 +430,12 @@ def test_weights_only_false_appears_only_in_the_trust_path():
                     unsafe.append((rel, fn))
                 if kw.arg == "allow_pickle" and not (isinstance(kw.value, ast.Constant) and kw.value.value is False):
                     unsafe.append((rel, fn, "allow_pickle"))
-        assert text.count("weights_only=False") == (1 if rel == "fastjepa/checkpoint.py" else 0), rel
-    assert unsafe == [("fastjepa/checkpoint.py", "_load_trusted")]
+        assert text.count("weights_only=False") == (1 if rel == "fastjepa/checkpoint/core.py" else 0), rel
+    assert unsafe == [("fastjepa/checkpoint/core.py", "_load_trusted")]
     assert sorted(loads) == [
-        ("fastjepa/checkpoint.py", "_load_trusted", "torch.load"),
-        ("fastjepa/checkpoint.py", "_torch_load", "torch.load"),
-        ("fastjepa/checkpoint.py", "_torch_load", "torch.load"),
+        ("fastjepa/checkpoint/core.py", "_load_trusted", "torch.load"),
+        ("fastjepa/checkpoint/core.py", "_torch_load", "torch.load"),
+        ("fastjepa/checkpoint/core.py", "_torch_load", "torch.load"),
     ]
     # the trusted load is reached only from _torch_load, below its `if not trust: raise`
     callers = [

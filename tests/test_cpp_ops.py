@@ -245,9 +245,9 @@ def test_public_ops_use_the_extension_on_cpu():
 @pytest.mark.parametrize("dtype,atol", DTYPES)
 @pytest.mark.parametrize("pos_grad", [False, True])
 def test_gather_tokens_cuda_kernel(dtype, atol, pos_grad):
-    from fastjepa.ops._dispatch import _cpp_has_cuda
+    from fastjepa.ops import cpp_has_cuda
 
-    if not _cpp_has_cuda():
+    if not cpp_has_cuda():
         pytest.skip("fastjepa._C was built without CUDA")
     B, N, D, M, K = 3, 196, 200, 4, 37
     x32, pos32 = torch.randn(B, N, D, device="cuda"), torch.randn(1, N, D, device="cuda")

@@ -12,9 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from fastjepa.build import build_model
 from fastjepa.checkpoint import load_encoder, read_checkpoint
 from fastjepa.config import load_config
-from fastjepa.trainer import Trainer, build_model, seed_everything
+from fastjepa.rng import seed_everything
+from fastjepa.trainer import Trainer
 
 from ._tiny import TINY
 

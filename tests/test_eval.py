@@ -13,11 +13,15 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
+from fastjepa import encoder as encoders
 from fastjepa import eval as ev
+from fastjepa.build import build_model
 from fastjepa.checkpoint import CheckpointError, save_checkpoint
 from fastjepa.config import load_config
+from fastjepa.evaluation import classifiers as clf
+from fastjepa.evaluation import features as feat
+from fastjepa.evaluation import probe
 from fastjepa.masks import MaskCollator
-from fastjepa.trainer import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
@@ -86,8 +90,8 @@ def test_probe_beats_random_init_after_a_few_steps():
         loss.backward()
         opt.step()
         model.update_target(0.99)
-    before = ev.evaluate_encoder(init, train, val)
-    after = ev.evaluate_encoder(model.target_encoder, train, val)
+    before = clf.evaluate_encoder(init, train, val)
+    after = clf.evaluate_encoder(model.target_encoder, train, val)
     assert 0.55 < before["linear_probe_top1"] < 0.9, before  # learnable, not solved by random features
     assert after["linear_probe_top1"] > before["linear_probe_top1"], (before, after)
 
@@ -99,9 +103,9 @@ def test_linear_probe_separable_and_chance():
     g = np.random.default_rng(0)
     x = g.normal(size=(400, 8)).astype(np.float32)
     y = (x[:, 0] + 0.5 * x[:, 1] > 0).astype(np.int64)
-    res = ev.linear_probe(x[:300], y[:300], x[300:], y[300:])
-    assert res["top1"] > 0.95 and res["C"] in ev.C_GRID
-    noise = ev.linear_probe(x[:300], g.integers(0, 2, 300), x[300:], g.integers(0, 2, 100), C=1.0)
+    res = clf.linear_probe(x[:300], y[:300], x[300:], y[300:])
+    assert res["top1"] > 0.95 and res["C"] in clf.C_GRID
+    noise = clf.linear_probe(x[:300], g.integers(0, 2, 300), x[300:], g.integers(0, 2, 100), C=1.0)
     assert noise["top1"] < 0.75 and noise["C"] == 1.0
 
 
@@ -110,50 +114,50 @@ def test_knn_temperature_weighted_vote():
     train = torch.tensor([[1.0, 0.0], [0.99, 0.14], [0.0, 1.0], [0.1, 1.0], [-0.2, 1.0]])
     labels = torch.tensor([1, 1, 0, 0, 0])
     q = torch.tensor([[1.0, 0.05]])
-    assert ev.knn_classify(train, labels, q, k=5, temperature=0.07).tolist() == [1]
-    assert ev.knn_classify(train, labels, q, k=5, temperature=1e4).tolist() == [0]  # ~ unweighted majority
-    assert ev.knn_top1(train, labels, train, labels, k=1) == 1.0
+    assert clf.knn_classify(train, labels, q, k=5, temperature=0.07).tolist() == [1]
+    assert clf.knn_classify(train, labels, q, k=5, temperature=1e4).tolist() == [0]  # ~ unweighted majority
+    assert clf.knn_top1(train, labels, train, labels, k=1) == 1.0
 
 
 def test_effective_rank_known_cases():
     g = np.random.default_rng()
     n, d = 2000, 16
     iso = g.normal(size=(n, d))
-    assert d - 1.0 < ev.effective_rank(iso) <= d  # all directions used ~equally
+    assert d - 1.0 < clf.effective_rank(iso) <= d  # all directions used ~equally
     line = g.normal(size=(n, 1)) * g.normal(size=(1, d)) + g.normal(size=(1, d))  # one direction + a constant
-    assert ev.effective_rank(line) == pytest.approx(1.0, abs=1e-6)
+    assert clf.effective_rank(line) == pytest.approx(1.0, abs=1e-6)
     # two equal directions, the rest nearly empty; the offset and the scale do not matter
     two = np.concatenate([g.normal(size=(n, 2)), 1e-9 * g.normal(size=(n, d - 2))], axis=1)
-    assert ev.effective_rank(two) == pytest.approx(2.0, abs=0.1)
-    assert ev.effective_rank(5.0 * two + 3.0) == pytest.approx(ev.effective_rank(two), rel=1e-9)
-    assert ev.effective_rank(np.ones((10, d))) == 0.0
+    assert clf.effective_rank(two) == pytest.approx(2.0, abs=0.1)
+    assert clf.effective_rank(5.0 * two + 3.0) == pytest.approx(clf.effective_rank(two), rel=1e-9)
+    assert clf.effective_rank(np.ones((10, d))) == 0.0
     with pytest.raises(ValueError, match="features"):
-        ev.effective_rank(np.ones((1, d)))
+        clf.effective_rank(np.ones((1, d)))
 
 
 def test_four_layer_features_end_with_the_last_layer():
     enc = build_model(tiny_cfg("meta.model_kwargs={depth: 4, embed_dim: 32, num_heads: 2}")).target_encoder
     data = Shapes(20, seed=3)
-    f1, y1 = ev.extract_features(enc, data, batch_size=8)
-    f4, y4 = ev.extract_features(enc, data, layers=4, batch_size=8)
+    f1, y1 = feat.extract_features(enc, data, batch_size=8)
+    f4, y4 = feat.extract_features(enc, data, layers=4, batch_size=8)
     assert f1.shape == (20, 32) and f4.shape == (20, 128)
     np.testing.assert_allclose(f4[:, -32:], f1, rtol=1e-5, atol=1e-6)
     assert (y1 == y4).all() and len(enc.blocks[-1]._forward_hooks) == 0
-    with pytest.raises(ev.EvalError, match="--layers"):
-        ev.extract_features(enc, data, layers=2)
+    with pytest.raises(encoders.EvalError, match="--layers"):
+        feat.extract_features(enc, data, layers=2)
 
 
 def test_feature_cache_hits_and_depends_on_weights(tmp_path):
     cfg = tiny_cfg()
     enc = build_model(cfg).target_encoder
-    train, _, _ = ev.eval_datasets(cfg, "embedded")
-    train = ev._limit(train, 64)
-    a = ev.cached_features(enc, train, layers=1, cache_dir=tmp_path)
-    b = ev.cached_features(enc, train, layers=1, cache_dir=tmp_path)
+    train, _, _ = feat.eval_datasets(cfg, "embedded")
+    train = feat.limit(train, 64)
+    a = feat.cached_features(enc, train, layers=1, cache_dir=tmp_path)
+    b = feat.cached_features(enc, train, layers=1, cache_dir=tmp_path)
     assert not a[2] and b[2] and np.array_equal(a[0], b[0])
     with torch.no_grad():
         enc.norm.bias.add_(1.0)
-    c = ev.cached_features(enc, train, layers=1, cache_dir=tmp_path)
+    c = feat.cached_features(enc, train, layers=1, cache_dir=tmp_path)
     assert not c[2] and not np.allclose(a[0], c[0])
 
 
@@ -180,25 +184,25 @@ def test_reference_checkpoint_loads(tmp_path, prefix):
     )  # fmt: skip
     expected = model.target_encoder.state_dict()
     # architecture from overrides
-    enc, _, info = ev.load_target_encoder(path, overrides=TINY)
+    enc, _, info = encoders.load_target_encoder(path, overrides=TINY)
     assert info["format"] == "reference" and info["epoch"] == 7
     for k, v in enc.state_dict().items():
         assert torch.equal(v, expected[k]), k
     # architecture read off the weights
-    enc2, cfg2, info2 = ev.load_target_encoder(path)
+    enc2, cfg2, info2 = encoders.load_target_encoder(path)
     assert info2["architecture_from"] == "the checkpoint's weight shapes"
     assert (cfg2["data"]["crop_size"], cfg2["mask"]["patch_size"]) == (16, 4)
     assert all(torch.equal(v, expected[k]) for k, v in enc2.state_dict().items())
     # the context encoder instead (it differs from the perturbed target)
-    ctx, _, info3 = ev.load_target_encoder(path, overrides=TINY, which="context")
+    ctx, _, info3 = encoders.load_target_encoder(path, overrides=TINY, which="context")
     assert info3["encoder"] == "context" and info["encoder"] == "target"
     assert all(torch.equal(v, model.encoder.state_dict()[k]) for k, v in ctx.state_dict().items())
     assert any(not torch.equal(v, expected[k]) for k, v in ctx.state_dict().items())
     with pytest.raises(ValueError, match="which='student'"):
-        ev.load_target_encoder(path, overrides=TINY, which="student")
+        encoders.load_target_encoder(path, overrides=TINY, which="student")
     # a wrong architecture says what to do
     with pytest.raises(CheckpointError, match="--config"):
-        ev.load_target_encoder(path, overrides=[*TINY, "meta.model_kwargs={depth: 3, embed_dim: 32, num_heads: 2}"])
+        encoders.load_target_encoder(path, overrides=[*TINY, "meta.model_kwargs={depth: 3, embed_dim: 32, num_heads: 2}"])
 
 
 def test_infer_architecture_of_standard_sizes():
@@ -208,7 +212,7 @@ def test_infer_architecture_of_standard_sizes():
             ["meta.model_name=vit_small", "meta.model_kwargs={}", "data.crop_size=64", "mask.patch_size=16", "mask.min_keep=0"],
         )
     )
-    arch = ev.infer_architecture(state.target_encoder.state_dict())
+    arch = encoders.infer_architecture(state.target_encoder.state_dict())
     assert arch == {"model_name": "vit_small", "model_kwargs": {}, "patch_size": 16, "crop_size": 64}
 
 
@@ -380,8 +384,8 @@ def test_cli_cuda_asked_for_but_absent_says_what_to_do(tmp_path, capsys, monkeyp
 def test_quick_probe_writes_json(tmp_path, monkeypatch):
     cfg = tiny_cfg()
     ckpt = _fastjepa_checkpoint(tmp_path, cfg)
-    monkeypatch.setattr(ev, "QUICK_TRAIN", 100)
-    res = ev.quick_probe(ckpt.parent, cfg, cache_dir=tmp_path / "c")
+    monkeypatch.setattr(probe, "QUICK_TRAIN", 100)
+    res = probe.quick_probe(ckpt.parent, cfg, cache_dir=tmp_path / "c")
     assert set(res["random_init"]) >= {"linear_probe_top1", "knn_top1"}
     assert res["quick"] and json.loads((ckpt.parent / "eval.json").read_text())["linear_probe_top1"] == res["linear_probe_top1"]
 

@@ -16,7 +16,8 @@ from PIL import Image
 
 from fastjepa.checkpoint import read_checkpoint
 from fastjepa.config import load_config
-from fastjepa.trainer import NonFiniteLoss, Trainer
+from fastjepa.trainer import Trainer
+from fastjepa.training.checkpointing import NonFiniteLoss
 
 from ._tiny import TINY
 
@@ -29,6 +30,35 @@ def start(out, *overrides, env=None, new_session=False):
     e.update(env or {})
     cmd = [sys.executable, "-m", "fastjepa.train", "--quiet", "--output", str(out), *overrides]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=e, cwd=ROOT, start_new_session=new_session)
+
+
+# Runs `python -m fastjepa.train ARGS` with its N-th torch.save (a checkpoint write: training
+# saves nothing else) pausing SECONDS after the data are in the temporary file and before
+# the rename, where a kill -9 would tear a naive write.
+PAUSE_SAVE = """
+import runpy, sys, time
+import torch
+n, seconds = int(sys.argv[1]), float(sys.argv[2])
+real_save, calls = torch.save, [0]
+def save(obj, f, *args, **kwargs):
+    real_save(obj, f, *args, **kwargs)
+    calls[0] += 1
+    if calls[0] == n:
+        f.flush()
+        time.sleep(seconds)
+torch.save = save
+sys.argv = ["fastjepa.train", *sys.argv[3:]]
+runpy.run_module("fastjepa.train", run_name="__main__", alter_sys=True)
+"""
+
+
+def start_pausing_save(tmp_path, n, seconds, out, *overrides):
+    """:func:`start` with the ``n``-th checkpoint write pausing ``seconds`` mid-write."""
+    script = tmp_path / "pause_save.py"
+    script.write_text(PAUSE_SAVE)
+    e = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cmd = [sys.executable, str(script), str(n), str(seconds), "--quiet", "--output", str(out), *overrides]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=e, cwd=ROOT)
 
 
 def wait_for(pred, timeout=120.0):
@@ -89,9 +119,9 @@ def test_ctrl_c_with_loader_workers_checkpoints_and_resume_continues_exactly(tmp
 
 
 def test_kill9_during_checkpoint_write_keeps_previous(tmp_path):
-    """The 2nd save pauses inside the write (test hook); kill -9 there; the 1st survives."""
+    """The 2nd save pauses inside the write (injected by a wrapper); kill -9 there; the 1st survives."""
     run = tmp_path / "run"
-    proc = start(run, *TINY, "optimization.epochs=3", env={"FASTJEPA_TEST_SAVE_PAUSE": "2:60"})
+    proc = start_pausing_save(tmp_path, 2, 60, run, *TINY, "optimization.epochs=3")
     # the epoch-1 checkpoint is complete and the epoch-2 write is paused mid-way
     wait_for(lambda: (run / "jepa-latest.pth.tar").exists() and any(p.name.endswith(".tmp") for p in run.glob(".*")))
     first = read_checkpoint(run / "jepa-latest.pth.tar")
@@ -115,7 +145,7 @@ def test_kill9_during_checkpoint_write_keeps_previous(tmp_path):
 
 def test_second_signal_exits_at_once(tmp_path):
     run = tmp_path / "run"
-    proc = start(run, *LONG, env={"FASTJEPA_TEST_SAVE_PAUSE": "1:60"})
+    proc = start_pausing_save(tmp_path, 1, 60, run, *LONG)
     wait_for(lambda: len(csv_rows(run)) >= 2 or proc.poll() is not None)
     proc.send_signal(signal.SIGINT)  # the stop checkpoint is the first save: it pauses inside the write
     wait_for(lambda: any(p.name.endswith(".tmp") for p in run.glob(".*")))

@@ -112,7 +112,7 @@ def test_a_skipped_step_is_decided_on_the_device_and_reported_at_the_log_step(tm
 
 def test_a_non_finite_loss_stops_at_the_next_log_step_naming_its_step(tmp_path, monkeypatch):
     """nan_policy=stop, NaN at step 2: the log step at 4 reads it and names step 2."""
-    from fastjepa.trainer import NonFiniteLoss
+    from fastjepa.training.checkpointing import NonFiniteLoss
 
     with pytest.raises(NonFiniteLoss, match=r"non-finite at step 2 \(epoch 1, iteration 2\)"):
         run_counted(tmp_path, monkeypatch, nan_at=2)

@@ -10,7 +10,7 @@ from fastjepa import IJEPA
 from fastjepa.masks import MaskCollator, apply_masks, repeat_interleave_batch
 from fastjepa.models import vit_predictor, vit_tiny
 from fastjepa.ops import use_attention, use_backend
-from fastjepa.trainer import make_optimizer, param_groups
+from fastjepa.training.optim import make_optimizer, param_groups
 
 
 def tiny(nenc=1, npred=4):

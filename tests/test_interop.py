@@ -26,9 +26,9 @@ import torch
 import fastjepa
 from fastjepa import IJEPA, checkpoint, models
 from fastjepa.checkpoint import CheckpointError, save_checkpoint
-from fastjepa.checkpoint_formats import fastjepa_to_hf, hf_config, hf_to_fastjepa
+from fastjepa.checkpoint.formats import fastjepa_to_hf, hf_config, hf_to_fastjepa
 from fastjepa.config import load_config
-from fastjepa.encoders import architecture_of, export_encoder, read_encoder
+from fastjepa.interop import architecture_of, export_encoder, read_encoder
 from fastjepa.masks import MaskCollator
 from fastjepa.ops import use_backend
 from fastjepa.ops._dispatch import available
@@ -343,7 +343,7 @@ def test_timm_builds_the_exported_huge_encoder(tmp_path, timm):
     out = tmp_path / "h"
     state = dict(enc.state_dict())
     from fastjepa.checkpoint import save_safetensors
-    from fastjepa.checkpoint_formats import dumps_config, timm_config
+    from fastjepa.checkpoint.formats import dumps_config, timm_config
 
     out.mkdir()
     save_safetensors(state, {"format": "pt"}, out / "model.safetensors")
@@ -372,7 +372,7 @@ def test_load_encoder_reads_every_layout(tmp_path, caplog):
     best = _trained_model(embed_dim=64, heads=4, seed=5)
     save_checkpoint(run / "jepa-best.pth.tar", best, epoch=4, loss=0.1, batch_size=8, lr=1e-3,
                     extra={"config": read_encoder(run).info["config"]})  # fmt: skip
-    with caplog.at_level("INFO", logger="fastjepa.encoders"):
+    with caplog.at_level("INFO", logger="fastjepa.interop"):
         enc = fastjepa.load_encoder(run)
     assert same(enc, best.target_encoder.state_dict()) and enc.fastjepa_source["chosen"] == "best" and enc.fastjepa_source["epoch"] == 4
     assert "best checkpoint jepa-best.pth.tar" in caplog.text
@@ -454,7 +454,7 @@ def test_other_sizes_match_transformers_interpolate_pos_encoding(tmp_path, hf, s
 def export_encoder_state(enc, out):
     """An encoder object to an HF folder (what export writes, from a module instead of a run)."""
     from fastjepa.checkpoint import save_safetensors
-    from fastjepa.checkpoint_formats import dumps_config
+    from fastjepa.checkpoint.formats import dumps_config
 
     out.mkdir(parents=True, exist_ok=True)
     save_safetensors(fastjepa_to_hf(enc.state_dict()), {"format": "pt"}, out / "model.safetensors")

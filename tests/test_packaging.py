@@ -22,6 +22,8 @@ def test_wheel_ships_kernels_and_configs_and_runs_from_an_install(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     for kernel in ("__init__", "_tiles", "gather_tokens", "predictor_tokens", "target_tokens", "smooth_l1_loss"):
         assert f"fastjepa/kernels/{kernel}.py" in names, kernel
+    for module in ("checkpoint/__init__", "checkpoint/core", "checkpoint/tools", "checkpoint/__main__", "rng", "version"):
+        assert f"fastjepa/{module}.py" in names, module
     for cfg in ("default", "in1k_vith14_ep300", "in1k_vitl16_ep300", "in1k_vitb16_ep300"):
         assert f"fastjepa/configs/{cfg}.yaml" in names, cfg
     r = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(tmp_path / "site"), str(wheel)],
@@ -32,6 +34,7 @@ def test_wheel_ships_kernels_and_configs_and_runs_from_an_install(tmp_path):
         f"assert fastjepa.__file__.startswith({str(tmp_path / 'site')!r}), fastjepa.__file__\n"
         "from fastjepa.config import load_config\n"
         "from fastjepa.ops._dispatch import kernels\n"
+        "from fastjepa.checkpoint import load_encoder\n"
         f"assert kernels().__file__.startswith({str(tmp_path / 'site')!r}), kernels().__file__\n"
         "assert load_config(None)['meta']['model_name'] == 'vit_tiny'\n"
         "print('ok')\n"

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from fastjepa.plot import main, plot_run
-from fastjepa.trainer import CSV_COLUMNS
+from fastjepa.training.logs import CSV_COLUMNS
 
 
 def write_log(run, steps=40):

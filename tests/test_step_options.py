@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from fastjepa.config import load_config
-from fastjepa.trainer import Trainer, cpu_has_bf16
+from fastjepa.ops import cpu_has_bf16
+from fastjepa.trainer import Trainer
 
 from ._tiny import TINY, tiny_ijepa_batch
 
@@ -122,7 +123,8 @@ def test_fused_adamw_steps_match_the_per_parameter_optimizer():
     """Three AdamW steps with the fused CPU kernel (fastjepa) and the per-parameter loop
     (reference step) from the same start, grads and param groups (wd and no-wd groups):
     same parameters and optimizer state to fp32 rounding."""
-    from fastjepa.trainer import build_model, make_optimizer
+    from fastjepa.build import build_model
+    from fastjepa.training.optim import make_optimizer
 
     cfg = load_config(None, TINY)
     a = build_model(cfg)

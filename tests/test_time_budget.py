@@ -5,10 +5,10 @@ import pytest
 import torch
 import yaml
 
-from fastjepa import time_budget
 from fastjepa.checkpoint import read_checkpoint
 from fastjepa.config import ConfigError, load_config
 from fastjepa.trainer import Trainer
+from fastjepa.training import time_budget
 
 from ._tiny import TINY
 from .test_train import losses

@@ -88,7 +88,7 @@ class SeededAugment:
             self.aug_seed = int(seed)
 
     def sample_generator(self, index: int) -> torch.Generator:
-        from ..masks.multiblock import derive_seed
+        from ..rng import derive_seed
 
         return torch.Generator().manual_seed(derive_seed(self.aug_seed, self.epoch, index, 0xC809))
 

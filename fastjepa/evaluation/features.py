@@ -1,280 +1,21 @@
-"""The encoder under evaluation, the evaluation images and their frozen features
-(see :mod:`fastjepa.eval` for the definitions)."""
+"""The evaluation images and their frozen features (definitions: docs/eval.md)."""
 
 from __future__ import annotations
 
-import copy
 import hashlib
-import json
-import math
 import os
 import time
 import warnings
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from ..checkpoint import SAFETENSORS_SUFFIX, CheckpointError, read_checkpoint, strip_module_prefix
-from ..config import ConfigError, load_config, merge, validate
+from ..encoder import EvalError
 
 FEATURE_VERSION = 1  # bump when the feature definition changes (invalidates caches)
-
-
-def describe_model(cfg: dict) -> str:
-    """``vit_tiny {'depth': 6}, patch 4, 32 px``: the encoder a config builds, in one phrase."""
-    kw = cfg["meta"]["model_kwargs"]
-    extra = f" {kw}" if kw else ""
-    return f"{cfg['meta']['model_name']}{extra}, patch {cfg['mask']['patch_size']}, {cfg['data']['crop_size']} px"
-
-
-class EvalError(RuntimeError):
-    """A problem with the evaluation's inputs, with what to do about it."""
-
-
-# -- models
-
-
-def random_init_encoder(cfg: dict) -> nn.Module:
-    """The target encoder exactly as training initialises it (``meta.seed``), without
-    touching the global RNG."""
-    from ..trainer import build_model
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg["meta"]["seed"])
-        return build_model(cfg).target_encoder
-
-
-def _build_encoder(cfg: dict) -> nn.Module:
-    from ..trainer import build_model
-
-    return build_model(cfg).target_encoder
-
-
-def infer_architecture(state: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """Encoder settings read off a state dict's shapes: ``{model_name, model_kwargs,
-    patch_size, crop_size}``. The head count cannot be read from weights; the standard
-    one for the width is used."""
-    from ..models import VIT_SIZES
-
-    need = ("pos_embed", "patch_embed.proj.weight", "blocks.0.mlp.fc1.weight")
-    missing = [k for k in need if k not in state]
-    if missing:
-        raise EvalError(f"cannot infer the architecture: the encoder state has no {', '.join(missing)}; pass --config FILE")
-    _, N, D = state["pos_embed"].shape
-    patch = int(state["patch_embed.proj.weight"].shape[-1])
-    grid = math.isqrt(int(N))
-    depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
-    mlp_ratio = state["blocks.0.mlp.fc1.weight"].shape[0] / D
-    name = next((n for n, s in VIT_SIZES.items() if s["embed_dim"] == D), None)
-    kwargs: dict[str, Any] = {}
-    if name is None:
-        name, kwargs = "vit_base", {"embed_dim": int(D), "num_heads": max(1, int(D) // 64)}
-    if depth != VIT_SIZES[name]["depth"]:
-        kwargs["depth"] = depth
-    if not math.isclose(mlp_ratio, VIT_SIZES[name]["mlp_ratio"], rel_tol=1e-6):
-        kwargs["mlp_ratio"] = float(mlp_ratio)
-    return {"model_name": name, "model_kwargs": kwargs, "patch_size": patch, "crop_size": grid * patch}
-
-
-def _config_for_architecture(arch: dict[str, Any], overrides: Sequence[str]) -> dict:
-    cfg = load_config(None, [])
-    cfg["meta"]["model_name"], cfg["meta"]["model_kwargs"] = arch["model_name"], arch["model_kwargs"]
-    cfg["data"]["crop_size"], cfg["mask"]["patch_size"] = arch["crop_size"], arch["patch_size"]
-    cfg["mask"]["min_keep"] = 0  # evaluation samples no masks; keep any grid size valid
-    return _apply_overrides(cfg, overrides)
-
-
-def _apply_overrides(cfg: dict, overrides: Sequence[str]) -> dict:
-    from ..config import parse_override
-
-    cfg = copy.deepcopy(cfg)
-    for text in overrides:
-        sec, key, value = parse_override(text)
-        merge(cfg, {sec: {key: value}}, f"override {text!r}")
-    return validate(cfg)
-
-
-ENCODER_KEYS = {"target": "target_encoder", "context": "encoder"}  # --encoder -> checkpoint key
-
-
-def load_target_encoder(
-    path: str | os.PathLike,
-    config: str | os.PathLike | None = None,
-    overrides: Sequence[str] = (),
-    which: str = "target",
-    *,
-    trust: bool = False,
-) -> tuple[nn.Module, dict, dict[str, Any]]:
-    """Build the model and load the checkpoint's target encoder (strictly).
-
-    ``path``: a ``.pth.tar`` (read weights-only; ``trust=True`` also opens one that needs
-    more, which may run code), a ``.safetensors`` file from ``python -m fastjepa.checkpoint
-    export`` (the architecture comes from its metadata), a run folder (its best checkpoint,
-    else its latest: ``info["chosen"]``), or a Hugging Face / timm file or folder as
-    :func:`fastjepa.encoders.read_encoder` reads it.
-
-    ``which="context"`` loads the context encoder (the network trained by gradients)
-    instead: a diagnostic, not the paper's protocol — it shows whether a collapse starts
-    in the student before the EMA carries it into the target.
-
-    Returns ``(encoder, cfg, info)``; ``info`` says where the architecture came from, the
-    checkpoint's epoch and which encoder was loaded.
-    """
-    from ..encoders import read_encoder, run_folder_checkpoint
-
-    if which not in ENCODER_KEYS:
-        raise ValueError(f"which={which!r}: expected one of {', '.join(ENCODER_KEYS)}")
-    key = ENCODER_KEYS[which]
-    path = Path(path)
-    if path.is_dir():
-        chosen = run_folder_checkpoint(path)
-        if chosen is None:  # a Hugging Face or timm folder, or an error naming what it holds
-            return _load_foreign(path, read_encoder(path, which=which, trust=trust), config, overrides, which)
-        encoder, cfg, info = load_target_encoder(chosen[0], config, overrides, which, trust=trust)
-        return encoder, cfg, {**info, "run_folder": str(path), "chosen": chosen[1]}
-    if path.name.endswith(SAFETENSORS_SUFFIX):
-        return _load_safetensors_encoder(path, config, overrides, key, which, trust)
-    ckpt = read_checkpoint(path, trust=trust)
-    if key not in ckpt and "encoder" not in ckpt:  # HF / timm weights, or an error naming the layouts read
-        return _load_foreign(path, read_encoder(path, which=which, trust=trust), config, overrides, which)
-    if key not in ckpt:
-        raise CheckpointError(
-            f"checkpoint {path} has no {key!r} (keys: {sorted(ckpt)}); expected a fastjepa or I-JEPA training checkpoint"
-        )
-    state = ckpt[key]
-    if not isinstance(state, dict):
-        raise CheckpointError(f"checkpoint {path}: {key!r} is a {type(state).__name__}, expected a state dict")
-    state = strip_module_prefix(state)
-    extra = ckpt.get("fastjepa")
-    stored = extra.get("config") if isinstance(extra, dict) else None
-    if config is not None:
-        cfg, source = load_config(config, overrides), f"--config {config}"
-    elif isinstance(stored, dict):
-        try:
-            cfg = _apply_overrides(merge(load_config(None, []), stored, f"config stored in {path}"), overrides)
-        except ConfigError as exc:
-            raise CheckpointError(f"checkpoint {path}: its stored config does not validate ({exc}); pass --config FILE") from None
-        source = "the checkpoint's config"
-    elif overrides:
-        cfg, source = load_config(None, overrides), "the packaged config + overrides"
-    else:
-        cfg, source = _config_for_architecture(infer_architecture(state), overrides), "the checkpoint's weight shapes"
-    encoder = _build_encoder(cfg)
-    try:
-        encoder.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise CheckpointError(
-            f"checkpoint {path}: {key!r} does not fit the model built from {source} "
-            f"({cfg['meta']['model_name']}, model_kwargs={cfg['meta']['model_kwargs']}, patch {cfg['mask']['patch_size']}, "
-            f"crop {cfg['data']['crop_size']}); pass the --config it was trained with or fix the overrides. {exc}"
-        ) from None
-    info = {
-        "path": str(path),
-        "architecture_from": source,
-        "epoch": ckpt.get("epoch"),
-        "format": "fastjepa" if extra else "reference",
-        "encoder": which,
-    }
-    return encoder, cfg, info
-
-
-def _load_foreign(
-    path: Path, found: Any, config: str | os.PathLike | None, overrides: Sequence[str], which: str
-) -> tuple[nn.Module, dict, dict[str, Any]]:
-    """:func:`load_target_encoder` for a Hugging Face or timm file or folder
-    (:func:`fastjepa.encoders.read_encoder` read it): the encoder is built from the
-    architecture it records (or ``--config``), the config describes it for the data and
-    the random-init baseline."""
-    from ..encoders import build_encoder, config_names
-
-    if config is not None:
-        cfg, source = load_config(config, overrides), f"--config {config}"
-        encoder = _build_encoder(cfg)
-    else:
-        try:
-            cfg = _config_for_architecture(config_names(found.arch), overrides)
-        except ConfigError as exc:
-            raise CheckpointError(f"{path}: its architecture does not validate as a config ({exc}); pass --config FILE") from None
-        source, encoder = found.info.get("architecture_from", "the file"), build_encoder(found.arch)
-    try:
-        encoder.load_state_dict(found.state, strict=True)
-    except RuntimeError as exc:
-        lines = " ".join(ln.strip() for ln in str(exc).strip().splitlines())
-        raise CheckpointError(f"{path}: its tensors do not fit the encoder built from {source} ({describe_model(cfg)}): {lines}") from None
-    info = {
-        "path": str(path),
-        "architecture_from": source,
-        "epoch": found.info.get("epoch"),
-        "format": found.info.get("layout"),
-        "encoder": which,
-    }
-    return encoder, cfg, info
-
-
-def _load_safetensors_encoder(
-    path: Path, config: str | os.PathLike | None, overrides: Sequence[str], key: str, which: str = "target", trust: bool = False
-) -> tuple[nn.Module, dict, dict[str, Any]]:
-    """:func:`load_target_encoder` for an exported ``.safetensors`` encoder: the model is
-    built from the metadata's architecture (or ``--config``), checked against it field by
-    field, then loaded strictly. A Hugging Face or timm safetensors file goes to
-    :func:`_load_foreign`."""
-    from ..checkpoint import ENCODER_FORMAT, check_architecture, read_safetensors
-    from ..checkpoint_formats import CONFIG_NAME, layout_of
-    from ..encoders import read_encoder
-
-    state, meta = read_safetensors(path)
-    if meta.get("format") != ENCODER_FORMAT and (layout_of(state) == "hf" or (path.parent / CONFIG_NAME).is_file()):
-        return _load_foreign(path, read_encoder(path, which=which, trust=trust), config, overrides, which)
-    stored = meta.get("network")
-    if stored and stored != key:
-        flag = {v: k for k, v in ENCODER_KEYS.items()}
-        raise CheckpointError(f"{path} holds the {stored}, not the {key}: evaluate it with --encoder {flag.get(stored, 'target')}")
-    ours = meta.get("format") == ENCODER_FORMAT
-    if config is not None:
-        cfg, source = load_config(config, overrides), f"--config {config}"
-    elif ours:
-        try:
-            arch = {
-                "model_name": meta["model_name"],
-                "model_kwargs": json.loads(meta.get("model_kwargs") or "{}"),
-                "patch_size": int(meta["patch_size"]),
-                "crop_size": int(meta["img_size"]),
-            }
-        except (KeyError, ValueError) as exc:
-            raise CheckpointError(f"{path}: its metadata does not describe an encoder ({type(exc).__name__}: {exc}); pass --config FILE") from None
-        try:
-            cfg = _config_for_architecture(arch, overrides)
-            if meta.get("seed", "").lstrip("-").isdigit() and not any(o.startswith("meta.seed=") for o in overrides):
-                cfg["meta"]["seed"] = int(meta["seed"])  # the random-init baseline of the run it came from
-        except ConfigError as exc:
-            raise CheckpointError(f"{path}: its metadata's architecture does not validate ({exc}); pass --config FILE") from None
-        source = "the file's metadata"
-    else:  # a safetensors file of another tool: read the architecture off the shapes
-        cfg, source = _config_for_architecture(infer_architecture(state), overrides), "the file's weight shapes"
-    encoder = _build_encoder(cfg)
-    if ours:
-        check_architecture(path, meta, encoder)
-    try:
-        encoder.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()
-        raise CheckpointError(
-            f"{path}: its tensors do not fit the encoder built from {source} ({describe_model(cfg)}): "
-            + " ".join(ln.strip() for ln in first)
-        ) from None
-    info = {
-        "path": str(path),
-        "architecture_from": source,
-        "epoch": int(meta["epoch"]) if meta.get("epoch", "").isdigit() else None,
-        "format": "safetensors",
-        "encoder": {v: k for k, v in ENCODER_KEYS.items()}[key],
-    }
-    return encoder, cfg, info
 
 
 # -- data
@@ -312,7 +53,7 @@ def eval_datasets(
     return train, val, f"image folders {train_dir} ({len(train)}) / {val_dir} ({len(val)})"
 
 
-def _limit(ds: Dataset, n: int | None) -> Dataset:
+def limit(ds: Dataset, n: int | None) -> Dataset:
     if n is None or n >= len(ds):
         return ds
     if n < 1:

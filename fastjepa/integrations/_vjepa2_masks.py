@@ -80,11 +80,11 @@ def _make_call(original):
 
 @functools.cache
 def _cpp_ready() -> bool:
-    from ..ops._dispatch import available
+    from ..ops import available
 
     if not available()["cpp"]:
         return False
-    from ..masks import _sampler3d  # noqa: F401 — loads the op and its fake
+    from ..masks import cpp_sampler3d  # noqa: F401 — loads the op and its fake
 
     return hasattr(torch.ops.fastjepa, "sample_masks3d")
 

@@ -37,7 +37,7 @@ import warnings
 
 import torch
 
-from . import _common as C
+from . import _common as common
 from ._patching import PatchSet, class_patch, function_patches, parameters, replaces
 
 API = "fastjepa.integrations.ijepa.apply()"
@@ -59,7 +59,7 @@ def _check_tensors(m):
 
 
 def _check_vit(m):
-    problem = C.has_attrs(m, "VisionTransformer", "VisionTransformerPredictor", "Attention", "Block")
+    problem = common.has_attrs(m, "VisionTransformer", "VisionTransformerPredictor", "Attention", "Block")
     if problem:
         return problem + " (I-JEPA defines its predictor beside the encoder)"
     if not hasattr(m.VisionTransformer, "interpolate_pos_encoding"):
@@ -68,7 +68,7 @@ def _check_vit(m):
 
 
 def _check_multiblock(m):
-    problem = C.has_attrs(m, "MaskCollator")
+    problem = common.has_attrs(m, "MaskCollator")
     if problem:
         return problem
     missing = [a for a in ("_sample_block_size", "_sample_block_mask", "step") if not hasattr(m.MaskCollator, a)]
@@ -96,7 +96,7 @@ def _apply_masks(mods):
 
     @replaces(original)
     def apply_masks(x, masks):
-        if C.gather_applies(x, masks) is None:
+        if common.gather_applies(x, masks) is None:
             return original(x, masks)
         return fused(x, masks)
 
@@ -113,13 +113,13 @@ def _encoder(mods):
         def forward(self, x, masks=None):
             if masks is not None and not isinstance(masks, list):
                 masks = [masks]
-            if masks is not None and C.masks_applies(masks, x.size(0)) is None:
+            if masks is not None and common.masks_applies(masks, x.size(0)) is None:
                 return original(self, x, masks)
             x = self.patch_embed(x)  # (B, N, D)
             pos_embed = self.interpolate_pos_encoding(x, self.pos_embed)  # (1, N, D)
             if masks is None:
                 x = x + pos_embed
-            elif C.pos_applies(pos_embed, x):
+            elif common.pos_applies(pos_embed, x):
                 x = gather_tokens(x, masks, pos_embed)  # (M·B, K, D), pos added at the kept tokens only
             else:
                 x = gather_tokens(x + pos_embed, masks)
@@ -147,7 +147,7 @@ def _predictor(mods):
             mx = [masks_x] if not isinstance(masks_x, list) else masks_x
             mt = [masks] if not isinstance(masks, list) else masks
             B = x.size(0) // max(len(mx), 1)
-            if x.dim() != 3 or C.masks_applies(mx, B) is None or C.masks_applies(mt, B) is None:
+            if x.dim() != 3 or common.masks_applies(mx, B) is None or common.masks_applies(mt, B) is None:
                 return original(self, x, masks_x, masks)
             if mx[0].size(1) != x.size(1) or B * len(mx) != x.size(0):
                 return original(self, x, masks_x, masks)
@@ -203,7 +203,7 @@ def _attention(mods):
 def _mask_collator(mods):
     if "src.masks.multiblock" not in mods:
         return []
-    from ..ops._dispatch import available
+    from ..ops import available
 
     why = None if available()["cpp"] else available()["cpp"].reason
     if why is None and not hasattr(torch.ops.fastjepa, "sample_masks_sized"):
@@ -253,10 +253,10 @@ def apply(
     I-JEPA is imported or the imported ``src`` is another codebase. Calling it again
     first reverts the previous call.
     """
-    mods = C.identify(API, CODEBASE, "src", CHECKS, HINT)
+    mods = common.identify(API, CODEBASE, "src", CHECKS, HINT)
     chosen = [
         (apply_masks, _apply_masks),
-        (repeat_interleave_batch, C.repeat_interleave_batch_patches),
+        (repeat_interleave_batch, common.repeat_interleave_batch_patches),
         (encoder, _encoder),
         (predictor, _predictor),
         (attention, _attention),

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _common as C
+from . import _common as common
 from ._patching import PatchSet, class_patch, replaces
 
 API = "fastjepa.integrations.mae.apply()"
@@ -32,7 +32,7 @@ _STATE = PatchSet("mae")
 
 
 def _check_models_mae(m):
-    problem = C.has_attrs(m, "MaskedAutoencoderViT")
+    problem = common.has_attrs(m, "MaskedAutoencoderViT")
     if problem:
         return problem
     missing = [a for a in ("random_masking", "forward_encoder", "forward_decoder") if a not in vars(m.MaskedAutoencoderViT)]
@@ -88,7 +88,7 @@ def _random_masking(mods):
                 return original(self, x, mask_ratio)  # a subclass's own masking
             x = self.patch_embed(x)  # (N, L, D)
             pos = self.pos_embed[:, 1:, :]  # (1, L, D), without the class token's row
-            if not (_fused_masking_applies(x, mask_ratio) and C.pos_applies(pos, x)):
+            if not (_fused_masking_applies(x, mask_ratio) and common.pos_applies(pos, x)):
                 x, mask, ids_restore = self.random_masking(x + pos, mask_ratio)
             else:
                 x, mask, ids_restore = _masking(x, mask_ratio, pos)  # (N, K, D): pos added at kept tokens only
@@ -112,7 +112,7 @@ def apply(*, random_masking: bool = True) -> list[str]:
     ``models_mae`` is not imported or is not MAE's. Calling it again first reverts the
     previous call.
     """
-    mods = C.identify(API, CODEBASE, "models_mae", CHECKS, HINT)
+    mods = common.identify(API, CODEBASE, "models_mae", CHECKS, HINT)
     return _STATE.apply_providers(mods, [(random_masking, _random_masking)])
 
 

@@ -36,7 +36,7 @@ from __future__ import annotations
 import torch
 import torch.utils.checkpoint
 
-from . import _common as C
+from . import _common as common
 from ._patching import CodebaseMismatch, PatchSet, class_patch, function_patches, package_modules, parameters, replaces
 
 API = "fastjepa.integrations.vjepa2.apply()"
@@ -60,7 +60,7 @@ def _check_tensors(m):
 
 
 def _check_vit(m):
-    problem = C.has_attrs(m, "VisionTransformer")
+    problem = common.has_attrs(m, "VisionTransformer")
     if problem:
         return problem
     if hasattr(m, "VisionTransformerPredictor"):
@@ -73,7 +73,7 @@ def _check_vit(m):
 
 
 def _check_predictor(m):
-    return C.has_attrs(m, "VisionTransformerPredictor")
+    return common.has_attrs(m, "VisionTransformerPredictor")
 
 
 def _check_modules(m):
@@ -112,7 +112,7 @@ def _apply_masks(mods):
 
     @replaces(original)
     def apply_masks(x, masks, concat=True):
-        if C.gather_applies(x, masks, same_length=bool(concat)) is None:
+        if common.gather_applies(x, masks, same_length=bool(concat)) is None:
             return original(x, masks, concat)
         return fused(x, masks, concat=concat)
 
@@ -129,7 +129,7 @@ def _encoder(mods):
         def forward(self, x, masks=None):
             if masks is not None and not isinstance(masks, list):
                 masks = [masks]
-            if masks is not None and C.masks_applies(masks, x.size(0)) is None:
+            if masks is not None and common.masks_applies(masks, x.size(0)) is None:
                 return original(self, x, masks)
             # token grid, as the original reads it off the input
             if x.ndim == 4:
@@ -149,7 +149,7 @@ def _encoder(mods):
                 x = self.patch_embed(x)  # (B, N, D)
                 if masks is None:
                     x = x + pos_embed
-                elif C.pos_applies(pos_embed, x):
+                elif common.pos_applies(pos_embed, x):
                     x = gather_tokens(x, masks, pos_embed)  # pos added at the kept tokens only
                 else:
                     x = gather_tokens(x + pos_embed, masks)
@@ -221,10 +221,10 @@ def apply(
     V-JEPA 2 is imported or the imported ``src`` is another codebase. Calling it again
     first reverts the previous call.
     """
-    mods = C.identify(API, CODEBASE, "src", CHECKS, HINT)
+    mods = common.identify(API, CODEBASE, "src", CHECKS, HINT)
     chosen = [
         (apply_masks, _apply_masks),
-        (repeat_interleave_batch, C.repeat_interleave_batch_patches),
+        (repeat_interleave_batch, common.repeat_interleave_batch_patches),
         (encoder, _encoder),
         (rope, _rope),
         (predictor, _predictor),

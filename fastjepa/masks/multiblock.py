@@ -27,8 +27,9 @@ from collections.abc import Sequence
 import torch
 from torch.utils.data import default_collate, get_worker_info
 
+from ..rng import MAX_SEED, derive_seed
+
 COMPAT_MODES = ("fastjepa", "reference")
-MAX_SEED = 2**63 - 1
 
 
 def _pair(v, name: str) -> tuple[float, float]:
@@ -53,18 +54,6 @@ def block_size(u: float, scale: tuple[float, float], aspect: tuple[float, float]
     while w >= W:
         w -= 1
     return h, w
-
-
-def derive_seed(*parts: int) -> int:
-    """Mix integers into one 63-bit seed (splitmix64 steps); stable across runs."""
-    x = 0x9E3779B97F4A7C15
-    for p in parts:
-        x = (x ^ (int(p) & 0xFFFFFFFFFFFFFFFF)) & 0xFFFFFFFFFFFFFFFF
-        x = (x + 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
-        x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
-        x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
-        x ^= x >> 31
-    return x & MAX_SEED
 
 
 def sample_reference_cpp(
@@ -187,7 +176,7 @@ class MaskCollator:
     # -- configuration checks
 
     def _pick_backend(self, backend: str | None) -> str:
-        from ..ops._dispatch import available
+        from ..ops import available
 
         if backend is None:
             return "cpp" if self.compat == "fastjepa" and self.generator is None and available()["cpp"] else "python"

@@ -43,7 +43,7 @@ from collections.abc import Sequence
 import torch
 from torch.utils.data import default_collate
 
-from .multiblock import derive_seed
+from ..rng import derive_seed
 
 COMPAT_MODES = ("fastjepa", "reference")
 BACKENDS = ("auto", "cpp", "python")
@@ -93,7 +93,7 @@ def _complement(idx: torch.Tensor, N: int) -> torch.Tensor:
 
 
 def _pick_backend(backend: str | None, compat: str) -> str:
-    from ..ops._dispatch import available
+    from ..ops import available
 
     backend = "auto" if backend is None else backend
     if backend not in BACKENDS:
@@ -252,7 +252,7 @@ class MaskGenerator3D:
     def sample_cpp(self, B: int, seed: int, block_size: Sequence[int] | None = None):
         """fastjepa mode in C++ (same distribution as :meth:`sample`); ``block_size``
         ``(t, h, w)`` fixes the batch's block size instead of drawing it."""
-        from . import _sampler3d  # noqa: F401 — loads fastjepa._C and registers the fake
+        from . import cpp_sampler3d  # noqa: F401 — loads fastjepa._C and registers the fake
 
         enc, pred = torch.ops.fastjepa.sample_masks3d(
             B, self.duration, self.height, self.width, list(self.temporal_pred_mask_scale),

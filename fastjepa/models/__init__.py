@@ -1,5 +1,6 @@
-"""I-JEPA models: the ViT encoder, the predictor and their factories."""
+"""I-JEPA models: the ViT encoder, the predictor, their factories and the I-JEPA model."""
 
+from .ijepa import IJEPA
 from .vision_transformer import (
     VIT_SIZES,
     Block,
@@ -17,6 +18,7 @@ from .vision_transformer import (
 __all__ = [
     "VIT_SIZES",
     "Block",
+    "IJEPA",
     "VisionTransformer",
     "VisionTransformerPredictor",
     "vit_base",

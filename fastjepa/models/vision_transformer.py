@@ -19,7 +19,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from .. import ops
-from ..ops._dispatch import current_backend
+from ..ops import current_backend
 from .pos_embed import sincos_2d
 
 LayerNorm6 = partial(nn.LayerNorm, eps=1e-6)  # the norm every reference model is built with

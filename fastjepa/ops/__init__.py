@@ -5,7 +5,18 @@ autograd / custom-op wrapper and the dispatch. :func:`available` says which back
 run here; ``FASTJEPA_BACKEND`` or :func:`use_backend` forces one.
 """
 
-from ._dispatch import BACKENDS, Availability, ExtensionVersionWarning, available, current_backend, use_backend
+from ._dispatch import (
+    BACKENDS,
+    Availability,
+    ExtensionVersionWarning,
+    available,
+    cpp_has_cuda,
+    cpp_torch_mismatch,
+    cpu_has_bf16,
+    current_backend,
+    triton_interpret,
+    use_backend,
+)
 from .attention import attention, attention_available, attention_reference, current_attention, use_attention
 from .gather_tokens import apply_masks, gather_tokens, gather_tokens_reference
 from .linear_gelu import fused_linear_gelu_applies, linear_gelu, linear_gelu_reference
@@ -30,6 +41,9 @@ __all__ = [
     "attention_available",
     "attention_reference",
     "available",
+    "cpp_has_cuda",
+    "cpp_torch_mismatch",
+    "cpu_has_bf16",
     "current_attention",
     "current_backend",
     "gather_tokens",
@@ -50,6 +64,7 @@ __all__ = [
     "sorted_predictor_tokens_reference",
     "target_tokens",
     "target_tokens_reference",
+    "triton_interpret",
     "use_attention",
     "use_backend",
 ]

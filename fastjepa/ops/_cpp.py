@@ -44,7 +44,7 @@ def _(B, H, W, enc_scale, pred_scale, aspect, nenc, npred, min_keep, allow_overl
     return torch.empty((nenc, B, kc), dtype=torch.int64), torch.empty((npred, B, kt), dtype=torch.int64)
 
 
-if hasattr(_ops, "sample_masks_sized"):  # absent from an extension built before it existed
+if hasattr(_ops, "sample_masks_sized"):  # only where the loaded library was compiled with it
 
     @torch.library.register_fake("fastjepa::sample_masks_sized")
     def _(B, H, W, pred_size, enc_size, nenc, npred, min_keep, allow_overlap, exclusive_corners, seed):

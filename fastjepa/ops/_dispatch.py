@@ -19,11 +19,8 @@ import contextlib
 import contextvars
 import functools
 import importlib
-import importlib.util
 import os
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -31,7 +28,6 @@ BACKENDS = ("auto", "reference", "triton", "cpp")
 CPP_CUDA_OPS = frozenset({"gather_tokens"})  # ops with a CUDA kernel in csrc/cuda/
 FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
-_override: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastjepa_backend", default=None)
 
 
 @dataclass(frozen=True)
@@ -43,10 +39,36 @@ class Availability:
         return self.ok
 
 
-def _check_name(name: str, source: str) -> str:
-    if name not in BACKENDS:
-        raise ValueError(f"{source}={name!r} is not a fastjepa backend; expected one of {', '.join(BACKENDS)}")
-    return name
+class BackendSetting:
+    """One backend choice (the fused ops', attention's): the innermost :meth:`use` block,
+    else the environment variable ``env``, else ``auto``."""
+
+    def __init__(self, env: str, choices: tuple[str, ...], what: str):
+        self.env, self.choices, self.what = env, choices, what
+        self._override: contextvars.ContextVar[str | None] = contextvars.ContextVar(env.lower(), default=None)
+
+    def check(self, name: str, source: str) -> str:
+        """``name`` if it is one of the choices, else a ``ValueError`` naming ``source``."""
+        if name not in self.choices:
+            raise ValueError(f"{source}={name!r} is not {self.what}; expected one of {', '.join(self.choices)}")
+        return name
+
+    def current(self) -> str:
+        name = self._override.get()
+        if name is not None:
+            return name
+        return self.check(os.environ.get(self.env, "auto").strip().lower() or "auto", self.env)
+
+    @contextlib.contextmanager
+    def use(self, name: str, source: str):
+        token = self._override.set(self.check(name, source))
+        try:
+            yield
+        finally:
+            self._override.reset(token)
+
+
+OPS_BACKEND = BackendSetting("FASTJEPA_BACKEND", BACKENDS, "a fastjepa backend")
 
 
 def assume_constant_result(fn):
@@ -64,20 +86,12 @@ def current_backend() -> str:
     ContextVar): compiled code keeps the backend it was traced with until
     ``torch._dynamo.reset()``.
     """
-    name = _override.get()
-    if name is not None:
-        return name
-    return _check_name(os.environ.get("FASTJEPA_BACKEND", "auto").strip().lower() or "auto", "FASTJEPA_BACKEND")
+    return OPS_BACKEND.current()
 
 
-@contextlib.contextmanager
 def use_backend(name: str):
     """Force a backend inside a ``with`` block (overrides ``FASTJEPA_BACKEND``)."""
-    token = _override.set(_check_name(name, "use_backend"))
-    try:
-        yield
-    finally:
-        _override.reset(token)
+    return OPS_BACKEND.use(name, "use_backend")
 
 
 @functools.cache
@@ -94,31 +108,9 @@ def triton_interpret() -> bool:
 
 
 def kernels():
-    """The ``fastjepa.kernels`` package (Triton kernels + launchers).
-
-    Installed, it is a normal subpackage (``kernels/`` mapped by setup.py). From a source
-    checkout on ``PYTHONPATH`` it is loaded from ``<repo>/kernels`` under the same name.
-    """
-    name = "fastjepa.kernels"
-    if name in sys.modules:
-        return sys.modules[name]
-    try:
-        return importlib.import_module(name)
-    except ModuleNotFoundError as exc:
-        if exc.name != name:
-            raise
-    src = Path(__file__).resolve().parents[2] / "kernels"
-    spec = importlib.util.spec_from_file_location(name, src / "__init__.py", submodule_search_locations=[str(src)])
-    if spec is None or not (src / "__init__.py").is_file():
-        raise ModuleNotFoundError(f"{name} is neither installed nor found at {src}", name=name)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        del sys.modules[name]
-        raise
-    return module
+    """The ``fastjepa.kernels`` package (Triton kernels + launchers), imported on first use
+    so that ``import fastjepa`` does not import Triton."""
+    return importlib.import_module("fastjepa.kernels")
 
 
 def _interpreter_broken(triton_version: str) -> str | None:
@@ -233,13 +225,13 @@ def _why_not(backend: str, device: torch.device, dtype: torch.dtype) -> str | No
     if backend == "cpp":
         if device.type == "cpu":
             return None
-        if device.type == "cuda" and _cpp_has_cuda():
+        if device.type == "cuda" and cpp_has_cuda():
             return None
         return f"the extension has no kernels for {device}"
     raise AssertionError(backend)
 
 
-def _cpp_has_cuda() -> bool:
+def cpp_has_cuda() -> bool:
     if not _cpp_available():
         return False
     return bool(getattr(importlib.import_module("fastjepa._C"), "WITH_CUDA", False))

@@ -20,25 +20,16 @@ that cannot run says why.
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import importlib
-import os
 
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import Availability, assume_constant_result
+from ._dispatch import Availability, BackendSetting, assume_constant_result
 
 ATTN_BACKENDS = ("auto", "flash", "xformers", "sdpa", "math")
-CPU_HALF_MATH_MAX_N = 256  # auto: CPU bf16/fp16 attention over at most this many tokens uses math (measured faster)
-_override: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastjepa_attn", default=None)
-
-
-def _check_name(name: str, source: str) -> str:
-    if name not in ATTN_BACKENDS:
-        raise ValueError(f"{source}={name!r} is not an attention backend; expected one of {', '.join(ATTN_BACKENDS)}")
-    return name
+CPU_HALF_MATH_MAX_N = 256  # auto: CPU bf16/fp16 attention over at most this many tokens uses math (faster there: docs/performance.md)
+ATTENTION_BACKEND = BackendSetting("FASTJEPA_ATTN", ATTN_BACKENDS, "an attention backend")
 
 
 @assume_constant_result
@@ -49,20 +40,12 @@ def current_attention() -> str:
     ContextVar, and a graph break per block would cost more than the attention): a compiled
     block keeps the backend it was compiled with until ``torch._dynamo.reset()``.
     """
-    name = _override.get()
-    if name is not None:
-        return name
-    return _check_name(os.environ.get("FASTJEPA_ATTN", "auto").strip().lower() or "auto", "FASTJEPA_ATTN")
+    return ATTENTION_BACKEND.current()
 
 
-@contextlib.contextmanager
 def use_attention(name: str):
     """Force an attention backend inside a ``with`` block (overrides ``FASTJEPA_ATTN``)."""
-    token = _override.set(_check_name(name, "use_attention"))
-    try:
-        yield
-    finally:
-        _override.reset(token)
+    return ATTENTION_BACKEND.use(name, "use_attention")
 
 
 _IMPORTS: dict[str, tuple] = {}
@@ -161,7 +144,7 @@ def attention(
     if backend is None:
         name = select_attention(q)
     else:
-        name = _check_name(backend, "attention(backend=...)")
+        name = ATTENTION_BACKEND.check(backend, "attention(backend=...)")
         name = select_attention(q) if name == "auto" else name
         why = why_not(name, q)
         if why is not None:

@@ -19,9 +19,9 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from ..masks.utils import apply_masks as _apply_masks_reference
-from . import _validate as V
+from . import _validate as checks
 from ._dispatch import direct, kernels, select
+from .masks_reference import apply_masks as _apply_masks_reference
 
 
 def gather_tokens_reference(
@@ -116,14 +116,14 @@ class _GatherTokensDirect(torch.autograd.Function):
 
 
 def _check(x, masks, pos_embed, validate):
-    V.check_tokens(x, "x")
-    masks = V.mask_list(masks, "masks")
-    V.check_batch(masks, "masks", x.size(0))
-    V.check_same_device(masks, "masks", x.device)
+    checks.check_tokens(x, "x")
+    masks = checks.mask_list(masks, "masks")
+    checks.check_batch(masks, "masks", x.size(0))
+    checks.check_same_device(masks, "masks", x.device)
     if pos_embed is not None:
-        V.check_pos(pos_embed, "pos_embed", x.size(1), x.size(2), x)
+        checks.check_pos(pos_embed, "pos_embed", x.size(1), x.size(2), x)
     if validate or x.device.type == "cpu":
-        V.check_range(masks, "masks", x.size(1))
+        checks.check_range(masks, "masks", x.size(1))
     return masks
 
 
@@ -149,7 +149,7 @@ def gather_tokens(
     backend = select("gather_tokens", x.device, dtype)
     if backend == "reference":
         return gather_tokens_reference(x, masks, pos_embed)
-    idx = V.stack_masks(masks, x.device)  # (M, B, K)
+    idx = checks.stack_masks(masks, x.device)  # (M, B, K)
     if backend == "triton":
         if direct(x, pos_embed):
             return _GatherTokensDirect.apply(x, idx, pos_embed)

@@ -17,9 +17,9 @@ from collections.abc import Sequence
 
 import torch
 
-from ..masks.utils import apply_masks, repeat_interleave_batch
-from . import _validate as V
+from . import _validate as checks
 from ._dispatch import direct, kernels, select
+from .masks_reference import apply_masks, repeat_interleave_batch
 
 
 def predictor_tokens_reference(
@@ -134,15 +134,15 @@ class _PredictorTokensDirect(torch.autograd.Function):
 
 
 def _check(ctx, masks_x, masks, pos_embed, mask_token, validate):
-    V.check_tokens(ctx, "ctx")
-    masks_x = V.mask_list(masks_x, "masks_x")
-    masks = V.mask_list(masks, "masks")
+    checks.check_tokens(ctx, "ctx")
+    masks_x = checks.mask_list(masks_x, "masks_x")
+    masks = checks.mask_list(masks, "masks")
     nenc = len(masks_x)
     if ctx.size(0) % nenc != 0:
         raise ValueError(f"ctx: batch {ctx.size(0)} is not a multiple of len(masks_x)={nenc}")
     B = ctx.size(0) // nenc
-    V.check_batch(masks_x, "masks_x", B)
-    V.check_batch(masks, "masks", B)
+    checks.check_batch(masks_x, "masks_x", B)
+    checks.check_batch(masks, "masks", B)
     if masks_x[0].size(1) != ctx.size(1):
         raise ValueError(f"masks_x: {masks_x[0].size(1)} indices per mask, expected ctx.size(1)={ctx.size(1)}")
     P = ctx.size(2)
@@ -156,11 +156,11 @@ def _check(ctx, masks_x, masks, pos_embed, mask_token, validate):
         raise ValueError(f"mask_token: expected shape (1, 1, {P}), got {shape}")
     if mask_token.device != ctx.device:
         raise ValueError(f"mask_token: on {mask_token.device}, expected the device of ctx ({ctx.device})")
-    V.check_same_device(masks_x, "masks_x", ctx.device)
-    V.check_same_device(masks, "masks", ctx.device)
+    checks.check_same_device(masks_x, "masks_x", ctx.device)
+    checks.check_same_device(masks, "masks", ctx.device)
     if validate or ctx.device.type == "cpu":
-        V.check_range(masks_x, "masks_x", pos_embed.size(1))
-        V.check_range(masks, "masks", pos_embed.size(1))
+        checks.check_range(masks_x, "masks_x", pos_embed.size(1))
+        checks.check_range(masks, "masks", pos_embed.size(1))
     return masks_x, masks
 
 
@@ -183,8 +183,8 @@ def predictor_tokens(
     backend = select("predictor_tokens", ctx.device, dtype)
     if backend == "reference":
         return predictor_tokens_reference(ctx, masks_x, masks, pos_embed, mask_token)
-    idx_x = V.stack_masks(masks_x, ctx.device)  # (nenc, B, Kc)
-    idx = V.stack_masks(masks, ctx.device)  # (npred, B, Kt)
+    idx_x = checks.stack_masks(masks_x, ctx.device)  # (nenc, B, Kc)
+    idx = checks.stack_masks(masks, ctx.device)  # (npred, B, Kt)
     if backend == "triton":
         if direct(ctx, pos_embed, mask_token):
             return _PredictorTokensDirect.apply(ctx, idx_x, idx, pos_embed, mask_token)

@@ -54,8 +54,8 @@ from collections.abc import Sequence
 
 import torch
 
-from . import _validate as V
-from ._dispatch import direct, kernels, select
+from . import _validate as checks
+from ._dispatch import direct, select
 
 BASE = 10000.0
 LAYOUTS = ("vjepa2", "interleaved")
@@ -194,7 +194,7 @@ def _rope_triton(
 def _rope_impl(q, k, ids, n_axes, tpf, tpr, interleaved, backward):
     d = rotated_width(q.size(-1), n_axes)
     omega = omega_table(d // 2, q.dtype, q.device)
-    return kernels_rope().rope_fwd(q, k, ids, omega, n_axes, tpf, tpr, interleaved, backward)
+    return importlib.import_module("fastjepa.kernels.rope").rope_fwd(q, k, ids, omega, n_axes, tpf, tpr, interleaved, backward)
 
 
 @_rope_triton.register_fake
@@ -234,12 +234,6 @@ class _RopeDirect(torch.autograd.Function):
         return gq, gk, None, None, None, None, None, None
 
 
-def kernels_rope():
-    """``fastjepa.kernels.rope`` (loaded through :func:`fastjepa.ops._dispatch.kernels`)."""
-    kernels()
-    return importlib.import_module("fastjepa.kernels.rope")
-
-
 # -- public op -------------------------------------------------------------------------
 
 
@@ -271,7 +265,7 @@ def _check(q, k, ids, grid, layout, validate):
         return n_axes, tpf, tpr
     if not isinstance(ids, torch.Tensor):
         raise ValueError(f"rope_qk: ids: expected a tensor or None, got {type(ids).__name__}")
-    if ids.dtype not in V.INDEX_DTYPES:
+    if ids.dtype not in checks.INDEX_DTYPES:
         raise ValueError(f"rope_qk: ids: expected int32 or int64 token ids, got {ids.dtype}")
     if ids.shape not in ((N,), (B, N)):
         raise ValueError(f"rope_qk: ids has shape {tuple(ids.shape)}, expected ({B}, {N}) or ({N},)")
@@ -315,6 +309,6 @@ def rope_qk(
         if direct(q, k):
             return _RopeDirect.apply(q, k, ids, n_axes, tpf, tpr, interleaved, False)
         return _rope_triton(q, k, ids, n_axes, tpf, tpr, interleaved, False)
-    from . import _rope_cpp
+    from . import _cpp_rope
 
-    return _rope_cpp.rope_qk(q, k, ids, n_axes, tpf, tpr, interleaved)
+    return _cpp_rope.rope_qk(q, k, ids, n_axes, tpf, tpr, interleaved)

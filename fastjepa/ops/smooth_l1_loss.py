@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import _validate as V
+from . import _validate as checks
 from ._dispatch import current_backend, direct, kernels, select
 
 
@@ -96,7 +96,7 @@ def smooth_l1_loss(z: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     :Equivalent pytorch code:
         ``F.smooth_l1_loss(z, h)``
     """
-    V.check_same_shape(z, h, "smooth_l1_loss")
+    checks.check_same_shape(z, h, "smooth_l1_loss")
     backend = select("smooth_l1_loss", z.device, torch.promote_types(z.dtype, h.dtype))
     if backend == "triton" and current_backend() == "triton":  # opt-in only, see the module docstring
         if direct(z, h):

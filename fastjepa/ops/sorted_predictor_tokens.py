@@ -46,7 +46,7 @@ from typing import NamedTuple
 
 import torch
 
-from . import _validate as V
+from . import _validate as checks
 from ._dispatch import assume_constant_result, available, direct, kernels, select
 
 
@@ -301,17 +301,17 @@ def _cpp_has_op_cached() -> bool:
 
 @assume_constant_result  # a plain function: Dynamo traces through functools.cache wrappers
 def _cpp_has_op() -> bool:
-    """Whether the loaded extension has these kernels (an extension built before
-    ``csrc/sorted_predictor_cpu.cpp`` existed has not: then ``auto`` takes the reference on
-    the CPU and a forced ``cpp`` says so)."""
+    """Whether the loaded extension has these kernels (a library compiled without
+    ``csrc/sorted_predictor_cpu.cpp`` has not: then ``auto`` takes the reference on the CPU
+    and a forced ``cpp`` says so)."""
     return _cpp_has_op_cached()
 
 
 
 def _check(ctx, masks_x, masks_y, mask_token, pos_embed, has_cls, chop_last_n, num_patches, validate):
-    V.check_tokens(ctx, "ctx")
-    masks_x = V.mask_list(masks_x, "masks_x")
-    masks_y = V.mask_list(masks_y, "masks_y")
+    checks.check_tokens(ctx, "ctx")
+    masks_x = checks.mask_list(masks_x, "masks_x")
+    masks_y = checks.mask_list(masks_y, "masks_y")
     M = len(masks_x)
     if len(masks_y) != M:
         raise ValueError(
@@ -323,8 +323,8 @@ def _check(ctx, masks_x, masks_y, mask_token, pos_embed, has_cls, chop_last_n, n
     if ctx.size(0) % M != 0:
         raise ValueError(f"ctx: batch {ctx.size(0)} is not a multiple of len(masks_x)={M}")
     B = ctx.size(0) // M
-    V.check_batch(masks_x, "masks_x", B)
-    V.check_batch(masks_y, "masks_y", B)
+    checks.check_batch(masks_x, "masks_x", B)
+    checks.check_batch(masks_y, "masks_y", B)
     Kc = ctx.size(1) - int(has_cls)
     if masks_x[0].size(1) != Kc:
         what = f"ctx.size(1) - 1 = {Kc} (has_cls: its first token is the class token)" if has_cls else f"ctx.size(1)={Kc}"
@@ -351,11 +351,11 @@ def _check(ctx, masks_x, masks_y, mask_token, pos_embed, has_cls, chop_last_n, n
         if num_patches is not None and num_patches != pos_embed.size(1):
             raise ValueError(f"num_patches={num_patches} differs from pos_embed's {pos_embed.size(1)} tokens")
         num_patches = pos_embed.size(1)
-    V.check_same_device(masks_x, "masks_x", ctx.device)
-    V.check_same_device(masks_y, "masks_y", ctx.device)
+    checks.check_same_device(masks_x, "masks_x", ctx.device)
+    checks.check_same_device(masks_y, "masks_y", ctx.device)
     if num_patches is not None and (validate or ctx.device.type == "cpu"):
-        V.check_range(masks_x, "masks_x", num_patches)
-        V.check_range(masks_y, "masks_y", num_patches)
+        checks.check_range(masks_x, "masks_x", num_patches)
+        checks.check_range(masks_y, "masks_y", num_patches)
     return masks_x, masks_y
 
 
@@ -413,7 +413,7 @@ def sorted_predictor_take_targets(y: torch.Tensor, order: SortedOrder) -> torch.
 
     :Equivalent pytorch code: :func:`sorted_predictor_take_targets_reference`.
     """
-    V.check_tokens(y, "y")
+    checks.check_tokens(y, "y")
     if not isinstance(order, SortedOrder):
         raise ValueError(f"order: expected the SortedOrder returned by sorted_predictor_tokens, got {type(order).__name__}")
     R, L = order.order.shape

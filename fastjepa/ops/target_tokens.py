@@ -15,9 +15,9 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from ..masks.utils import apply_masks, repeat_interleave_batch
-from . import _validate as V
+from . import _validate as checks
 from ._dispatch import direct, kernels, select
+from .masks_reference import apply_masks, repeat_interleave_batch
 
 
 def target_tokens_reference(h: torch.Tensor, masks_pred: torch.Tensor | Sequence[torch.Tensor], nenc: int) -> torch.Tensor:
@@ -51,19 +51,19 @@ def target_tokens(
         an out-of-range index yields NaN rows, never a bad memory access).
     :returns: (npred·nenc·B, Kt, D) in h's dtype, detached.
     """
-    V.check_tokens(h, "h")
-    masks_pred = V.mask_list(masks_pred, "masks_pred")
-    V.check_batch(masks_pred, "masks_pred", h.size(0))
-    V.check_same_device(masks_pred, "masks_pred", h.device)
-    V.check_count(nenc, "nenc")
+    checks.check_tokens(h, "h")
+    masks_pred = checks.mask_list(masks_pred, "masks_pred")
+    checks.check_batch(masks_pred, "masks_pred", h.size(0))
+    checks.check_same_device(masks_pred, "masks_pred", h.device)
+    checks.check_count(nenc, "nenc")
     if validate or h.device.type == "cpu":
-        V.check_range(masks_pred, "masks_pred", h.size(1))
+        checks.check_range(masks_pred, "masks_pred", h.size(1))
     backend = select("target_tokens", h.device, h.dtype)
     h = h.detach()
     with torch.no_grad():
         if backend == "reference":
             return target_tokens_reference(h, masks_pred, nenc)
-        idx = V.stack_masks(masks_pred, h.device)  # (npred, B, Kt)
+        idx = checks.stack_masks(masks_pred, h.device)  # (npred, B, Kt)
         if backend == "triton":
             if direct(h):  # no autograd to set up: the launcher itself
                 return kernels().target_tokens_fwd(h, idx, nenc)

@@ -11,7 +11,7 @@ import torch
 
 from ..config import ConfigError
 from ..distributed import all_reduce_sum
-from .faults import NonFiniteLoss
+from .checkpointing import NonFiniteLoss
 
 CSV_COLUMNS = (
     "epoch", "itr", "step", "loss", "lr", "wd", "momentum", "imgs_per_sec",

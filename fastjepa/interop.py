@@ -10,7 +10,7 @@
   each with a model card; ``python -m fastjepa.checkpoint export … --format hf|timm``.
 
 transformers and timm are not imported: the files are written and read directly
-(:mod:`fastjepa.checkpoint_formats` holds the name and config mappings).
+(:mod:`fastjepa.checkpoint.formats` holds the name and config mappings).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from .checkpoint import (
     save_safetensors,
     strip_module_prefix,
 )
-from .checkpoint_formats import (
+from .checkpoint.formats import (
     CONFIG_NAME,
     HF_MODEL_TYPE,
     WEIGHTS_NAME,
@@ -73,7 +73,7 @@ LAYOUTS = (
 @dataclass
 class EncoderFile:
     """What :func:`read_encoder` found: the weights under fastjepa's names, the
-    architecture (:data:`~fastjepa.checkpoint_formats.ARCH_KEYS`), and ``info``: ``path``,
+    architecture (:data:`~fastjepa.checkpoint.formats.ARCH_KEYS`), and ``info``: ``path``,
     ``layout``, ``network``, ``epoch``, ``architecture_from``, ``config`` (a fastjepa
     run's resolved config, when the file holds one) and, for a run folder, ``checkpoint``."""
 

@@ -1,31 +1,29 @@
-"""Sharing an encoder and upgrading old files: the tools beside :mod:`fastjepa.checkpoint`.
+"""Sharing an encoder and upgrading old files, beside the checkpoint format in :mod:`.core`.
 
-* safetensors: ``export_encoder`` writes one network (the target encoder by default) under
-  the reference's parameter names with its architecture in the metadata;
-  ``read_safetensors`` / ``check_architecture`` read it back for ``load_encoder`` and
-  ``python -m fastjepa.eval``.
+* safetensors: one network under the reference's parameter names with its architecture in
+  the metadata (``save_safetensors`` / ``encoder_metadata``, written by
+  :func:`fastjepa.encoder.export_encoder`); ``read_safetensors`` / ``check_architecture``
+  read it back for :func:`load_encoder` and ``python -m fastjepa.eval``.
+* :func:`load_encoder`: one network from a checkpoint or a ``.safetensors`` file.
 * ``convert_checkpoint``: rewrites a checkpoint of an earlier fastjepa (NumPy's RNG state
   pickled as an array) as a weights-only file, once.
-* ``main``: ``python -m fastjepa.checkpoint export|convert``.
 
-Everything here reads through :mod:`fastjepa.checkpoint`'s one weights-only loader; these
-names are re-exported there.
+Everything here reads through :mod:`.core`'s one weights-only loader.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
 
-from .checkpoint import (
+from ..rng import numpy_rng_to_plain
+from .core import (
     ENCODER_FORMAT,
     ENCODER_FORMAT_VERSION,
     FORMAT_VERSION,
@@ -34,11 +32,11 @@ from .checkpoint import (
     CheckpointError,
     UnsafeCheckpointError,
     _damaged,
+    _load_module,
     _torch_load,
     _unwrap,
     atomic_save,
     atomic_write,
-    numpy_rng_to_plain,
     plain,
     read_checkpoint,
     strip_module_prefix,
@@ -79,7 +77,7 @@ def encoder_architecture(encoder: nn.Module) -> dict[str, Any]:
 
 def encoder_metadata(encoder: nn.Module, cfg: Mapping[str, Any], *, network: str = "target_encoder", epoch: Any = None, source: str = "") -> dict[str, str]:
     """The safetensors metadata of an exported encoder (all values strings)."""
-    from . import __version__
+    from ..version import __version__
 
     arch = encoder_architecture(encoder)
     meta = {
@@ -142,42 +140,32 @@ def save_safetensors(state: Mapping[str, torch.Tensor], metadata: Mapping[str, s
     atomic_write(path, lambda f, tmp: f.write(data))
 
 
-def _resolve_source(src: Path) -> Path:
-    """A run folder's best checkpoint if it has one, else its latest; or ``src`` itself."""
-    if not src.is_dir():
-        return src
-    best = sorted(src.glob("*-best.pth.tar"))
-    found = best if len(best) == 1 else sorted(src.glob("*-latest.pth.tar"))
-    if len(found) == 1:
-        return found[0]
-    if not found:
-        raise CheckpointError(f"{src} is a folder without a <tag>-latest.pth.tar: pass a run folder or a checkpoint file")
-    raise CheckpointError(f"{src} holds several latest checkpoints ({', '.join(p.name for p in found)}): pass one of them")
+# -- loading one network
 
 
-def export_encoder(
-    src: str | os.PathLike,
-    dst: str | os.PathLike,
-    *,
-    which: str = "target",
-    config: str | os.PathLike | None = None,
-    overrides: Sequence[str] = (),
-    trust: bool = False,
-) -> dict[str, str]:
-    """Write ``src``'s target encoder (``which="context"``: the context encoder) to the
-    safetensors file ``dst``, parameter names as the reference's, its architecture in the
-    metadata. ``src``: a run folder, a fastjepa or reference checkpoint, or a safetensors
-    file. The architecture of a reference checkpoint comes from ``config`` / ``overrides``
-    or its weight shapes, as for evaluation. Returns the metadata."""
-    from .eval import ENCODER_KEYS, load_target_encoder
-
-    src, dst = _resolve_source(Path(src)), Path(dst)
-    if not dst.name.endswith(SAFETENSORS_SUFFIX):
-        raise CheckpointError(f"export: {dst} should end in {SAFETENSORS_SUFFIX} (or pass --format hf / --format timm to write a folder)")
-    encoder, cfg, info = load_target_encoder(src, config, overrides, which, trust=trust)
-    meta = encoder_metadata(encoder, cfg, network=ENCODER_KEYS[which], epoch=info.get("epoch"), source=src.name)
-    save_safetensors(encoder.state_dict(), meta, dst)
-    return meta
+def load_encoder(
+    path: str | os.PathLike, encoder: nn.Module, *, which: str = "target_encoder", strict: bool = True, trust: bool = False
+) -> dict[str, Any]:
+    """Load one network (default the target encoder, as used for evaluation) into
+    ``encoder`` from a fastjepa or reference checkpoint, or from a ``.safetensors`` file
+    written by ``python -m fastjepa.checkpoint export`` (its architecture is checked
+    against ``encoder`` first). Returns the checkpoint dict; for safetensors
+    ``{which: state, "metadata": {...}}``."""
+    path = Path(path)
+    if path.name.endswith(SAFETENSORS_SUFFIX):
+        state, meta = read_safetensors(path)
+        stored = meta.get("network")
+        if stored and stored != which:
+            raise CheckpointError(f"{path} holds the {stored}, not the {which} (export it with --encoder {ENCODER_FLAG.get(which, which)})")
+        if meta.get("format") == ENCODER_FORMAT:
+            check_architecture(path, meta, encoder)
+        _load_module(encoder, state, which, path, strict)
+        return {which: state, "metadata": meta, "epoch": int_or_none(meta.get("epoch"))}
+    ckpt = read_checkpoint(path, trust=trust)
+    if which not in ckpt:
+        raise CheckpointError(f"checkpoint {path} has no '{which}' (keys: {sorted(ckpt)})")
+    _load_module(encoder, ckpt[which], which, path, strict)
+    return ckpt
 
 
 # -- converting checkpoints of earlier versions
@@ -233,87 +221,3 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, trust:
         dst.unlink()
         raise
     return how
-
-
-# -- command line
-
-
-def _parse_args(argv=None) -> argparse.Namespace:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    top = argparse.ArgumentParser(
-        prog="python -m fastjepa.checkpoint",
-        description="Checkpoint tools: share an encoder as safetensors, rewrite an old checkpoint to load weights-only.",
-    )
-    sub = top.add_subparsers(dest="command", required=True)
-    ex = sub.add_parser(
-        "export",
-        help="write a run's target encoder to a .safetensors file, a Hugging Face IJepaModel folder or a timm folder",
-        description="Write the target encoder of a run folder or checkpoint to OUT.safetensors (parameter names as "
-        "the reference's, the architecture in the metadata; load_encoder and fastjepa.eval read it), or with "
-        "--format hf to a folder that transformers' IJepaModel.from_pretrained(OUT) loads, or with --format timm to "
-        "a folder for timm.create_model('local-dir:OUT', pretrained=True); both folders carry a model card (README.md).",
-    )
-    ex.add_argument(
-        "source",
-        metavar="RUN_OR_FILE",
-        help="a run folder (its <tag>-best.pth.tar, else <tag>-latest.pth.tar), a checkpoint, or any file fastjepa.load_encoder reads",
-    )
-    ex.add_argument("output", metavar="OUT")
-    ex.add_argument(
-        "--format",
-        choices=("safetensors", "hf", "timm"),
-        help="safetensors (default for OUT.safetensors), hf (transformers IJepaModel folder) or timm (timm model folder)",
-    )
-    ex.add_argument(
-        "--which", "--encoder", dest="encoder", choices=("target", "context"), default="target", help="which network (default: target)"
-    )
-    ex.add_argument("--config", help="YAML config for the architecture of a reference checkpoint (default: its weight shapes)")
-    ex.add_argument("--trust-checkpoint", action="store_true", help="open a checkpoint that needs more than weights-only (it may run code)")
-    ex.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE", help="architecture overrides for a reference checkpoint")
-    cv = sub.add_parser(
-        "convert",
-        help="rewrite a checkpoint of an earlier fastjepa (or a trusted one) so that it loads weights-only",
-        description="Rewrite OLD as NEW, which loads weights-only. Checkpoints of earlier fastjepa versions convert as "
-        "they are; any other file that needs more than weights-only takes --trust-checkpoint.",
-    )
-    cv.add_argument("old", metavar="OLD")
-    cv.add_argument("new", metavar="NEW")
-    cv.add_argument("--trust-checkpoint", action="store_true", help="open OLD even if it needs more than the NumPy array types")
-    if not argv or argv[0] not in sub.choices:
-        return top.parse_args(argv)  # help, or the error naming the commands
-    args = sub.choices[argv[0]].parse_intermixed_args(argv[1:])  # options may come between the overrides
-    args.command = argv[0]
-    return args
-
-
-def main(argv=None) -> int:
-    args = _parse_args(argv)
-    from .config import ConfigError
-    from .eval import EvalError
-
-    try:
-        if args.command == "export" and args.format in ("hf", "timm"):
-            from .encoders import export_encoder as export_folder
-
-            out = export_folder(
-                args.source, args.output, format=args.format, which=args.encoder, config=args.config, overrides=args.overrides,
-                trust=args.trust_checkpoint,
-            )  # fmt: skip
-            arch = ", ".join(f"{k} {v}" for k, v in out["arch"].items())
-            print(f"fastjepa.checkpoint: wrote {args.output}/ ({args.format}: config.json, model.safetensors, README.md): "
-                  f"{out['info']['network']} of {out['info'].get('checkpoint') or out['info']['path']} ({arch})")  # fmt: skip
-        elif args.command == "export":
-            meta = export_encoder(
-                args.source, args.output, which=args.encoder, config=args.config, overrides=args.overrides, trust=args.trust_checkpoint
-            )
-            arch = ", ".join(f"{k} {meta[k]}" for k in ARCH_FIELDS)
-            print(f"fastjepa.checkpoint: wrote {args.output}: {meta['network']}, {meta['model_name']} ({arch})")
-        else:
-            how = convert_checkpoint(args.old, args.new, trust=args.trust_checkpoint)
-            print(f"fastjepa.checkpoint: wrote {args.new} ({how})")
-    except (CheckpointError, ConfigError, EvalError, FileNotFoundError) as exc:
-        print(f"fastjepa.checkpoint: {exc}", file=sys.stderr)
-        return 2
-    return 0
-
-

@@ -70,8 +70,8 @@ def measure_step_seconds(trainer) -> float:
     (encoder, predictor, EMA target), the optimizer state, the global RNGs, the mask
     collator (a new one draws the masks) and the dataset (samples are read, not iterated).
     """
-    from .masks import MaskCollator
-    from .trainer import rng_state, set_rng_state
+    from ..masks import MaskCollator
+    from ..rng import rng_state, set_rng_state
 
     model_state = copy.deepcopy(trainer.model.state_dict())
     opt_state = copy.deepcopy(trainer.optimizer.state_dict())
@@ -108,7 +108,7 @@ def measure_step_seconds(trainer) -> float:
 
 def resumed_epochs(out: Path) -> int | None:
     """The epoch count a budgeted run chose, from its folder's ``config.yaml`` (None if absent)."""
-    from .config import read_yaml
+    from ..config import read_yaml
 
     path = Path(out) / "config.yaml"
     if not path.is_file():

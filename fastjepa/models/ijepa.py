@@ -8,8 +8,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 
-from . import ops
-from .models import VisionTransformer, VisionTransformerPredictor
+from .. import ops
+from .vision_transformer import VisionTransformer, VisionTransformerPredictor
 
 EMA_MODES = ("foreach", "reference")
 

@@ -1,8 +1,8 @@
 """fastjepa's Triton kernels and their launchers (no autograd; see ``fastjepa.ops``).
 
-Installed as ``fastjepa.kernels`` (a top-level ``kernels`` would clash with a PyPI
-package). Each module holds ``@triton.jit`` kernels and plain launchers that allocate
-outputs and pick tile sizes.
+Each module holds ``@triton.jit`` kernels and plain launchers that allocate outputs and
+pick tile sizes. ``fastjepa.ops`` imports this package on first use, so that
+``import fastjepa`` does not import Triton.
 """
 
 from .gather_tokens import gather_tokens_bwd, gather_tokens_fwd

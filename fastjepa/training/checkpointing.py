@@ -19,7 +19,7 @@ from ..checkpoint import (
     save_states,
 )
 from ..distributed import any_rank
-from .setup import rng_state, set_rng_state
+from ..rng import rng_state, set_rng_state
 
 
 class NonFiniteLoss(RuntimeError):

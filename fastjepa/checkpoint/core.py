@@ -16,7 +16,7 @@ Sharing an encoder: ``python -m fastjepa.checkpoint export RUN_OR_FILE OUT.safet
 writes one network (the target encoder by default) with its architecture in the
 safetensors metadata; :func:`load_encoder` and ``python -m fastjepa.eval`` read it.
 ``--format hf`` / ``--format timm`` write a transformers ``IJepaModel`` or timm folder
-instead (:mod:`fastjepa.encoders`, which also reads every such layout).
+instead (:mod:`fastjepa.interop`, which also reads every such layout).
 ``python -m fastjepa.checkpoint convert OLD NEW`` rewrites a checkpoint of an earlier
 fastjepa (NumPy RNG state pickled as an array) as a weights-only one.
 """
@@ -47,22 +47,6 @@ SAFETENSORS_SUFFIX = ".safetensors"
 # What fastjepa <= format 1 pickled beyond weights-only types: NumPy's RNG state array
 # (module path under NumPy 2, and under NumPy 1). Allowed by the converter alone.
 OLD_NUMPY_GLOBALS = ("numpy._core.multiarray._reconstruct", "numpy.core.multiarray._reconstruct", "numpy.ndarray", "numpy.dtype")
-_SAVE_HOOK = None  # tests set this to act inside a write (see tests/test_checkpoint.py)
-_SAVES = 0
-
-
-def _env_pause_hook(tmp: str) -> None:
-    """Test hook for fault tests in a subprocess: ``FASTJEPA_TEST_SAVE_PAUSE="N:SECONDS"``
-    sleeps inside the N-th checkpoint write of the process, after the temporary file
-    holds its data and before the rename — where a kill -9 would tear a naive write."""
-    spec = os.environ.get("FASTJEPA_TEST_SAVE_PAUSE")
-    if not spec:
-        return
-    n, seconds = spec.split(":")
-    if _SAVES == int(n):
-        import time
-
-        time.sleep(float(seconds))
 
 
 class CheckpointError(RuntimeError):
@@ -131,16 +115,7 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     A crash at any moment leaves either the old file or the new one, never a torn one.
     """
 
-    def write(f, tmp: str) -> None:
-        global _SAVES
-        torch.save(obj, f)
-        f.flush()
-        _SAVES += 1
-        _env_pause_hook(tmp)
-        if _SAVE_HOOK is not None:
-            _SAVE_HOOK(tmp)
-
-    atomic_write(path, write)
+    atomic_write(path, lambda f, tmp: torch.save(obj, f))
 
 
 def fsync_dir(folder: str | os.PathLike) -> None:
@@ -209,37 +184,6 @@ def plain(obj: Any, where: str = "value") -> Any:
         f"{where}: a {type(obj).__module__}.{type(obj).__qualname__} cannot be stored weights-only "
         "(expected tensors, numbers, strings, None, or dicts / lists / tuples of them)"
     )
-
-
-def numpy_rng_to_plain(state: Any) -> dict[str, Any]:
-    """NumPy's legacy global RNG state (``np.random.get_state()``, a tuple holding a uint32
-    array, or its dict form) as weights-only types: the 624-word key as an int64 tensor."""
-    import numpy as np
-
-    if isinstance(state, Mapping):
-        name, key, pos = state["bit_generator"], state["state"]["key"], state["state"]["pos"]
-        has_gauss, gauss = state["has_gauss"], state["gauss"]
-    else:
-        name, key, pos, has_gauss, gauss = state
-    key = torch.as_tensor(np.asarray(key, dtype=np.uint32).astype(np.int64))
-    return {"bit_generator": str(name), "state": {"key": key, "pos": int(pos)}, "has_gauss": int(has_gauss), "gauss": float(gauss)}
-
-
-def numpy_rng_from_plain(state: Any) -> Any:
-    """The inverse of :func:`numpy_rng_to_plain`, for ``np.random.set_state`` (a legacy
-    tuple from an older checkpoint is passed through)."""
-    import numpy as np
-
-    if not isinstance(state, Mapping):
-        return state
-    key = state["state"]["key"]
-    key = key.numpy() if torch.is_tensor(key) else np.asarray(key)
-    return {
-        "bit_generator": state["bit_generator"],
-        "state": {"key": key.astype(np.uint32), "pos": int(state["state"]["pos"])},
-        "has_gauss": int(state["has_gauss"]),
-        "gauss": float(state["gauss"]),
-    }
 
 
 def save_checkpoint(
@@ -436,63 +380,3 @@ def load_checkpoint(
     if scaler is not None and ckpt.get("scaler") is not None:
         scaler.load_state_dict(ckpt["scaler"])
     return ckpt
-
-
-def load_encoder(
-    path: str | os.PathLike, encoder: nn.Module | None = None, *, which: str = "target_encoder", strict: bool = True, trust: bool = False
-) -> Any:
-    """Load one network (default the target encoder, as used for evaluation) into
-    ``encoder`` from a fastjepa or reference checkpoint, or from a ``.safetensors`` file
-    written by ``python -m fastjepa.checkpoint export`` (its architecture is checked
-    against ``encoder`` first). Returns the checkpoint dict; for safetensors
-    ``{which: state, "metadata": {...}}``.
-
-    Without ``encoder``: :func:`fastjepa.load_encoder` — a ready ``VisionTransformer``
-    built from the architecture the file records, for every layout it reads (run folders,
-    Hugging Face and timm files too). ``which``: ``"target_encoder"`` / ``"target"`` or
-    ``"encoder"`` / ``"context"``."""
-    if encoder is None:
-        from .encoders import load_encoder as load_any  # the one call upward: model building lives above this layer
-
-        flag = {"target_encoder": "target", "encoder": "context"}.get(which, which)
-        return load_any(path, which=flag, trust=trust)
-    path = Path(path)
-    if path.name.endswith(SAFETENSORS_SUFFIX):
-        state, meta = read_safetensors(path)
-        stored = meta.get("network")
-        if stored and stored != which:
-            raise CheckpointError(f"{path} holds the {stored}, not the {which} (export it with --encoder {ENCODER_FLAG.get(which, which)})")
-        if meta.get("format") == ENCODER_FORMAT:
-            check_architecture(path, meta, encoder)
-        _load_module(encoder, state, which, path, strict)
-        return {which: state, "metadata": meta, "epoch": int_or_none(meta.get("epoch"))}
-    ckpt = read_checkpoint(path, trust=trust)
-    if which not in ckpt:
-        raise CheckpointError(f"checkpoint {path} has no '{which}' (keys: {sorted(ckpt)})")
-    _load_module(encoder, ckpt[which], which, path, strict)
-    return ckpt
-
-
-# Sharing (safetensors) and the one-time converter live in checkpoint_tools; they are
-# part of this module's API, and `python -m fastjepa.checkpoint` runs their commands.
-if __name__ == "__main__":
-    # run as a script, this file is __main__, not fastjepa.checkpoint: take the commands from
-    # the package's own modules (one CheckpointError class; checkpoint_tools imports
-    # fastjepa.checkpoint, which must not meet a half-imported copy of itself)
-    from fastjepa.checkpoint import main as _main
-
-    sys.exit(_main())
-
-from .checkpoint_tools import (  # noqa: E402, F401 (re-exported; checkpoint_tools imports the names above)
-    ARCH_FIELDS,
-    ENCODER_FLAG,
-    check_architecture,
-    convert_checkpoint,
-    encoder_architecture,
-    encoder_metadata,
-    export_encoder,
-    int_or_none,
-    main,
-    read_safetensors,
-    save_safetensors,
-)

@@ -1,0 +1,93 @@
+"""``python -m fastjepa.checkpoint export|convert``: share an encoder as ``.safetensors``,
+rewrite a checkpoint of an earlier fastjepa so that it loads weights-only."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..config import ConfigError
+from ..encoder import EvalError, export_encoder
+from .core import CheckpointError
+from .tools import ARCH_FIELDS, convert_checkpoint
+
+
+def _parse_args(argv=None) -> argparse.Namespace:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    top = argparse.ArgumentParser(
+        prog="python -m fastjepa.checkpoint",
+        description="Checkpoint tools: share an encoder as safetensors, rewrite an old checkpoint to load weights-only.",
+    )
+    sub = top.add_subparsers(dest="command", required=True)
+    ex = sub.add_parser(
+        "export",
+        help="write a run's target encoder to a .safetensors file, a Hugging Face IJepaModel folder or a timm folder",
+        description="Write the target encoder of a run folder or checkpoint to OUT.safetensors (parameter names as "
+        "the reference's, the architecture in the metadata; load_encoder and fastjepa.eval read it), or with "
+        "--format hf to a folder that transformers' IJepaModel.from_pretrained(OUT) loads, or with --format timm to "
+        "a folder for timm.create_model('local-dir:OUT', pretrained=True); both folders carry a model card (README.md).",
+    )
+    ex.add_argument(
+        "source",
+        metavar="RUN_OR_FILE",
+        help="a run folder (its <tag>-best.pth.tar, else <tag>-latest.pth.tar), a checkpoint, or any file fastjepa.load_encoder reads",
+    )
+    ex.add_argument("output", metavar="OUT")
+    ex.add_argument(
+        "--format",
+        choices=("safetensors", "hf", "timm"),
+        help="safetensors (default for OUT.safetensors), hf (transformers IJepaModel folder) or timm (timm model folder)",
+    )
+    ex.add_argument(
+        "--which", "--encoder", dest="encoder", choices=("target", "context"), default="target", help="which network (default: target)"
+    )
+    ex.add_argument("--config", help="YAML config for the architecture of a reference checkpoint (default: its weight shapes)")
+    ex.add_argument("--trust-checkpoint", action="store_true", help="open a checkpoint that needs more than weights-only (it may run code)")
+    ex.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE", help="architecture overrides for a reference checkpoint")
+    cv = sub.add_parser(
+        "convert",
+        help="rewrite a checkpoint of an earlier fastjepa (or a trusted one) so that it loads weights-only",
+        description="Rewrite OLD as NEW, which loads weights-only. Checkpoints of earlier fastjepa versions convert as "
+        "they are; any other file that needs more than weights-only takes --trust-checkpoint.",
+    )
+    cv.add_argument("old", metavar="OLD")
+    cv.add_argument("new", metavar="NEW")
+    cv.add_argument("--trust-checkpoint", action="store_true", help="open OLD even if it needs more than the NumPy array types")
+    if not argv or argv[0] not in sub.choices:
+        return top.parse_args(argv)  # help, or the error naming the commands
+    args = sub.choices[argv[0]].parse_intermixed_args(argv[1:])  # options may come between the overrides
+    args.command = argv[0]
+    return args
+
+
+def main(argv=None) -> int:
+    args = _parse_args(argv)
+
+    try:
+        if args.command == "export" and args.format in ("hf", "timm"):
+            from ..interop import export_encoder as export_folder
+
+            out = export_folder(
+                args.source, args.output, format=args.format, which=args.encoder, config=args.config, overrides=args.overrides,
+                trust=args.trust_checkpoint,
+            )  # fmt: skip
+            arch = ", ".join(f"{k} {v}" for k, v in out["arch"].items())
+            print(f"fastjepa.checkpoint: wrote {args.output}/ ({args.format}: config.json, model.safetensors, README.md): "
+                  f"{out['info']['network']} of {out['info'].get('checkpoint') or out['info']['path']} ({arch})")  # fmt: skip
+        elif args.command == "export":
+            meta = export_encoder(
+                args.source, args.output, which=args.encoder, config=args.config, overrides=args.overrides, trust=args.trust_checkpoint
+            )
+            arch = ", ".join(f"{k} {meta[k]}" for k in ARCH_FIELDS)
+            print(f"fastjepa.checkpoint: wrote {args.output}: {meta['network']}, {meta['model_name']} ({arch})")
+        else:
+            how = convert_checkpoint(args.old, args.new, trust=args.trust_checkpoint)
+            print(f"fastjepa.checkpoint: wrote {args.new} ({how})")
+    except (CheckpointError, ConfigError, EvalError, FileNotFoundError) as exc:
+        print(f"fastjepa.checkpoint: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
