@@ -26,12 +26,13 @@ import torch
 import fastjepa
 from fastjepa import IJEPA, checkpoint, models
 from fastjepa.checkpoint import CheckpointError, save_checkpoint
+from fastjepa.checkpoint.__main__ import main as checkpoint_cli
 from fastjepa.checkpoint.formats import fastjepa_to_hf, hf_config, hf_to_fastjepa
 from fastjepa.config import load_config
 from fastjepa.interop import architecture_of, export_encoder, read_encoder
 from fastjepa.masks import MaskCollator
 from fastjepa.ops import use_backend
-from fastjepa.ops._dispatch import available
+from fastjepa.ops import available
 
 from ._tiny import TINY
 
@@ -193,7 +194,7 @@ def _hf_tokens(hf_model, x, **kw):
 def test_export_hf_loads_in_transformers_with_equal_features(tmp_path, hf, capsys):
     run, model = _run_folder(tmp_path)
     out = tmp_path / "hf"
-    assert checkpoint.main(["export", str(run), str(out), "--format", "hf"]) == 0
+    assert checkpoint_cli(["export", str(run), str(out), "--format", "hf"]) == 0
     assert "wrote" in capsys.readouterr().out
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
     loaded, info = hf.Model.from_pretrained(out, output_loading_info=True)
@@ -221,7 +222,7 @@ def test_export_hf_loads_in_transformers_with_equal_features(tmp_path, hf, capsy
 def test_export_hf_which_context(tmp_path, hf):
     run, model = _run_folder(tmp_path, with_eval=False)
     out = tmp_path / "ctx"
-    assert checkpoint.main(["export", str(run), str(out), "--format", "hf", "--which", "context"]) == 0
+    assert checkpoint_cli(["export", str(run), str(out), "--format", "hf", "--which", "context"]) == 0
     loaded = hf.Model.from_pretrained(out)
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(_hf_tokens(loaded, x), _tokens(model.encoder, x), atol=1e-5, rtol=1e-5)
@@ -297,7 +298,7 @@ def test_eval_cli_takes_a_run_folder_saying_which_checkpoint(tmp_path, capsys):
 def test_export_timm_key_layout_matches_timm(tmp_path):
     run, model = _run_folder(tmp_path, with_eval=False)
     out = tmp_path / "timm"
-    assert checkpoint.main(["export", str(run), str(out), "--format", "timm"]) == 0
+    assert checkpoint_cli(["export", str(run), str(out), "--format", "timm"]) == 0
     from safetensors.torch import load_file
 
     state = load_file(out / "model.safetensors")
@@ -381,13 +382,15 @@ def test_load_encoder_reads_every_layout(tmp_path, caplog):
     # the reference's .pth.tar: module.-prefixed keys, no config (architecture from the shapes)
     ref = {name: {f"module.{k}": v for k, v in getattr(model, name).state_dict().items()} for name in ("encoder", "predictor", "target_encoder")}
     torch.save({**ref, "opt": None, "scaler": None, "epoch": 3, "loss": 0.0, "batch_size": 8, "world_size": 1, "lr": 0.0}, tmp_path / "ref.pth.tar")
-    enc = checkpoint.load_encoder(tmp_path / "ref.pth.tar")  # the checkpoint module's name, without a model
+    enc = fastjepa.load_encoder(tmp_path / "ref.pth.tar")
     assert isinstance(enc, models.VisionTransformer) and same(enc) and enc.fastjepa_source["layout"] == "reference checkpoint"
+    with pytest.raises(TypeError, match="fastjepa.load_encoder"):  # the checkpoint layer builds no model: it names the call that does
+        checkpoint.load_encoder(tmp_path / "ref.pth.tar")
     # ... and the call with a model keeps working
     target = models.vit_tiny(depth=2, img_size=32, patch_size=8, embed_dim=64, num_heads=4)
     assert checkpoint.load_encoder(tmp_path / "ref.pth.tar", target)["epoch"] == 3 and same(target)
     # fastjepa's safetensors export
-    assert checkpoint.main(["export", str(run / "jepa-latest.pth.tar"), str(tmp_path / "enc.safetensors")]) == 0
+    assert checkpoint_cli(["export", str(run / "jepa-latest.pth.tar"), str(tmp_path / "enc.safetensors")]) == 0
     enc = fastjepa.load_encoder(tmp_path / "enc.safetensors")
     assert same(enc) and enc.num_heads == 4 and enc.fastjepa_source["layout"] == "fastjepa safetensors"
     # a model built on the meta device and the weights assigned: usable on the CPU at once
@@ -418,9 +421,9 @@ def test_unknown_layout_names_what_it_found_and_what_is_read(tmp_path, capsys, m
 def test_export_folder_formats_need_a_folder(tmp_path, capsys):
     run, _ = _run_folder(tmp_path, with_eval=False)
     (tmp_path / "file").write_text("")
-    assert checkpoint.main(["export", str(run), str(tmp_path / "file"), "--format", "hf"]) == 2
+    assert checkpoint_cli(["export", str(run), str(tmp_path / "file"), "--format", "hf"]) == 2
     assert "is not a folder" in capsys.readouterr().err
-    assert checkpoint.main(["export", str(run), str(tmp_path / "out")]) == 2
+    assert checkpoint_cli(["export", str(run), str(tmp_path / "out")]) == 2
     assert "--format hf" in capsys.readouterr().err
 
 

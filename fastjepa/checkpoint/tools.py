@@ -144,13 +144,19 @@ def save_safetensors(state: Mapping[str, torch.Tensor], metadata: Mapping[str, s
 
 
 def load_encoder(
-    path: str | os.PathLike, encoder: nn.Module, *, which: str = "target_encoder", strict: bool = True, trust: bool = False
+    path: str | os.PathLike, encoder: nn.Module | None = None, *, which: str = "target_encoder", strict: bool = True, trust: bool = False
 ) -> dict[str, Any]:
     """Load one network (default the target encoder, as used for evaluation) into
     ``encoder`` from a fastjepa or reference checkpoint, or from a ``.safetensors`` file
     written by ``python -m fastjepa.checkpoint export`` (its architecture is checked
     against ``encoder`` first). Returns the checkpoint dict; for safetensors
-    ``{which: state, "metadata": {...}}``."""
+    ``{which: state, "metadata": {...}}``. A ready encoder built from what the file
+    records is :func:`fastjepa.load_encoder` (this layer builds no models)."""
+    if encoder is None:
+        raise TypeError(
+            f"fastjepa.checkpoint.load_encoder({str(path)!r}) loads into an encoder you pass; "
+            "for one built from the file's own architecture call fastjepa.load_encoder(path)"
+        )
     path = Path(path)
     if path.name.endswith(SAFETENSORS_SUFFIX):
         state, meta = read_safetensors(path)
