@@ -59,7 +59,7 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
-from .checkpoint import CheckpointError, atomic_write_text, read_checkpoint, strip_module_prefix
+from .checkpoint import CheckpointError, atomic_write_text, check_module_state, read_checkpoint
 from .config import ConfigError, load_config
 
 # the features and classifiers live in fastjepa/evaluation/; they are this module's API too
@@ -157,8 +157,9 @@ def quick_probe(
     ckpt = read_checkpoint(ckpt_path)
     if "target_encoder" not in ckpt:
         raise CheckpointError(f"checkpoint {ckpt_path} has no 'target_encoder'")
+    state = check_module_state(ckpt_path, "target_encoder", ckpt["target_encoder"], encoder)
     try:
-        encoder.load_state_dict(strip_module_prefix(ckpt["target_encoder"]), strict=True)
+        encoder.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise CheckpointError(f"checkpoint {ckpt_path}: 'target_encoder' does not fit the config's model: {exc}") from None
     train, val, desc = eval_datasets(cfg, "embedded")
