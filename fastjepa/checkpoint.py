@@ -315,10 +315,10 @@ def _unsafe_globals(path: Path, exc: BaseException) -> list[str]:
             found = list(scan(path))
         except Exception:  # legacy (non-zip) format, or a damaged archive
             found = []
+    if not found and not zipfile.is_zipfile(path):  # a raw pickle or torch's legacy format
+        found = _pickle_globals(path)
     if not found:
         found = re.findall(r"GLOBAL ([\w.]+) was not an allowed global", str(exc))
-    if not found and not zipfile.is_zipfile(path):
-        found = _pickle_globals(path)
     return sorted(dict.fromkeys(found))
 
 
@@ -381,7 +381,7 @@ def _pickle_globals(path: Path, *, max_pickles: int = 8) -> list[str]:
                 memo: dict[int, Any] = {}
                 for op, arg, _pos in pickletools.genops(f):
                     if op.name in ("GLOBAL", "INST"):
-                        found.append(str(arg).replace(" ", "."))
+                        found.append(str(arg).replace(" ", ".").replace("__builtin__.", "builtins."))
                     elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
                         found.append(f"{strings[-2]}.{strings[-1]}")
                     elif isinstance(arg, str) and "UNICODE" in op.name or op.name in ("SHORT_BINSTRING", "BINSTRING", "STRING"):

@@ -269,11 +269,12 @@ def check_resume_state(path: str | os.PathLike, ckpt: Mapping[str, Any], *, epoc
             f"'fastjepa.next_itr' is {next_itr}, but an epoch of this run has {ipe} iterations "
             "(expected 0 to that; data.batch_size or the data set may differ from the run's)",
         )
-    if epoch >= epochs:
+    done = epoch + (1 if ipe and next_itr >= ipe else 0)  # a stop after an epoch's last step: that epoch is done
+    if done >= epochs:
         raise _fail(
             path,
-            f"the run has done {epoch} epoch(s) and optimization.epochs is {epochs}: nothing is left to train; "
-            f"set optimization.epochs above {epoch} to continue it",
+            f"the run has done {done} epoch(s) and optimization.epochs is {epochs}: nothing is left to train; "
+            f"set optimization.epochs above {done} to continue it",
         )
     for key in ("config",):
         if key in extra and not isinstance(extra[key], Mapping):

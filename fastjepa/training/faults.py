@@ -68,6 +68,9 @@ class FaultHandling:
         self.next_itr = int(extra.get("next_itr", 0))
         self.step = int(extra.get("step", self.epoch * self.ipe + self.next_itr))
         self.images_seen = int(extra.get("images_seen", 0))
+        loss = ckpt.get("loss")
+        if isinstance(loss, float) and loss == loss:
+            self.last_loss = loss  # an epoch resumed after its last step reports the loss it ended with
         if "rng" in extra:
             set_rng_state(extra["rng"])
             # mid-epoch, the uninterrupted run made this epoch's loader iterator before the
