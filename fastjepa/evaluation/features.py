@@ -99,7 +99,7 @@ def _check_before_build(path: Path, key: str, cfg: dict, state: dict, source: st
     try:
         check_encoder_shapes(path, key, architecture(cfg), state)
     except CheckpointError as exc:
-        raise CheckpointError(f"{exc} (architecture from {source})") from None
+        raise CheckpointError(f"{exc} (architecture from {source}; pass the --config it was trained with, or fix the overrides)") from None
 
 
 def _apply_overrides(cfg: dict, overrides: Sequence[str]) -> dict:
