@@ -170,18 +170,26 @@ def _gib(n: float) -> str:
     return f"{n / 2**30:,.1f} GiB"
 
 
-def check_model_fits(cfg: Mapping[str, Any]) -> None:
-    """Refuse, before building, a model whose fp32 parameters (encoder, its target copy and
-    the predictor) exceed this machine's memory: one line naming the size and the keys."""
+def check_model_fits(cfg: Mapping[str, Any], *, training: bool = False) -> None:
+    """Refuse, before anything is built, a model that cannot fit this machine's memory: its
+    fp32 parameters (encoder, its target copy, predictor) or, with ``training``, those plus
+    the gradients and AdamW's two moments of the trained networks and one batch of input
+    images. One line naming the size and the keys that set it."""
     arch = architecture(cfg)
     enc, pred = parameter_count(arch)
-    need = 4 * (2 * enc + pred)
+    params = 2 * enc + pred
+    need = 4 * params
+    what = "in fp32"
+    if training:
+        images = cfg["data"]["batch_size"] * int(arch["in_chans"]) * int(arch["crop_size"]) ** 2
+        need = 4 * (enc + 4 * (enc + pred) + images)
+        what = "with gradients, AdamW state and one batch of images"
     limit = memory_limit_bytes()
     if limit is not None and need > limit:
         raise ConfigError(
             f"the model this config builds ({cfg['meta']['model_name']}, embed_dim {arch['embed_dim']}, depth {arch['depth']}, "
             f"patch {arch['patch_size']}, crop {arch['crop_size']}, predictor width {arch['pred_emb_dim']}) has "
-            f"{(2 * enc + pred) / 1e9:,.2f} G parameters with its target copy, {_gib(need)} in fp32 before any optimizer "
-            f"state, more than this machine's {_gib(limit)}: check meta.model_name / meta.model_kwargs, "
-            "data.crop_size and mask.patch_size"
+            f"{params / 1e9:,.2f} G parameters with its target copy, {_gib(need)} {what}, "
+            f"more than this machine's {_gib(limit)}: check meta.model_name / meta.model_kwargs, "
+            "data.crop_size, mask.patch_size" + (" and data.batch_size" if training else "")
         )

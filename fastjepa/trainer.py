@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from . import time_budget
+from .architecture import check_model_fits
 from .config import dump_config
 from .data import build_dataset, loader_options
 from .distributed import DistInfo, ResumableSampler, ddp_device_kwargs, rank_device
@@ -73,6 +74,7 @@ class Trainer(TrainStep, RunLog, FaultHandling):
         self.latest = self.out / f"{self.tag}-latest.pth.tar"
         self.prev = self.out / f"{self.tag}-prev.pth.tar"
 
+        check_model_fits(cfg, training=True)  # before anything is allocated
         seed_everything(meta["seed"])
         self.model = build_model(cfg).to(self.device)
         if meta["activation_checkpointing"]:
