@@ -26,7 +26,7 @@ from fastjepa.checkpoint import (
     read_checkpoint,
     read_safetensors,
 )
-from fastjepa.config import ConfigError, load_config
+from fastjepa.config import load_config
 from fastjepa.evaluation import features
 from fastjepa.models import vit_tiny
 from fastjepa.trainer import Trainer, build_model, make_optimizer
