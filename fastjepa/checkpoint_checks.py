@@ -98,12 +98,11 @@ def check_module_state(path: str | os.PathLike, name: str, state: Any, module: n
 
 def _check_hyper(path, where: str, got: Any, current: Any) -> None:
     """One optimizer hyperparameter against the type of the optimizer's own value."""
-    if isinstance(current, bool):
-        if not isinstance(got, bool):
-            raise _fail(path, f"{where} is {_kind(got)}, expected true or false")
-    elif current is None:
+    if isinstance(current, bool) or current is None:
+        # flags: torch writes None or a bool for foreach / fused / capturable alike, and a
+        # checkpoint of the reference step (fused None) may resume a fused run
         if got is not None and not isinstance(got, bool):
-            raise _fail(path, f"{where} is {_kind(got)}, expected None, true or false")
+            raise _fail(path, f"{where} is {_kind(got)}, expected true, false or None")
     elif _is_number(current) or torch.is_tensor(current):
         value = got
         if torch.is_tensor(got):
@@ -112,7 +111,7 @@ def _check_hyper(path, where: str, got: Any, current: Any) -> None:
             value = got.item()
         if not _is_number(value) or not math.isfinite(value):
             raise _fail(path, f"{where} is {_kind(got)}, expected a finite number")
-        if where.endswith((".lr", ".eps")) and value < 0:
+        if where.rstrip("'").endswith((".lr", ".eps")) and value < 0:
             raise _fail(path, f"{where} is {value!r}, expected a number >= 0")
         if "betas" in where and not 0 <= value < 1:
             raise _fail(path, f"{where} is {value!r}, expected a number in [0, 1)")

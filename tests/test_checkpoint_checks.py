@@ -105,12 +105,13 @@ def test_optimizer_moment_of_the_wrong_size_is_refused_before_the_optimizer_runs
         (lambda o: o["param_groups"].pop(), ("3 parameter group(s)", "has 4")),
         (lambda o: o["param_groups"][0]["params"].pop(), ("param_groups[0]'", "parameter(s)")),
         (lambda o: o["param_groups"][1].__setitem__("lr", float("nan")), ("param_groups[1].lr'", "finite")),
+        (lambda o: o["param_groups"][1].__setitem__("lr", -1e-3), ("param_groups[1].lr' is -0.001", ">= 0")),
         (lambda o: o["param_groups"][1].__setitem__("betas", (0.9,)), ("betas", "2 values")),
         (lambda o: o["param_groups"][1].__setitem__("eps", "tiny"), ("eps", "finite number")),
-        (lambda o: o["param_groups"][2].__setitem__("amsgrad", 3), ("amsgrad", "true or false")),
+        (lambda o: o["param_groups"][2].__setitem__("amsgrad", 3), ("amsgrad", "true, false or None")),
         (lambda o: o["state"].__setitem__(10_000, {"step": torch.tensor(1.0)}), ("opt.state[10000]", "no parameter group")),
     ],
-    ids=["int-moment", "nan-moment", "step-shape", "step-negative", "group-count", "group-size", "nan-lr", "betas", "eps-type", "flag-type", "unknown-id"],
+    ids=["int-moment", "nan-moment", "step-shape", "step-negative", "group-count", "group-size", "nan-lr", "negative-lr", "betas", "eps-type", "flag-type", "unknown-id"],
 )
 def test_each_optimizer_entry_is_checked_against_the_optimizer(trained, mutate, words):
     ckpt = copy.deepcopy(trained[1])
@@ -125,6 +126,14 @@ def test_each_optimizer_entry_is_checked_against_the_optimizer(trained, mutate, 
     for w in words:
         assert w in line, line
     assert str(opt.state_dict()) == str(before)  # nothing was loaded
+
+
+def test_flags_written_as_none_by_the_per_parameter_optimizer_load_into_a_fused_one(trained):
+    ckpt = copy.deepcopy(trained[1])
+    for g in ckpt["opt"]["param_groups"]:
+        g["fused"], g["foreach"] = None, None  # as the reference step's optimizer writes them
+    model = build_model(load_config(None, TINY))
+    ck.restore_checkpoint("x.pth.tar", ckpt, model, make_optimizer(model, torch.device("cpu"), False))
 
 
 def test_scaler_state_is_checked(trained):
