@@ -366,11 +366,12 @@ def verify_zip_checksums(path: Path) -> None:
         raise _damaged(path, exc) from None
 
 
-def _pickle_globals(path: Path, *, max_pickles: int = 8) -> list[str]:
+def _pickle_globals(path: Path, *, max_pickles: int = 5) -> list[str]:
     """The globals named by the pickles at the start of a file that is not a zip archive
-    (a raw pickle, or torch's legacy format: several pickles in a row), read off their
-    opcodes with :mod:`pickletools` — nothing is executed. Stops at the first byte that
-    does not start a pickle."""
+    (a raw pickle, or torch's legacy format: magic number, protocol, system info, the
+    object, its storage keys — five pickles, then raw tensor bytes), read off their opcodes
+    with :mod:`pickletools` — nothing is executed. Stops at the first byte that does not
+    start a pickle."""
     import pickletools
 
     found: list[str] = []
@@ -442,6 +443,8 @@ def _torch_load(path: Path, *, trust: bool = False, allow: Sequence[Any] = ()) -
             return _load_trusted(path)
         except Exception as exc2:  # a damaged pickle fails in any of the unpickler's ways
             raise _damaged(path, exc2) from None
+    except MemoryError:
+        raise
     except Exception as exc:  # a damaged pickle fails in any of the unpickler's ways (IndexError, KeyError, ...)
         raise _damaged(path, exc) from None
 
