@@ -8,6 +8,7 @@ import inspect
 import torch
 
 from . import models
+from .architecture import check_model_fits
 from .config import ConfigError
 from .models.ijepa import IJEPA
 
@@ -27,7 +28,10 @@ def pick_device(name: str, setting: str = "meta.device={}") -> torch.device:
 
 
 def build_model(cfg: dict) -> IJEPA:
+    """The I-JEPA model ``cfg`` describes; a model whose parameters alone exceed this
+    machine's memory is refused before anything is allocated (:func:`check_model_fits`)."""
     meta, data, mask = cfg["meta"], cfg["data"], cfg["mask"]
+    check_model_fits(cfg)
     factory = getattr(models, meta["model_name"])
     allowed = set(inspect.signature(models.VisionTransformer).parameters) - {"kwargs", "img_size", "patch_size"}
     unknown = sorted(set(meta["model_kwargs"]) - allowed)

@@ -14,12 +14,14 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from .architecture import architecture, check_encoder_shapes
 from .build import build_model
 from .checkpoint import (
     ENCODER_FORMAT,
     SAFETENSORS_SUFFIX,
     CheckpointError,
     check_architecture,
+    check_module_state,
     encoder_metadata,
     read_checkpoint,
     read_safetensors,
@@ -84,10 +86,21 @@ def infer_architecture(state: dict[str, torch.Tensor]) -> dict[str, Any]:
 
 def _config_for_architecture(arch: dict[str, Any], overrides: Sequence[str]) -> dict:
     cfg = load_config(None, [])
-    cfg["meta"]["model_name"], cfg["meta"]["model_kwargs"] = arch["model_name"], arch["model_kwargs"]
-    cfg["data"]["crop_size"], cfg["mask"]["patch_size"] = arch["crop_size"], arch["patch_size"]
-    cfg["mask"]["min_keep"] = 0  # evaluation samples no masks; keep any grid size valid
-    return apply_overrides(cfg, overrides)
+    # through the schema: an unknown model_name or a model_kwargs that is not a mapping is a
+    # ConfigError naming it, not an AttributeError later
+    merge(cfg, {"meta": {"model_name": arch["model_name"], "model_kwargs": arch["model_kwargs"]}}, "the architecture")
+    merge(cfg, {"data": {"crop_size": arch["crop_size"]}, "mask": {"patch_size": arch["patch_size"], "min_keep": 0}}, "the architecture")
+    return apply_overrides(cfg, overrides)  # min_keep 0: evaluation samples no masks; keep any grid size valid
+
+
+def _check_before_build(path: Path, key: str, cfg: dict, state: dict, source: str) -> None:
+    """The encoder ``cfg`` describes must be the one ``state`` holds (shapes, block count)
+    before it is built: an architecture from a file or a flag cannot make evaluation
+    allocate a model larger than the weights it is about to load."""
+    try:
+        check_encoder_shapes(path, key, architecture(cfg), state)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{exc} (architecture from {source}; pass the --config it was trained with, or fix the overrides)") from None
 
 
 ENCODER_KEYS = {"target": "target_encoder", "context": "encoder"}  # --encoder -> checkpoint key
@@ -155,7 +168,9 @@ def load_target_encoder(
         cfg, source = load_config(None, overrides), "the packaged config + overrides"
     else:
         cfg, source = _config_for_architecture(infer_architecture(state), overrides), "the checkpoint's weight shapes"
+    _check_before_build(path, key, cfg, state, source)
     encoder = build_encoder(cfg)
+    state = check_module_state(path, key, state, encoder)
     try:
         encoder.load_state_dict(state, strict=True)
     except RuntimeError as exc:
@@ -246,9 +261,11 @@ def _load_safetensors_encoder(
         source = "the file's metadata"
     else:  # a safetensors file of another tool: read the architecture off the shapes
         cfg, source = _config_for_architecture(infer_architecture(state), overrides), "the file's weight shapes"
+    _check_before_build(path, key, cfg, state, source)
     encoder = build_encoder(cfg)
     if ours:
         check_architecture(path, meta, encoder)
+    check_module_state(path, key, state, encoder)
     try:
         encoder.load_state_dict(state, strict=True)
     except RuntimeError as exc:

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
+from .architecture import check_model_fits
 from .build import build_model, pick_device
 from .config import dump_config
 from .data import build_dataset, loader_options
@@ -60,6 +61,7 @@ class Trainer(TrainStep, RunLog, FaultHandling):
         self.latest = self.out / f"{self.tag}-latest.pth.tar"
         self.prev = self.out / f"{self.tag}-prev.pth.tar"
 
+        check_model_fits(cfg, training=True)  # before anything is allocated
         seed_everything(meta["seed"])
         self.model = build_model(cfg).to(self.device)
         if meta["activation_checkpointing"]:

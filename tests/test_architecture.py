@@ -34,6 +34,7 @@ LAYERS = {
     "fastjepa.integrations": 2,
     "fastjepa.config": 3,
     "fastjepa.build": 3,
+    "fastjepa.architecture": 3,
     "fastjepa.encoder": 4,
     "fastjepa.interop": 4,
     "fastjepa.training": 4,

@@ -2,6 +2,17 @@
 read weights-only (:mod:`.core`), one network as ``.safetensors`` and the converter of old
 files (:mod:`.tools`). ``python -m fastjepa.checkpoint export|convert`` is :mod:`.__main__`."""
 
+from .checks import (
+    check_checkpoint,
+    check_fastjepa_extra,
+    check_module_state,
+    check_optimizer_state,
+    check_resume_state,
+    check_rng_state,
+    check_scaler_state,
+    load_checkpoint,
+    restore_checkpoint,
+)
 from .core import (
     ENCODER_FORMAT,
     ENCODER_FORMAT_VERSION,
@@ -13,18 +24,20 @@ from .core import (
     CheckpointError,
     TrustedCheckpointWarning,
     UnsafeCheckpointError,
+    UnverifiedCheckpointWarning,
     atomic_save,
     atomic_write,
     atomic_write_text,
     fsync_dir,
     keep_as,
-    load_checkpoint,
     model_state,
     plain,
     read_checkpoint,
     save_checkpoint,
     save_states,
     strip_module_prefix,
+    tensors_digest,
+    verify_zip_checksums,
 )
 from .tools import (
     ARCH_FIELDS,
@@ -40,6 +53,17 @@ from .tools import (
 )
 
 __all__ = [
+    "UnverifiedCheckpointWarning",
+    "verify_zip_checksums",
+    "tensors_digest",
+    "restore_checkpoint",
+    "check_scaler_state",
+    "check_rng_state",
+    "check_resume_state",
+    "check_optimizer_state",
+    "check_module_state",
+    "check_fastjepa_extra",
+    "check_checkpoint",
     "ARCH_FIELDS",
     "CheckpointError",
     "ENCODER_FLAG",

@@ -42,7 +42,7 @@ REFERENCE_KEYS = ("encoder", "predictor", "target_encoder", "opt", "scaler", "ep
 MODEL_KEYS = ("encoder", "predictor", "target_encoder")
 FORMAT_VERSION = 2  # 2: everything under "fastjepa" loads weights-only (1 pickled NumPy's RNG state as an array)
 ENCODER_FORMAT = "fastjepa.encoder"  # the safetensors metadata's "format"
-ENCODER_FORMAT_VERSION = 1
+ENCODER_FORMAT_VERSION = 2  # 2: the metadata's "sha256" is the tensors' content hash (tensors_digest)
 SAFETENSORS_SUFFIX = ".safetensors"
 # What fastjepa <= format 1 pickled beyond weights-only types: NumPy's RNG state array
 # (module path under NumPy 2, and under NumPy 1). Allowed by the converter alone.
@@ -60,6 +60,11 @@ class UnsafeCheckpointError(CheckpointError):
     def __init__(self, message: str, path: Path, wanted: Sequence[str]):
         super().__init__(message)
         self.path, self.wanted = path, list(wanted)
+
+
+class UnverifiedCheckpointWarning(UserWarning):
+    """A fastjepa safetensors export of format 1 was read: it records no content hash, so
+    damage to its tensors cannot be detected (export it again to add one)."""
 
 
 class TrustedCheckpointWarning(UserWarning):
@@ -256,6 +261,8 @@ def _unsafe_globals(path: Path, exc: BaseException) -> list[str]:
             found = list(scan(path))
         except Exception:  # legacy (non-zip) format, or a damaged archive
             found = []
+    if not found and not zipfile.is_zipfile(path):  # a raw pickle or torch's legacy format
+        found = _pickle_globals(path)
     if not found:
         found = re.findall(r"GLOBAL ([\w.]+) was not an allowed global", str(exc))
     return sorted(dict.fromkeys(found))
@@ -278,6 +285,71 @@ def _refusal(path: Path, wanted: Sequence[str]) -> str:
     )
 
 
+def verify_zip_checksums(path: Path) -> None:
+    """Check every entry of a ``torch.save`` zip archive against the CRC-32 the writer
+    recorded for it (``torch.load`` never does): a flipped byte anywhere in the file's
+    tensors or pickle is an error naming the file and the entry. Entries written without
+    a checksum (``compute_crc32=False`` records 0) are not checked; a file that is not a
+    zip archive (torch's legacy format) has none to check."""
+    try:
+        if not zipfile.is_zipfile(path):
+            return
+        with zipfile.ZipFile(path) as zf:
+            for info in zf.infolist():
+                if info.CRC == 0 or info.file_size == 0 or info.is_dir():
+                    continue
+                with zf.open(info) as f:
+                    while f.read(1 << 24):
+                        pass
+    except zipfile.BadZipFile as exc:
+        if "CRC" in str(exc):
+            raise CheckpointError(
+                f"checkpoint {path} is damaged: {exc.args[0] if exc.args else exc} (the file changed after it was "
+                "written: a disk or copy error, or an edit); use another copy or an earlier checkpoint"
+            ) from None
+        raise _damaged(path, exc) from None
+    except (OSError, EOFError, ValueError, NotImplementedError) as exc:
+        raise _damaged(path, exc) from None
+
+
+def _pickle_globals(path: Path, *, max_pickles: int = 5) -> list[str]:
+    """The globals named by the pickles at the start of a file that is not a zip archive
+    (a raw pickle, or torch's legacy format: magic number, protocol, system info, the
+    object, its storage keys — five pickles, then raw tensor bytes), read off their opcodes
+    with :mod:`pickletools` — nothing is executed. Stops at the first byte that does not
+    start a pickle."""
+    import pickletools
+
+    found: list[str] = []
+    try:
+        with open(path, "rb") as f:
+            for _ in range(max_pickles):
+                strings: list[str] = []
+                memo: dict[int, Any] = {}
+                for op, arg, _pos in pickletools.genops(f):
+                    if op.name in ("GLOBAL", "INST"):
+                        found.append(str(arg).replace(" ", ".").replace("__builtin__.", "builtins."))
+                    elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                        found.append(f"{strings[-2]}.{strings[-1]}")
+                    elif isinstance(arg, str) and "UNICODE" in op.name or op.name in ("SHORT_BINSTRING", "BINSTRING", "STRING"):
+                        strings.append(str(arg))
+                    elif op.name == "MEMOIZE" and strings:
+                        memo[len(memo)] = strings[-1]
+                    elif op.name in ("BINPUT", "LONG_BINPUT", "PUT") and strings:
+                        memo[int(arg)] = strings[-1]
+                    elif op.name in ("BINGET", "LONG_BINGET", "GET") and isinstance(memo.get(int(arg)), str):
+                        strings.append(memo[int(arg)])
+    except Exception:  # the end of the pickles, or bytes that are not one: what was found so far
+        pass
+    try:
+        from torch._weights_only_unpickler import _get_allowed_globals
+
+        allowed = set(_get_allowed_globals())
+    except Exception:  # torch moved it: name every global (the list is a message, not a decision)
+        allowed = set()
+    return [g for g in dict.fromkeys(found) if g not in allowed]
+
+
 def _load_trusted(path: Path) -> Any:
     """The only place fastjepa unpickles arbitrary objects: reached with ``trust=True`` alone."""
     return torch.load(path, map_location="cpu", weights_only=False)
@@ -288,7 +360,9 @@ def _torch_load(path: Path, *, trust: bool = False, allow: Sequence[Any] = ()) -
     cannot run code. ``allow``: exact extra globals for :func:`torch.serialization.safe_globals`
     (the converter's NumPy array types only). A file that needs more raises
     :class:`UnsafeCheckpointError` naming the globals; with ``trust=True`` it is loaded
-    in full instead, with a :class:`TrustedCheckpointWarning` (once per file)."""
+    in full instead, with a :class:`TrustedCheckpointWarning` (once per file). The archive's
+    checksums are verified first (:func:`verify_zip_checksums`)."""
+    verify_zip_checksums(path)
     try:
         if allow:
             with torch.serialization.safe_globals(list(allow)):
@@ -313,10 +387,12 @@ def _torch_load(path: Path, *, trust: bool = False, allow: Sequence[Any] = ()) -
             )
         try:
             return _load_trusted(path)
-        except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as exc2:
-            raise _damaged(path, exc2) from exc2
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as exc:
-        raise _damaged(path, exc) from exc
+        except Exception as exc2:  # a damaged pickle fails in any of the unpickler's ways
+            raise _damaged(path, exc2) from None
+    except MemoryError:
+        raise
+    except Exception as exc:  # a damaged pickle fails in any of the unpickler's ways (IndexError, KeyError, ...)
+        raise _damaged(path, exc) from None
 
 
 def read_checkpoint(path: str | os.PathLike, *, trust: bool = False) -> dict[str, Any]:
@@ -338,45 +414,15 @@ def read_checkpoint(path: str | os.PathLike, *, trust: bool = False) -> dict[str
     return ckpt
 
 
-def _load_module(module: nn.Module, state: Any, name: str, path: Path, strict: bool) -> None:
-    if not isinstance(state, Mapping):
-        raise CheckpointError(f"checkpoint {path}: '{name}' is a {type(state).__name__}, expected a state dict")
-    try:
-        _unwrap(module).load_state_dict(strip_module_prefix(state), strict=strict)
-    except RuntimeError as exc:
-        raise CheckpointError(f"checkpoint {path}: '{name}' does not fit the model: {exc}") from exc
+def tensors_digest(state: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 over a state dict's tensors in name order: each name, dtype, shape and raw
+    bytes (the content hash a safetensors export records, independent of file layout)."""
+    import hashlib
 
-
-def load_checkpoint(
-    path: str | os.PathLike,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer | None = None,
-    scaler: Any = None,
-    *,
-    strict: bool = True,
-    trust: bool = False,
-) -> dict[str, Any]:
-    """Restore ``model`` (IJEPA-like) and, if given, ``optimizer`` / ``scaler`` from ``path``.
-
-    Reads fastjepa checkpoints and the reference's (keys with or without ``module.``),
-    weights-only; ``trust=True`` also opens a file that needs more (it may run code).
-    Returns the whole checkpoint dict (``epoch``, ``loss``, ``fastjepa`` extras, …).
-    """
-    path = Path(path)
-    ckpt = read_checkpoint(path, trust=trust)
-    missing = [k for k in MODEL_KEYS if k not in ckpt]
-    if missing:
-        raise CheckpointError(f"checkpoint {path} has no {', '.join(missing)} (keys: {sorted(ckpt)})")
-    model = _unwrap(model)
-    for name in MODEL_KEYS:
-        _load_module(getattr(model, name), ckpt[name], name, path, strict)
-    if optimizer is not None:
-        if ckpt.get("opt") is None:
-            raise CheckpointError(f"checkpoint {path} has no optimizer state ('opt')")
-        try:
-            optimizer.load_state_dict(ckpt["opt"])
-        except (ValueError, KeyError, RuntimeError) as exc:
-            raise CheckpointError(f"checkpoint {path}: optimizer state does not fit: {exc}") from exc
-    if scaler is not None and ckpt.get("scaler") is not None:
-        scaler.load_state_dict(ckpt["scaler"])
-    return ckpt
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(f"{name}\0{str(t.dtype).removeprefix('torch.')}\0{tuple(t.shape)}\0".encode())
+        if t.numel():
+            h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+    return h.hexdigest()

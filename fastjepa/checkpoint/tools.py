@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ import torch
 import torch.nn as nn
 
 from ..rng import numpy_rng_to_plain
+from .checks import _load_module
 from .core import (
     ENCODER_FORMAT,
     ENCODER_FORMAT_VERSION,
@@ -31,8 +33,8 @@ from .core import (
     SAFETENSORS_SUFFIX,
     CheckpointError,
     UnsafeCheckpointError,
+    UnverifiedCheckpointWarning,
     _damaged,
-    _load_module,
     _torch_load,
     _unwrap,
     atomic_save,
@@ -40,6 +42,7 @@ from .core import (
     plain,
     read_checkpoint,
     strip_module_prefix,
+    tensors_digest,
 )
 
 # -- safetensors: one encoder with its architecture, for sharing
@@ -115,9 +118,46 @@ def check_architecture(path: Path, meta: Mapping[str, str], encoder: nn.Module) 
         )
 
 
+_UNVERIFIED_WARNED: set[str] = set()
+
+
+def verify_safetensors(path: Path, state: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
+    """A fastjepa export's tensors against the content hash in its metadata (``sha256``,
+    :func:`tensors_digest`). Format 2 and later must carry one; a format-1 export (written
+    before the hash existed) loads with an :class:`UnverifiedCheckpointWarning`, once per
+    file; a safetensors file of another tool has no hash to check."""
+    recorded = meta.get("sha256")
+    if recorded is None:
+        if meta.get("format") != ENCODER_FORMAT:
+            return
+        version = int_or_none(meta.get("format_version")) or 1
+        if version >= 2:
+            raise CheckpointError(
+                f"{path}: its metadata says format {version}, which records a content hash, but it has none "
+                "(the metadata was edited or damaged): export the encoder again"
+            )
+        key = str(path.resolve())
+        if key not in _UNVERIFIED_WARNED:
+            _UNVERIFIED_WARNED.add(key)
+            warnings.warn(
+                f"fastjepa: {path} is a format-1 export without a content hash: damage to its tensors cannot be "
+                "detected; export it again (python -m fastjepa.checkpoint export) to add one",
+                UnverifiedCheckpointWarning,
+                stacklevel=3,
+            )
+        return
+    actual = tensors_digest(state)
+    if actual != recorded:
+        raise CheckpointError(
+            f"{path} is damaged: its tensors' sha256 is {actual[:16]}…, the export recorded {str(recorded)[:16]}… "
+            "(the file changed after it was written: a disk or copy error, or an edit); export it again"
+        )
+
+
 def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """``(state dict, metadata)`` of a safetensors file (no code can run: it holds raw
-    tensors and a JSON header)."""
+    tensors and a JSON header); a fastjepa export's content hash is verified
+    (:func:`verify_safetensors`)."""
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
@@ -129,14 +169,20 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
             state = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise _damaged(path, exc) from exc
+    verify_safetensors(path, state, meta)
     return strip_module_prefix(state), meta
 
 
 def save_safetensors(state: Mapping[str, torch.Tensor], metadata: Mapping[str, str], path: str | os.PathLike) -> None:
-    """Write ``state`` (names as given, e.g. the reference's) and ``metadata`` atomically."""
+    """Write ``state`` (names as given, e.g. the reference's) and ``metadata`` atomically;
+    a fastjepa export's metadata gets the tensors' content hash (``sha256``)."""
     from safetensors.torch import save
 
-    data = save({k: v.detach().cpu().contiguous() for k, v in state.items()}, metadata=dict(metadata))
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    metadata = dict(metadata)
+    if metadata.get("format") == ENCODER_FORMAT:
+        metadata["sha256"] = tensors_digest(tensors)
+    data = save(tensors, metadata=metadata)
     atomic_write(path, lambda f, tmp: f.write(data))
 
 

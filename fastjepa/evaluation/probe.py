@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint import CheckpointError, atomic_write_text, read_checkpoint, strip_module_prefix
+from ..checkpoint import CheckpointError, atomic_write_text, check_module_state, read_checkpoint
 from ..encoder import build_encoder, random_init_encoder
 from .classifiers import KNN_K, KNN_T, evaluate_encoder
 from .features import default_cache_dir, eval_datasets, limit
@@ -81,8 +81,9 @@ def quick_probe(
     ckpt = read_checkpoint(ckpt_path)
     if "target_encoder" not in ckpt:
         raise CheckpointError(f"checkpoint {ckpt_path} has no 'target_encoder'")
+    state = check_module_state(ckpt_path, "target_encoder", ckpt["target_encoder"], encoder)
     try:
-        encoder.load_state_dict(strip_module_prefix(ckpt["target_encoder"]), strict=True)
+        encoder.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise CheckpointError(f"checkpoint {ckpt_path}: 'target_encoder' does not fit the config's model: {exc}") from None
     train, val, desc = eval_datasets(cfg, "embedded")

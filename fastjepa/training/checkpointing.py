@@ -9,12 +9,15 @@ from pathlib import Path
 
 import torch
 
+from ..architecture import check_same_architecture
 from ..checkpoint import (
     CheckpointError,
+    check_checkpoint,
+    check_resume_state,
     fsync_dir,
     keep_as,
-    load_checkpoint,
     read_checkpoint,
+    restore_checkpoint,
     save_checkpoint,
     save_states,
 )
@@ -44,22 +47,30 @@ class FaultHandling:
             path = self.prev
         if not path.is_file():
             raise CheckpointError(f"--resume: no checkpoint at {path} (train into {self.out} first, or set meta.read_checkpoint)")
+        ckpt = read_checkpoint(path, trust=self.trust_checkpoint)
+        # everything is checked before anything is used: counters and RNG states, the
+        # architecture the run was trained with, then every tensor against its destination
+        extra = check_resume_state(path, ckpt, epochs=self.cfg["optimization"]["epochs"], ipe=self.ipe)
+        if isinstance(extra.get("config"), dict):
+            check_same_architecture(path, extra["config"], self.cfg)
         if self.fsdp:
             from ..fsdp import load_full_state
 
-            ckpt = read_checkpoint(path, trust=self.trust_checkpoint)
+            check_checkpoint(path, ckpt, self.model, self.optimizer)
             try:
                 load_full_state(self.model, self.optimizer, ckpt)
             except (RuntimeError, KeyError, ValueError) as exc:
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
                 raise CheckpointError(f"checkpoint {path} does not fit this model (FSDP2 resume): {type(exc).__name__}: {first}") from exc
         else:
-            ckpt = load_checkpoint(path, self.model, self.optimizer, self.scaler, trust=self.trust_checkpoint)
-        extra = ckpt.get("fastjepa", {})
+            restore_checkpoint(path, ckpt, self.model, self.optimizer, self.scaler)
         self.epoch = int(ckpt["epoch"])
         self.next_itr = int(extra.get("next_itr", 0))
         self.step = int(extra.get("step", self.epoch * self.ipe + self.next_itr))
         self.images_seen = int(extra.get("images_seen", 0))
+        loss = ckpt.get("loss")
+        if isinstance(loss, float) and loss == loss:
+            self.last_loss = loss  # an epoch resumed after its last step reports the loss it ended with
         if "rng" in extra:
             set_rng_state(extra["rng"])
             # mid-epoch, the uninterrupted run made this epoch's loader iterator before the

@@ -1,0 +1,195 @@
+"""What a config builds, as numbers, checked before anything is built.
+
+* :func:`architecture`: the effective architecture of a config (the named ViT size with
+  ``meta.model_kwargs`` applied, the predictor's resolved head count, patch and crop size):
+  the values that decide what each weight means.
+* :func:`check_same_architecture`: ``--resume`` refuses a config whose architecture differs
+  from the one stored in the checkpoint (a head count changes what the weights mean
+  without changing a single shape).
+* :func:`check_encoder_shapes`: an architecture read from a file (a stored config, safetensors
+  metadata) must agree with the file's tensors before a model of that size is built.
+* :func:`check_model_fits`: a model whose parameters alone would not fit this machine's
+  memory is refused before the allocation is attempted.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from .checkpoint import CheckpointError
+from .config import ConfigError
+from .models import VIT_SIZES
+
+# model_kwargs that change what the encoder's weights mean (the others — drop rates,
+# init_std — change training, not the meaning of a stored weight)
+ENCODER_WEIGHT_KEYS = ("embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias", "qk_scale", "in_chans")
+
+# each architecture field and the config key a user changes it with
+FIELD_SOURCE = {
+    "embed_dim": "meta.model_name / meta.model_kwargs",
+    "depth": "meta.model_name / meta.model_kwargs",
+    "num_heads": "meta.model_name / meta.model_kwargs",
+    "mlp_ratio": "meta.model_name / meta.model_kwargs",
+    "qkv_bias": "meta.model_kwargs",
+    "qk_scale": "meta.model_kwargs",
+    "in_chans": "meta.model_kwargs",
+    "patch_size": "mask.patch_size",
+    "crop_size": "data.crop_size",
+    "pred_depth": "meta.pred_depth",
+    "pred_emb_dim": "meta.pred_emb_dim",
+    "pred_num_heads": "meta.pred_num_heads",
+}
+
+
+def architecture(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The effective architecture of ``cfg``: every field of :data:`FIELD_SOURCE`."""
+    meta = cfg["meta"]
+    name = meta["model_name"]
+    if name not in VIT_SIZES:
+        raise ConfigError(f"config key meta.model_name: got {name!r}, expected one of {', '.join(map(repr, VIT_SIZES))}")
+    kwargs = meta.get("model_kwargs") or {}
+    if not isinstance(kwargs, Mapping):
+        raise ConfigError(f"config key meta.model_kwargs: got {kwargs!r} ({type(kwargs).__name__}), expected a mapping")
+    enc = {"qkv_bias": True, "qk_scale": None, "in_chans": 3, **VIT_SIZES[name]}
+    enc.update({k: v for k, v in kwargs.items() if k in ENCODER_WEIGHT_KEYS})
+    enc["mlp_ratio"] = float(enc["mlp_ratio"]) if isinstance(enc["mlp_ratio"], (int, float)) else enc["mlp_ratio"]
+    return {
+        **enc,
+        "patch_size": cfg["mask"]["patch_size"],
+        "crop_size": cfg["data"]["crop_size"],
+        "pred_depth": meta["pred_depth"],
+        "pred_emb_dim": meta["pred_emb_dim"],
+        "pred_num_heads": meta.get("pred_num_heads") or enc["num_heads"],
+    }
+
+
+def check_same_architecture(path: str | os.PathLike, stored: Mapping[str, Any], cfg: Mapping[str, Any]) -> None:
+    """``--resume``: the architecture of ``cfg`` must be the one of the config stored in
+    checkpoint ``path``; otherwise one line naming each field, both values and its key."""
+    try:
+        want = architecture(stored)
+    except (ConfigError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"checkpoint {path}: its stored config does not describe a model ({type(exc).__name__}: {exc})") from None
+    have = architecture(cfg)
+    bad = [
+        f"{field} {have[field]!r} here, {want[field]!r} in the checkpoint ({FIELD_SOURCE[field]})"
+        for field in FIELD_SOURCE
+        if have[field] != want[field]
+    ]
+    if bad:
+        raise CheckpointError(
+            f"--resume: this config's architecture differs from checkpoint {path}'s: " + "; ".join(bad)
+            + ". A run resumes with the architecture it was trained with: drop the override(s), or train a new run into another --output"
+        )
+
+
+def _shape(t: Any) -> tuple[int, ...] | None:
+    shape = getattr(t, "shape", None)
+    return tuple(int(s) for s in shape) if shape is not None else None
+
+
+def check_encoder_shapes(path: str | os.PathLike, name: str, arch: Mapping[str, Any], state: Mapping[str, Any]) -> None:
+    """The encoder ``arch`` describes must be the one ``state``'s tensors hold (their shapes
+    and block count), checked before a model of that size is built: an architecture read
+    from a file cannot make fastjepa allocate more than the file's own tensors."""
+    D, depth, heads = arch["embed_dim"], arch["depth"], arch["num_heads"]
+    patch, crop, chans, ratio = arch["patch_size"], arch["crop_size"], arch["in_chans"], arch["mlp_ratio"]
+    for field, value in (("embed_dim", D), ("depth", depth), ("num_heads", heads), ("patch_size", patch), ("crop_size", crop), ("in_chans", chans)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise CheckpointError(f"{path}: its architecture's {field} is {value!r}, expected an integer >= 1")
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not math.isfinite(ratio) or ratio <= 0:
+        raise CheckpointError(f"{path}: its architecture's mlp_ratio is {ratio!r}, expected a number > 0")
+    if D % heads:
+        raise CheckpointError(f"{path}: its architecture's embed_dim {D} is not divisible by num_heads {heads}")
+    grid = crop // patch
+    hidden = int(D * ratio)
+    expected = {
+        "pos_embed": (1, grid * grid, D),
+        "patch_embed.proj.weight": (D, chans, patch, patch),
+        "blocks.0.attn.qkv.weight": (3 * D, D),
+        "blocks.0.mlp.fc1.weight": (hidden, D),
+        "norm.weight": (D,),
+    }
+    for key, want in expected.items():
+        got = _shape(state.get(key))
+        if got is not None and got != want:
+            raise CheckpointError(
+                f"{path}: '{name}.{key}' has shape {got}, but the architecture it comes with "
+                f"(embed_dim {D}, depth {depth}, patch {patch}, crop {crop}, mlp_ratio {ratio:g}) makes {want}"
+            )
+    blocks = {k.split(".")[1] for k in state if k.startswith("blocks.")}
+    if blocks and len(blocks) != depth:
+        raise CheckpointError(f"{path}: '{name}' holds {len(blocks)} blocks, but the architecture it comes with has depth {depth}")
+
+
+def parameter_count(arch: Mapping[str, Any]) -> tuple[int, int]:
+    """``(encoder, predictor)`` parameter counts of ``arch``, from the formulas of the layers."""
+
+    def block(d: int, ratio: float) -> int:
+        h = int(d * ratio)
+        return 3 * d * d + 3 * d + d * d + d + d * h + h + h * d + d + 4 * d
+
+    D, P = int(arch["embed_dim"]), int(arch["pred_emb_dim"])
+    n = (int(arch["crop_size"]) // int(arch["patch_size"])) ** 2
+    p = int(arch["patch_size"])
+    enc = D * int(arch["in_chans"]) * p * p + D + n * D + int(arch["depth"]) * block(D, float(arch["mlp_ratio"])) + 2 * D
+    pred = D * P + P + P + n * P + int(arch["pred_depth"]) * block(P, 4.0) + 2 * P + P * D + D
+    return enc, pred
+
+
+def memory_limit_bytes() -> int | None:
+    """The memory this process may use: the smallest of physical memory, the address-space
+    limit (``ulimit -v``) and the cgroup's ``memory.max``; None when none is known."""
+    limits = []
+    try:
+        limits.append(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        pass
+    try:
+        import resource
+
+        soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+        if soft not in (resource.RLIM_INFINITY, -1) and soft > 0:
+            limits.append(soft)
+    except (ImportError, ValueError, OSError):
+        pass
+    try:
+        text = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if text.isdigit():
+            limits.append(int(text))
+    except OSError:
+        pass
+    return min(limits) if limits else None
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:,.1f} GiB"
+
+
+def check_model_fits(cfg: Mapping[str, Any], *, training: bool = False) -> None:
+    """Refuse, before anything is built, a model that cannot fit this machine's memory: its
+    fp32 parameters (encoder, its target copy, predictor) or, with ``training``, those plus
+    the gradients and AdamW's two moments of the trained networks and one batch of input
+    images. One line naming the size and the keys that set it."""
+    arch = architecture(cfg)
+    enc, pred = parameter_count(arch)
+    params = 2 * enc + pred
+    need = 4 * params
+    what = "in fp32"
+    if training:
+        images = cfg["data"]["batch_size"] * int(arch["in_chans"]) * int(arch["crop_size"]) ** 2
+        need = 4 * (enc + 4 * (enc + pred) + images)
+        what = "with gradients, AdamW state and one batch of images"
+    limit = memory_limit_bytes()
+    if limit is not None and need > limit:
+        raise ConfigError(
+            f"the model this config builds ({cfg['meta']['model_name']}, embed_dim {arch['embed_dim']}, depth {arch['depth']}, "
+            f"patch {arch['patch_size']}, crop {arch['crop_size']}, predictor width {arch['pred_emb_dim']}) has "
+            f"{params / 1e9:,.2f} G parameters with its target copy, {_gib(need)} {what}, "
+            f"more than this machine's {_gib(limit)}: check meta.model_name / meta.model_kwargs, "
+            "data.crop_size, mask.patch_size" + (" and data.batch_size" if training else "")
+        )
