@@ -24,6 +24,25 @@ class ConfigError(ValueError):
     """A configuration problem, found before training starts."""
 
 
+def one_line(exc: BaseException) -> str:
+    """An error's message as one line, for a command line's one-line refusal. An error
+    raised in a DataLoader worker arrives with the worker's traceback inside its message:
+    its last line is the error itself."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    if not lines:
+        return type(exc).__name__
+    if len(lines) > 1 and lines[0].startswith("Caught ") and "worker" in lines[0]:
+        last, name = lines[-1], type(exc).__name__
+        return last.split(f"{name}: ", 1)[1] if f"{name}: " in last else last
+    return lines[0]
+
+
+def os_error_line(exc: OSError) -> str:
+    """An environment error (a full disk, a read-only folder) as one line: why, and which file."""
+    what = exc.strerror or one_line(exc)
+    return f"{what}: {exc.filename}" if exc.filename else what
+
+
 class ConfigLoader(yaml.SafeLoader):
     """PyYAML's safe loader with two changes: a key given twice in one mapping is an error
     (PyYAML keeps the last silently), and a number written with an exponent but no dot
@@ -142,6 +161,8 @@ SCHEMA: dict[str, dict[str, tuple[Any, Any, str]]] = {
         "clip_grad": ("opt_float", None, "max gradient norm (fastjepa; off as the reference)"),
         "nan_policy": (("stop", "skip"), "stop", "non-finite loss: stop the run, or skip the step (fastjepa)"),
         "time_budget_s": ("opt_float", None, "train at most about this long: fewer epochs, chosen from a measured step time (fastjepa)"),
+        "budget_steps": ("opt_int", None, "stop after this many optimizer steps of epoch 1, schedules fitted to them: what time_budget_s "
+                         "chooses when one epoch does not fit, recorded in config.yaml (fastjepa; null: whole epochs)"),
     },
 }
 
@@ -285,6 +306,8 @@ def validate(cfg: dict) -> dict:
         raise ConfigError(f"optimization.warmup={o['warmup']}: expected between 0 and epochs·ipe_scale={o['epochs'] * o['ipe_scale']}")
     if o["time_budget_s"] is not None and not o["time_budget_s"] > 0:
         raise ConfigError(f"optimization.time_budget_s={o['time_budget_s']}: expected a number of seconds > 0, or null for no budget")
+    if o["budget_steps"] is not None and o["budget_steps"] < 1:
+        raise ConfigError(f"optimization.budget_steps={o['budget_steps']}: expected an integer >= 1 or null")
     if meta["max_steps"] is not None and meta["max_steps"] < 1:
         raise ConfigError(f"meta.max_steps={meta['max_steps']}: expected an integer >= 1 or null")
     # mask feasibility: the collator's own check, with the config's names in the message

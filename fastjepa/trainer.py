@@ -17,11 +17,12 @@ from torch.utils.data import DataLoader
 from . import time_budget
 from .config import dump_config
 from .data import build_dataset, loader_options
-from .distributed import DistInfo, ResumableSampler, ddp_device_kwargs, rank_device
+from .distributed import DistInfo, ResumableSampler, any_rank, ddp_device_kwargs, rank_device
 from .masks import MaskCollator
 from .ops._dispatch import cpu_has_bf16
 from .training.faults import FaultHandling, NonFiniteLoss, StopRequested
 from .training.logs import CSV_COLUMNS, RunLog, ScalarLoggers
+from .training.runfolder import RunFolderError, RunLock, claim
 from .training.setup import (
     FUSED_ADAMW_DEVICES,
     autocast_dtype,
@@ -54,9 +55,12 @@ class Trainer(TrainStep, RunLog, FaultHandling):
         quiet: bool = False,
         dist: DistInfo | None = None,
         trust_checkpoint: bool = False,
+        overwrite: bool = False,
     ):
         """``trust_checkpoint``: resume even from a checkpoint that needs more than a
-        weights-only load (it may run code; see :func:`fastjepa.checkpoint.read_checkpoint`)."""
+        weights-only load (it may run code; see :func:`fastjepa.checkpoint.read_checkpoint`).
+        ``overwrite``: a fresh run may replace the checkpoints of another run in ``output``
+        (else refused: :mod:`fastjepa.training.runfolder`)."""
         self.cfg, self.out = cfg, Path(output)
         self.trust_checkpoint = trust_checkpoint
         self.dist = dist or DistInfo()
@@ -72,6 +76,9 @@ class Trainer(TrainStep, RunLog, FaultHandling):
         self.tag = cfg["logging"]["write_tag"]
         self.latest = self.out / f"{self.tag}-latest.pth.tar"
         self.prev = self.out / f"{self.tag}-prev.pth.tar"
+        self.resume, self.overwrite = resume, overwrite
+        self._lock: RunLock | None = None
+        self._claim_output(hold=False)  # refuse a busy or occupied folder before building anything
 
         seed_everything(meta["seed"])
         self.model = build_model(cfg).to(self.device)
@@ -109,12 +116,35 @@ class Trainer(TrainStep, RunLog, FaultHandling):
         self._nan_at = tuple(int(v) for v in nan_at.split(":")) if nan_at else None
         self.images_seen = 0
         self.plan = time_budget.plan(self, resume=resume)  # optimization.time_budget_s: fewer epochs where steps are slow
-        if self.plan is not None and self.plan.epochs != opt["epochs"]:
+        if self.plan is not None and self.plan.steps is not None:  # not one epoch fits: a step count in epoch 1
+            opt["warmup"] = opt["warmup"] * self.plan.steps / (self.ipe * opt["epochs"])  # the same share of the run
+            opt["epochs"], opt["budget_steps"] = 1, self.plan.steps  # config.yaml records the choice
+            self._build_schedules()
+        elif self.plan is not None and self.plan.epochs != opt["epochs"]:
             opt["epochs"] = self.plan.epochs  # the resolved config (config.yaml) records the choice
             opt["warmup"] = min(opt["warmup"], self.plan.epochs * opt["ipe_scale"])
             self._build_schedules()
         if resume:
             self._resume()
+
+    def _claim_output(self, *, hold: bool) -> None:
+        """Rank 0 checks (and with ``hold`` locks) the output folder; under torchrun every
+        rank learns its answer, so a refusal stops all of them with rank 0's one line."""
+        error = None
+        if self.dist.is_main:
+            try:
+                self._lock = claim(self.out, self.tag, resume=self.resume, overwrite=self.overwrite, hold=hold, say=self._say)
+            except RunFolderError as exc:
+                error = exc
+        if self.dist.enabled and any_rank(error is not None, self.dist, self.device) and error is None:
+            error = RunFolderError(f"rank 0 refused the output folder {self.out}")
+        if error is not None:
+            raise error
+
+    def _release_output(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def _wrap_distributed(self) -> None:
         if not self.dist.enabled:
@@ -146,13 +176,20 @@ class Trainer(TrainStep, RunLog, FaultHandling):
         )
 
     def fit(self) -> dict:
+        """Train; the output folder is locked while it runs. Returns the run's summary."""
+        self._claim_output(hold=True)  # held until fit returns: one run at a time in this folder
+        try:
+            return self._fit()
+        finally:
+            self._release_output()
+
+    def _fit(self) -> dict:
         from tqdm.auto import tqdm
 
         cfg = self.cfg
         log_freq, epochs = cfg["logging"]["log_freq"], cfg["optimization"]["epochs"]
         max_steps = cfg["meta"]["max_steps"]
         if self.dist.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
             self._remove_partial_writes()
         tb = ScalarLoggers(self.out, cfg) if self.dist.is_main else None  # first: "wandb is not installed" before any file is written
         if self.dist.is_main:
@@ -170,8 +207,9 @@ class Trainer(TrainStep, RunLog, FaultHandling):
         t_start = time.perf_counter()
         pending: list[dict] = []
         status, stopped_by = "done", None
+        cut = cfg["optimization"]["budget_steps"]
         try:
-            while self.epoch < epochs:
+            while self.epoch < epochs and (cut is None or self.step < cut):
                 loader = self._loader()
                 self._bar = tqdm(
                     total=self.ipe,
@@ -212,10 +250,11 @@ class Trainer(TrainStep, RunLog, FaultHandling):
                     elif not self.dist.enabled:
                         stop = self.stop_signal is not None  # one process: nothing to agree on, stop after this step
                     self._bar.update(1)
-                    if stop or (max_steps is not None and self.step >= max_steps):
+                    at_max = max_steps is not None and self.step >= max_steps
+                    if stop or at_max or (cut is not None and self.step >= cut):
                         self._flush(pending, writer, csv_file, tb, float("nan"), 0.0)
                         pending = []
-                        stopped_by = "signal" if stop else "max_steps"
+                        stopped_by = "signal" if stop else "max_steps" if at_max else "budget"
                         raise StopRequested
                 self._flush(pending, writer, csv_file, tb, float("nan"), 0.0)
                 pending = []
@@ -233,7 +272,10 @@ class Trainer(TrainStep, RunLog, FaultHandling):
                 )
         except StopRequested:
             self._checkpoint(epoch=self.epoch, next_itr=self.next_itr)
-            status = "interrupted" if stopped_by == "signal" else "max_steps"
+            status = {"signal": "interrupted", "max_steps": "max_steps", "budget": "done"}[stopped_by]
+            if stopped_by == "budget":
+                self._say(f"fastjepa: time budget: stopped after {self.next_itr} of {self.ipe} steps of epoch {self.epoch + 1} "
+                          f"(optimization.budget_steps={cut})")  # fmt: skip
         except NonFiniteLoss as exc:
             status = "non_finite"
             raise NonFiniteLoss(
