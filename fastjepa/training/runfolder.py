@@ -106,7 +106,8 @@ def checkpoints(folder: Path) -> list[Path]:
 def claim(folder: str | os.PathLike, tag: str, *, resume: bool, overwrite: bool, hold: bool, say: Callable[[str], None] = print) -> RunLock:
     """Check that this run may use ``folder``; with ``hold``, create it, take its lock and
     return it (release it when the run ends). Without ``hold`` (the early check, before
-    the model is built) nothing is created. A fresh run (not ``resume``) into a folder
+    the model is built) a missing folder is not created, and the lock of an existing one is
+    taken and released at once. A fresh run (not ``resume``) into a folder
     with checkpoints is refused unless ``overwrite``; then, holding the lock, the
     checkpoints of ``tag`` are deleted so that none of the old run's remain beside the new
     run's. Raises :class:`RunFolderError` with one line."""
@@ -120,7 +121,7 @@ def claim(folder: str | os.PathLike, tag: str, *, resume: bool, overwrite: bool,
             raise RunFolderError(f"cannot create output folder {folder}: {exc.strerror or exc}") from None
     elif not folder.exists():
         return RunLock(None)
-    lock = _lock(folder, create=hold)
+    lock = _lock(folder, create=True)  # in an existing folder the early check takes it too: a read-only folder fails here
     try:
         found = checkpoints(folder)
         if found and not resume and not overwrite:
