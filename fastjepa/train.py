@@ -13,6 +13,11 @@ import sys
 import time
 from pathlib import Path
 
+# OpenMP threads that sleep while they wait, instead of spinning against other processes on
+# a shared machine (fastjepa.training.cpu). OpenMP reads it once, when torch loads it: this
+# runs first under `python -m fastjepa.train` (importing the package does not load torch).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 from .config import ConfigError, load_config, one_line, os_error_line
 
 
@@ -84,6 +89,8 @@ def main(argv=None) -> int:
 
     try:
         device = pick_device(cfg["meta"]["device"])
+        if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ and int(os.environ.get("WORLD_SIZE", "1") or 1) == 1:
+            _threads_for_free_cores()  # (under torchrun the ranks starting beside each other would look busy)
         dist = init_distributed(device.type)
         trainer = Trainer(
             cfg, out, resume=resume, quiet=args.quiet, dist=dist, trust_checkpoint=args.trust_checkpoint, overwrite=args.overwrite
@@ -124,6 +131,21 @@ def main(argv=None) -> int:
     if extras:
         print(PROBE_MEANING, flush=True)
     return 0
+
+
+def _threads_for_free_cores() -> None:
+    """One torch thread per core other processes leave free (fastjepa.training.cpu)."""
+    import torch
+
+    from .data import cores_per_process
+    from .training.cpu import busy_cores, threads_for_free_cores
+
+    cores = min(torch.get_num_threads(), cores_per_process())
+    n = threads_for_free_cores(cores, busy_cores())
+    if n < torch.get_num_threads():
+        torch.set_num_threads(n)
+        print(f"fastjepa: other processes keep {cores - n} of this process's {cores} cores busy: training with {n} thread(s) "
+              "(set OMP_NUM_THREADS to choose)", file=sys.stderr, flush=True)  # fmt: skip
 
 
 def _kept(trainer) -> str:
