@@ -136,7 +136,8 @@ class Trainer(TrainStep, RunLog, FaultHandling):
                 self._lock = claim(self.out, self.tag, resume=self.resume, overwrite=self.overwrite, hold=hold, say=self._say)
             except RunFolderError as exc:
                 error = exc
-        if self.dist.enabled and any_rank(error is not None, self.dist, self.device) and error is None:
+        agree = self.dist.enabled and torch.distributed.is_available() and torch.distributed.is_initialized()
+        if agree and any_rank(error is not None, self.dist, self.device) and error is None:
             error = RunFolderError(f"rank 0 refused the output folder {self.out}")
         if error is not None:
             raise error
