@@ -355,10 +355,13 @@ def _output_folder(args: argparse.Namespace) -> Path:
 
 
 def _check_writable(folder: Path) -> None:
-    """Create ``folder`` and write a scratch file in it, or raise EvalError (read-only, full)."""
+    """Raise EvalError unless a file can be created in ``folder`` (or, when it does not exist
+    yet, in the nearest folder above it that does): an unnamed scratch file, nothing left."""
+    where = folder
+    while not where.exists() and where != where.parent:
+        where = where.parent
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
+        with tempfile.TemporaryFile(dir=where):
             pass
     except OSError as exc:
         raise EvalError(f"cannot write eval.json into {folder}: {os_error_line(exc)}") from None
