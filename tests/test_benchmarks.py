@@ -146,3 +146,13 @@ def test_gpu_check_dry_run_brings_back_what_the_device_tool_returns(tmp_path):
     ops = json.loads((out / "ops_table.json").read_text())
     assert ops["meta"]["providers"] == ["reference", "fused"] and ops["failures"] == []  # no cold torch.compile by default
     assert json.loads((out / "train_step.json").read_text())["rows"][0]["result"]["imgs_per_s"] > 0
+
+
+@pytest.mark.slow
+def test_contention_benchmark_runs_each_case_once(tmp_path):
+    # one step per case, fastjepa's path only: the harness, not the numbers
+    _run("benchmarks/bench_contention.py", "--steps", "1", "--paths", "fastjepa", "--out", str(tmp_path), "--stem", "c")
+    result = json.loads((tmp_path / "c.json").read_text())
+    assert [(c["path"], c["policy"]) for c in result["cases"]] == [("fastjepa", "torch"), ("fastjepa", "fastjepa")]
+    assert all(c["idle_step_s"] > 0 and c["busy_step_s"] > 0 for c in result["cases"])
+    assert "| fastjepa | fastjepa |" in (tmp_path / "c.md").read_text()
