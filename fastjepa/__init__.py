@@ -5,10 +5,19 @@ Public entry points: :mod:`fastjepa.models`, :mod:`fastjepa.masks`, :mod:`fastje
 ``python -m fastjepa.train``.
 """
 
-from .models.ijepa import IJEPA
 from .version import __version__
 
 __all__ = ["IJEPA", "__version__", "load_encoder"]
+
+
+def __getattr__(name: str):
+    # IJEPA on first use: importing the package does not load torch, so the command lines
+    # can set OpenMP's environment (fastjepa.training.cpu) before torch loads OpenMP
+    if name == "IJEPA":
+        from .models.ijepa import IJEPA
+
+        return IJEPA
+    raise AttributeError(f"module 'fastjepa' has no attribute {name!r}")
 
 
 def load_encoder(path, *, which: str = "target", trust: bool = False, device=None):

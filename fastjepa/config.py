@@ -9,7 +9,9 @@ the value and what was expected, before any work starts.
 from __future__ import annotations
 
 import copy
+import math
 import os
+import re
 from collections.abc import Iterable, Mapping
 from importlib import resources
 from pathlib import Path
@@ -20,6 +22,68 @@ import yaml
 
 class ConfigError(ValueError):
     """A configuration problem, found before training starts."""
+
+
+def one_line(exc: BaseException) -> str:
+    """An error's message as one line, for a command line's one-line refusal. An error
+    raised in a DataLoader worker arrives with the worker's traceback inside its message:
+    its last line is the error itself."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    if not lines:
+        return type(exc).__name__
+    if len(lines) > 1 and lines[0].startswith("Caught ") and "worker" in lines[0]:
+        last, name = lines[-1], type(exc).__name__
+        return last.split(f"{name}: ", 1)[1] if f"{name}: " in last else last
+    return lines[0]
+
+
+def os_error_line(exc: OSError) -> str:
+    """An environment error (a full disk, a read-only folder) as one line: why, and which file."""
+    what = exc.strerror or one_line(exc)
+    return f"{what}: {exc.filename}" if exc.filename else what
+
+
+class ConfigLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with two changes: a key given twice in one mapping is an error
+    (PyYAML keeps the last silently), and a number written with an exponent but no dot
+    (``1e-3``, ``5E+2``) is a float, as YAML 1.2 reads it (YAML 1.1's float rule needs a
+    dot, so PyYAML returns the string ``'1e-3'``)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, Any] = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    hash(key)
+                except TypeError:
+                    continue  # the base class reports an unhashable key
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        "while constructing a mapping", node.start_mark, f"found duplicate key {key!r}", key_node.start_mark
+                    )
+                seen[key] = key_node
+        return super().construct_mapping(node, deep=deep)
+
+
+ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def yaml_error_line(exc: yaml.YAMLError) -> str:
+    """A PyYAML error as one line: what is wrong and where (PyYAML's own text spans several)."""
+    mark, problem = getattr(exc, "problem_mark", None), getattr(exc, "problem", None)
+    if problem and mark is not None:
+        return f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
+    return " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+
+
+def yaml_load(text_or_stream) -> Any:
+    """YAML through :class:`ConfigLoader` (duplicate keys refused, ``1e-3`` a float)."""
+    return yaml.load(text_or_stream, Loader=ConfigLoader)  # noqa: S506 — ConfigLoader is a SafeLoader
 
 
 # Each field: (kind, default, help). kinds: int, int_or_auto, float, bool, str, opt_str, pair, dict, or a tuple of allowed strings.
@@ -97,6 +161,8 @@ SCHEMA: dict[str, dict[str, tuple[Any, Any, str]]] = {
         "clip_grad": ("opt_float", None, "max gradient norm (fastjepa; off as the reference)"),
         "nan_policy": (("stop", "skip"), "stop", "non-finite loss: stop the run, or skip the step (fastjepa)"),
         "time_budget_s": ("opt_float", None, "train at most about this long: fewer epochs, chosen from a measured step time (fastjepa)"),
+        "budget_steps": ("opt_int", None, "stop after this many optimizer steps of epoch 1, schedules fitted to them: what time_budget_s "
+                         "chooses when one epoch does not fit, recorded in config.yaml (fastjepa; null: whole epochs)"),
     },
 }
 
@@ -120,6 +186,8 @@ def _check_value(key: str, kind: Any, value: Any) -> Any:
     if kind == "float" or (kind == "opt_float" and value is not None):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad("a number")
+        if not math.isfinite(value):
+            raise bad("a finite number")
         return float(value)
     if kind == "bool":
         if not isinstance(value, bool):
@@ -136,6 +204,8 @@ def _check_value(key: str, kind: Any, value: Any) -> Any:
     if kind == "pair":
         if not isinstance(value, (list, tuple)) or len(value) != 2 or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in value):
             raise bad("a list of two numbers [low, high]")
+        if not all(math.isfinite(v) for v in value):
+            raise bad("a list of two finite numbers [low, high]")
         return [float(v) for v in value]
     if kind == "dict":
         if not isinstance(value, dict):
@@ -159,9 +229,9 @@ def parse_override(text: str) -> tuple[str, str, Any]:
     if len(parts) != 2 or not all(parts):
         raise ConfigError(f"override {text!r}: expected section.key=value with a section among {', '.join(SCHEMA)}")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = yaml_load(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"override {text!r}: the value is not valid YAML ({exc})") from None
+        raise ConfigError(f"override {text!r}: the value is not valid YAML ({yaml_error_line(exc)})") from None
     return parts[0], parts[1], value
 
 
@@ -218,6 +288,7 @@ def validate(cfg: dict) -> dict:
     ):
         if v < lo:
             raise ConfigError(f"config key {key}: got {v}, expected an integer >= {lo}")
+    _check_ranges(cfg)
     if d["crop_size"] % m["patch_size"] != 0:
         raise ConfigError(f"data.crop_size={d['crop_size']} is not a multiple of mask.patch_size={m['patch_size']}")
     if d["batch_size"] % o["grad_accum"] != 0:
@@ -235,6 +306,8 @@ def validate(cfg: dict) -> dict:
         raise ConfigError(f"optimization.warmup={o['warmup']}: expected between 0 and epochs·ipe_scale={o['epochs'] * o['ipe_scale']}")
     if o["time_budget_s"] is not None and not o["time_budget_s"] > 0:
         raise ConfigError(f"optimization.time_budget_s={o['time_budget_s']}: expected a number of seconds > 0, or null for no budget")
+    if o["budget_steps"] is not None and o["budget_steps"] < 1:
+        raise ConfigError(f"optimization.budget_steps={o['budget_steps']}: expected an integer >= 1 or null")
     if meta["max_steps"] is not None and meta["max_steps"] < 1:
         raise ConfigError(f"meta.max_steps={meta['max_steps']}: expected an integer >= 1 or null")
     # mask feasibility: the collator's own check, with the config's names in the message
@@ -247,19 +320,62 @@ def validate(cfg: dict) -> dict:
     return cfg
 
 
+# the encoder constructor's numeric keys (meta.model_kwargs) and the least each may be
+MODEL_KWARGS_MIN = {"embed_dim": 1, "depth": 1, "num_heads": 1, "in_chans": 1}
+MODEL_KWARGS_UNIT = ("drop_rate", "attn_drop_rate", "drop_path_rate")  # probabilities in [0, 1)
+_PLAIN_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]*$")
+
+
+def _check_ranges(cfg: dict) -> None:
+    """Every number within its meaning: rates and decays not negative, scales ordered and
+    in range (the mask.* pairs: the mask collator's own check, below), the write tag a plain file-name part. Raises :class:`ConfigError` naming the key."""
+    d, meta, o = cfg["data"], cfg["meta"], cfg["optimization"]
+
+    def need(ok: bool, key: str, value: Any, expected: str) -> None:
+        if not ok:
+            raise ConfigError(f"config key {key}: got {value!r}, expected {expected}")
+
+    for key in ("start_lr", "lr", "final_lr", "weight_decay", "final_weight_decay"):
+        need(o[key] >= 0, f"optimization.{key}", o[key], "a number >= 0")
+    need(o["ipe_scale"] > 0, "optimization.ipe_scale", o["ipe_scale"], "a number > 0 (the schedule length multiplier)")
+    need(o["clip_grad"] is None or o["clip_grad"] > 0, "optimization.clip_grad", o["clip_grad"], "a max gradient norm > 0, or null for no clipping")
+    lo, hi = d["crop_scale"]
+    need(0 < lo <= hi <= 1, "data.crop_scale", d["crop_scale"], "[low, high] with 0 < low <= high <= 1 (fractions of the image area)")
+    need(d["color_jitter_strength"] >= 0, "data.color_jitter_strength", d["color_jitter_strength"], "a number >= 0")
+    need(meta["pred_num_heads"] is None or meta["pred_num_heads"] >= 1, "meta.pred_num_heads", meta["pred_num_heads"],
+         "an integer >= 1, or null for the encoder's head count")  # fmt: skip
+    need(d["synthetic_samples"] >= 1, "data.synthetic_samples", d["synthetic_samples"], "an integer >= 1")
+    for key, value in meta["model_kwargs"].items():
+        name = f"meta.model_kwargs.{key}"
+        if key in MODEL_KWARGS_MIN:
+            need(isinstance(value, int) and not isinstance(value, bool) and value >= MODEL_KWARGS_MIN[key], name, value,
+                 f"an integer >= {MODEL_KWARGS_MIN[key]}")  # fmt: skip
+        elif key == "mlp_ratio" or key == "init_std":
+            need(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0, name, value,
+                 "a finite number > 0")  # fmt: skip
+        elif key in MODEL_KWARGS_UNIT:
+            need(isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1, name, value, "a number in [0, 1)")
+    tag = cfg["logging"]["write_tag"]
+    need(bool(_PLAIN_NAME.match(tag)) and ".." not in tag, "logging.write_tag", tag,
+         "a plain name for the run's files, e.g. jepa (letters, digits, '_', '-', '.', '+'; no folder separators, "
+         "no '..', not starting with '.'): everything a run writes stays inside its output folder")  # fmt: skip
+
+
 def default_config_path() -> Path:
     return Path(str(resources.files("fastjepa") / "configs" / "default.yaml"))
 
 
 def read_yaml(path: str | os.PathLike) -> dict:
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a folder: pass a YAML file")
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
         with open(path) as f:
-            data = yaml.safe_load(f)
+            data = yaml_load(f)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+        raise ConfigError(f"config file {path} is not valid YAML: {yaml_error_line(exc)}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

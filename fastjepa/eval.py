@@ -10,9 +10,11 @@ are defined in docs/eval.md.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -21,7 +23,8 @@ from torch.utils.data import Dataset
 
 from .build import pick_device
 from .checkpoint import CheckpointError
-from .config import ConfigError, load_config
+from .config import ConfigError, load_config, one_line, os_error_line
+from .data import NoReadableImage
 from .encoder import ENCODER_KEYS, EvalError, describe_model, load_target_encoder, random_init_encoder
 from .evaluation.classifiers import C_GRID, KNN_K, KNN_T, evaluate_encoder
 from .evaluation.features import default_cache_dir, eval_datasets, limit
@@ -91,6 +94,7 @@ def _eval_setup(args: argparse.Namespace, cfg: dict, quiet: bool) -> tuple[Datas
     """The command line's data (limited as asked) and the keyword arguments of :func:`evaluate_encoder`."""
     train, val, desc = eval_datasets(cfg, args.data, args.train_dir, args.val_dir)
     train, val = limit(train, args.limit_train), limit(val, args.limit_val)
+    check_classes(train, desc)
     cache_dir = None if args.no_cache else Path(args.cache_dir) if args.cache_dir else default_cache_dir()
     common = dict(
         layers=args.layers,
@@ -163,8 +167,77 @@ def format_epochs(rows: list[tuple[str, dict[str, Any]]]) -> str:
     return "\n".join(score_lines(rows, max(len(name) for name, _ in rows)))
 
 
+def check_options(args: argparse.Namespace) -> None:
+    """The command line's numbers and output folder, checked before any work: a bad one is
+    one :class:`EvalError` line instead of an error after every feature was extracted."""
+    if args.batch_size < 1:
+        raise EvalError(f"--batch-size {args.batch_size}: expected an integer >= 1")
+    if args.C is not None and not (math.isfinite(args.C) and args.C > 0):
+        raise EvalError(f"--C {args.C}: expected a finite number > 0 (the probe's inverse L2 strength)")
+    for name in ("limit_train", "limit_val"):
+        n = getattr(args, name)
+        if n is not None and n < 1:
+            raise EvalError(f"--{name.replace('_', '-')} {n}: expected an integer >= 1")
+    out = _output_folder(args)
+    if out.exists() and not out.is_dir():
+        raise EvalError(f"--output {out} is a file: eval.json goes into a folder; pass a folder")
+    if args.output is not None or args.checkpoint is None or Path(args.checkpoint).exists():
+        _check_writable(out)
+
+
+def _output_folder(args: argparse.Namespace) -> Path:
+    """Where eval.json goes: --output, else the checkpoint's folder (the run folder with
+    --epochs), else eval/."""
+    if args.output:
+        return Path(args.output)
+    if args.checkpoint:
+        ckpt = Path(args.checkpoint)
+        return ckpt if ckpt.is_dir() else ckpt.parent
+    return Path("eval")
+
+
+def _check_writable(folder: Path) -> None:
+    """Raise EvalError unless a file can be created in ``folder`` (or, when it does not exist
+    yet, in the nearest folder above it that does): an unnamed scratch file, nothing left."""
+    where = folder
+    while not where.exists() and where != where.parent:
+        where = where.parent
+    try:
+        with tempfile.TemporaryFile(dir=where):
+            pass
+    except OSError as exc:
+        raise EvalError(f"cannot write eval.json into {folder}: {os_error_line(exc)}") from None
+
+
+def _labels(ds: Dataset) -> list[int] | None:
+    """The labels of an evaluation dataset without reading its images (None: unknown)."""
+    from torch.utils.data import Subset
+
+    from .data import EmbeddedMNIST, ImageFolder
+
+    if isinstance(ds, Subset):
+        inner = _labels(ds.dataset)
+        return None if inner is None else [inner[i] for i in ds.indices]
+    if isinstance(ds, ImageFolder):
+        return [label for _, label in ds.samples]
+    if isinstance(ds, EmbeddedMNIST):
+        return ds.labels.tolist()
+    return None
+
+
+def check_classes(train: Dataset, desc: str) -> None:
+    """A probe needs at least two classes among its training images."""
+    labels = _labels(train)
+    if labels is not None and len(set(labels)) < 2:
+        raise EvalError(
+            f"the training images ({desc}, {len(labels)} image(s)) hold one class: a probe needs at least two "
+            "(<class>/<image> folders, one per class; or raise --limit-train)"
+        )
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     quiet = args.quiet or not sys.stderr.isatty()
+    check_options(args)
     if args.epochs is not None:
         return run_epochs(args, quiet)
     if args.checkpoint is None and not args.random_init:
@@ -202,10 +275,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "checkpoint": info or None,
         **_run_fields(args, cfg, desc, train, val, t0),
     }
-    default_out = Path("eval")
-    if args.checkpoint:
-        default_out = Path(args.checkpoint) if Path(args.checkpoint).is_dir() else Path(args.checkpoint).parent
-    output = Path(args.output) if args.output else default_out
+    output = _output_folder(args)
     write_json(output / "eval.json", out)
     print(format_table(result, baseline, label), flush=True)
     print(f"fastjepa.eval: wrote {output / 'eval.json'}", file=sys.stderr, flush=True)
@@ -244,8 +314,7 @@ def run_epochs(args: argparse.Namespace, quiet: bool) -> dict[str, Any]:
         "evaluated": "epochs",
         **_run_fields(args, cfg, desc, train, val, t0),
     }
-    folder = Path(args.checkpoint) if Path(args.checkpoint).is_dir() else Path(args.checkpoint).parent
-    output = Path(args.output) if args.output else folder
+    output = _output_folder(args)
     write_json(output / "eval.json", out)
     print(format_epochs(rows), flush=True)
     print(f"fastjepa.eval: wrote {output / 'eval.json'}", file=sys.stderr, flush=True)
@@ -256,8 +325,11 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         run(args)
-    except (EvalError, CheckpointError, ConfigError, FileNotFoundError) as exc:
-        print(f"fastjepa.eval: {exc}", file=sys.stderr)
+    except (EvalError, CheckpointError, ConfigError, FileNotFoundError, NoReadableImage) as exc:
+        print(f"fastjepa.eval: {one_line(exc)}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # the environment: a read-only or full disk
+        print(f"fastjepa.eval: {os_error_line(exc)}", file=sys.stderr)
         return 2
     return 0
 

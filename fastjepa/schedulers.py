@@ -28,7 +28,7 @@ class WarmupCosineLR:
         if step < self.warmup_steps:
             progress = step / max(1, self.warmup_steps)
             return self.start_lr + progress * (self.ref_lr - self.start_lr)
-        progress = (step - self.warmup_steps) / max(1, self.T_max - self.warmup_steps)
+        progress = min(1.0, (step - self.warmup_steps) / max(1, self.T_max - self.warmup_steps))  # past T_max: final_lr
         return max(self.final_lr, self.final_lr + (self.ref_lr - self.final_lr) * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
@@ -41,7 +41,7 @@ class CosineWD:
     T_max: int
 
     def value(self, step: int) -> float:
-        progress = step / max(1, self.T_max)
+        progress = min(1.0, step / max(1, self.T_max))
         wd = self.final_wd + (self.ref_wd - self.final_wd) * 0.5 * (1.0 + math.cos(math.pi * progress))
         if self.final_wd <= self.ref_wd:
             return max(self.final_wd, wd)
@@ -50,11 +50,13 @@ class CosineWD:
 
 @dataclass(frozen=True)
 class LinearMomentum:
-    """EMA momentum ``ema[0] → ema[1]`` linearly over ``T_max`` steps; step 0 is exactly ``ema[0]``."""
+    """EMA momentum ``ema[0] → ema[1]`` linearly over ``T_max`` steps; step 0 is exactly
+    ``ema[0]``, and past ``T_max`` (a resumed run whose step count outgrew its schedule) it
+    stays ``ema[1]``: a momentum above 1 would push the target away from the encoder."""
 
     start: float
     end: float
     T_max: int
 
     def value(self, step: int) -> float:
-        return self.start + step * (self.end - self.start) / max(1, self.T_max)
+        return self.start + min(step, max(1, self.T_max)) * (self.end - self.start) / max(1, self.T_max)

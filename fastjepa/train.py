@@ -1,4 +1,4 @@
-"""``python -m fastjepa.train [--config FILE] [--output DIR] [--resume [--trust-checkpoint]] [section.key=value ...]``
+"""``python -m fastjepa.train [--config FILE] [--output DIR] [--resume [--trust-checkpoint] | --overwrite] [section.key=value ...]``
 
 With no arguments: the packaged CPU config (a small ViT on the embedded MNIST-5k digits,
 a few minutes on a laptop). Under ``torchrun`` it trains data-parallel (DDP, or FSDP2
@@ -13,7 +13,12 @@ import sys
 import time
 from pathlib import Path
 
-from .config import ConfigError, load_config
+# OpenMP threads that sleep while they wait, instead of spinning against other processes on
+# a shared machine (fastjepa.training.cpu). OpenMP reads it once, when torch loads it: this
+# runs first under `python -m fastjepa.train` (importing the package does not load torch).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from .config import ConfigError, load_config, one_line, os_error_line
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -29,6 +34,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--trust-checkpoint",
         action="store_true",
         help="resume even from a checkpoint that needs more than a weights-only load (it can run code: only for files you trust)",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start a fresh run in an --output folder that holds another run's checkpoints, deleting that run's "
+        "checkpoints of the same logging.write_tag (without it such a folder is refused: --resume continues it)",
     )
     p.add_argument("--quiet", action="store_true", help="no progress bars (also off when stderr is not a terminal)")
     p.add_argument("--trace-shapes", action="store_true", help="run one step, print the tensor shapes through it, and exit")
@@ -80,18 +91,28 @@ def main(argv=None) -> int:
 
     try:
         device = pick_device(cfg["meta"]["device"])
+        if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ and int(os.environ.get("WORLD_SIZE", "1") or 1) == 1:
+            _threads_for_free_cores()  # (under torchrun the ranks starting beside each other would look busy)
         dist = init_distributed(device.type)
-        trainer = Trainer(cfg, out, resume=resume, quiet=args.quiet, dist=dist, trust_checkpoint=args.trust_checkpoint)
+        trainer = Trainer(
+            cfg, out, resume=resume, quiet=args.quiet, dist=dist, trust_checkpoint=args.trust_checkpoint, overwrite=args.overwrite
+        )
     except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as exc:
-        print(f"fastjepa.train: {exc}", file=sys.stderr)
+        print(f"fastjepa.train: {one_line(exc)}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # the environment: an unwritable or full disk, a folder that vanished
+        print(f"fastjepa.train: {os_error_line(exc)}", file=sys.stderr)
         return 2
     try:
         summary = trainer.fit()
     except NonFiniteLoss as exc:
         print(f"fastjepa.train: {exc}", file=sys.stderr)
         return 3
-    except ConfigError as exc:  # found once the run starts (e.g. logging.wandb=true without wandb)
-        print(f"fastjepa.train: {exc}", file=sys.stderr)
+    except (ConfigError, CheckpointError, ValueError) as exc:  # found once the run starts (wandb missing, a folder in use, no readable image)
+        print(f"fastjepa.train: {one_line(exc)}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"fastjepa.train: {os_error_line(exc)}; {_kept(trainer)}", file=sys.stderr)
         return 2
     finally:
         stop_signal = trainer.stop_signal
@@ -114,8 +135,30 @@ def main(argv=None) -> int:
     return 0
 
 
-# What the quick probe can and cannot show, said once under its numbers; the evidence and
-# the published numbers are in docs/probe-experiments.md.
+def _threads_for_free_cores() -> None:
+    """One torch thread per core other processes leave free (fastjepa.training.cpu)."""
+    import torch
+
+    from .data import cores_per_process
+    from .training.cpu import busy_cores, threads_for_free_cores
+
+    cores = min(torch.get_num_threads(), cores_per_process())
+    n = threads_for_free_cores(cores, busy_cores())
+    if n < torch.get_num_threads():
+        torch.set_num_threads(n)
+        print(f"fastjepa: other processes keep {cores - n} of this process's {cores} cores busy: training with {n} thread(s) "
+              "(set OMP_NUM_THREADS to choose)", file=sys.stderr, flush=True)  # fmt: skip
+
+
+def _kept(trainer) -> str:
+    latest = getattr(trainer, "latest", None)
+    if latest is not None and latest.exists():
+        return f"the last complete checkpoint is {latest} (continue with --resume once the cause is fixed)"
+    return "no checkpoint was written"
+
+
+# What the quick probe can and cannot show, said once under its numbers (the evidence is
+# in docs/probe-experiments.md).
 PROBE_MEANING = (
     "fastjepa: what the probe means: at this scale I-JEPA is not expected to beat its random initialisation; "
     "this run checks the machinery, the published recipe needs ImageNet and ~300 epochs (docs/probe-experiments.md)"

@@ -18,13 +18,14 @@ from .architecture import check_model_fits
 from .build import build_model, pick_device
 from .config import dump_config
 from .data import build_dataset, loader_options
-from .distributed import DistInfo, ResumableSampler, ddp_device_kwargs, rank_device
+from .distributed import DistInfo, ResumableSampler, any_rank, ddp_device_kwargs, rank_device
 from .masks import MaskCollator
 from .rng import seed_everything, set_rng_state
 from .training import time_budget
 from .training.checkpointing import FaultHandling, NonFiniteLoss, StopRequested
 from .training.logs import RunLog, ScalarLoggers
 from .training.optim import autocast_dtype, make_optimizer
+from .training.runfolder import RunFolderError, RunLock, claim
 from .training.step import TrainStep
 
 __all__ = ["Trainer"]
@@ -42,9 +43,12 @@ class Trainer(TrainStep, RunLog, FaultHandling):
         quiet: bool = False,
         dist: DistInfo | None = None,
         trust_checkpoint: bool = False,
+        overwrite: bool = False,
     ):
         """``trust_checkpoint``: resume even from a checkpoint that needs more than a
-        weights-only load (it may run code; see :func:`fastjepa.checkpoint.read_checkpoint`)."""
+        weights-only load (it may run code; see :func:`fastjepa.checkpoint.read_checkpoint`).
+        ``overwrite``: a fresh run may replace the checkpoints of another run in ``output``
+        (else refused: :mod:`fastjepa.training.runfolder`)."""
         self.cfg, self.out = cfg, Path(output)
         self.trust_checkpoint = trust_checkpoint
         self.dist = dist or DistInfo()
@@ -60,6 +64,9 @@ class Trainer(TrainStep, RunLog, FaultHandling):
         self.tag = cfg["logging"]["write_tag"]
         self.latest = self.out / f"{self.tag}-latest.pth.tar"
         self.prev = self.out / f"{self.tag}-prev.pth.tar"
+        self.resume, self.overwrite = resume, overwrite
+        self._lock: RunLock | None = None
+        self._claim_output(hold=False)  # refuse a busy or occupied folder before building anything
 
         check_model_fits(cfg, training=True)  # before anything is allocated
         seed_everything(meta["seed"])
@@ -98,12 +105,36 @@ class Trainer(TrainStep, RunLog, FaultHandling):
         self._nan_at = tuple(int(v) for v in nan_at.split(":")) if nan_at else None
         self.images_seen = 0
         self.plan = time_budget.plan(self, resume=resume)  # optimization.time_budget_s: fewer epochs where steps are slow
-        if self.plan is not None and self.plan.epochs != opt["epochs"]:
+        if self.plan is not None and self.plan.steps is not None:  # not one epoch fits: a step count in epoch 1
+            opt["warmup"] = opt["warmup"] * self.plan.steps / (self.ipe * opt["epochs"])  # the same share of the run
+            opt["epochs"], opt["budget_steps"] = 1, self.plan.steps  # config.yaml records the choice
+            self._build_schedules()
+        elif self.plan is not None and self.plan.epochs != opt["epochs"]:
             opt["epochs"] = self.plan.epochs  # the resolved config (config.yaml) records the choice
             opt["warmup"] = min(opt["warmup"], self.plan.epochs * opt["ipe_scale"])
             self._build_schedules()
         if resume:
             self._resume()
+
+    def _claim_output(self, *, hold: bool) -> None:
+        """Rank 0 checks (and with ``hold`` locks) the output folder; under torchrun every
+        rank learns its answer, so a refusal stops all of them with rank 0's one line."""
+        error = None
+        if self.dist.is_main:
+            try:
+                self._lock = claim(self.out, self.tag, resume=self.resume, overwrite=self.overwrite, hold=hold, say=self._say)
+            except RunFolderError as exc:
+                error = exc
+        agree = self.dist.enabled and torch.distributed.is_available() and torch.distributed.is_initialized()
+        if agree and any_rank(error is not None, self.dist, self.device) and error is None:
+            error = RunFolderError(f"rank 0 refused the output folder {self.out}")
+        if error is not None:
+            raise error
+
+    def _release_output(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def _wrap_distributed(self) -> None:
         if not self.dist.enabled:
@@ -135,13 +166,20 @@ class Trainer(TrainStep, RunLog, FaultHandling):
         )
 
     def fit(self) -> dict:
+        """Train; the output folder is locked while it runs. Returns the run's summary."""
+        self._claim_output(hold=True)  # held until fit returns: one run at a time in this folder
+        try:
+            return self._fit()
+        finally:
+            self._release_output()
+
+    def _fit(self) -> dict:
         from tqdm.auto import tqdm
 
         cfg = self.cfg
         log_freq, epochs = cfg["logging"]["log_freq"], cfg["optimization"]["epochs"]
         max_steps = cfg["meta"]["max_steps"]
         if self.dist.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
             self._remove_partial_writes()
         tb = ScalarLoggers(self.out, cfg) if self.dist.is_main else None  # first: "wandb is not installed" before any file is written
         if self.dist.is_main:
@@ -159,8 +197,9 @@ class Trainer(TrainStep, RunLog, FaultHandling):
         t_start = time.perf_counter()
         pending: list[dict] = []
         status, stopped_by = "done", None
+        cut = cfg["optimization"]["budget_steps"]
         try:
-            while self.epoch < epochs:
+            while self.epoch < epochs and (cut is None or self.step < cut):
                 loader = self._loader()
                 self._bar = tqdm(
                     total=self.ipe,
@@ -201,10 +240,11 @@ class Trainer(TrainStep, RunLog, FaultHandling):
                     elif not self.dist.enabled:
                         stop = self.stop_signal is not None  # one process: nothing to agree on, stop after this step
                     self._bar.update(1)
-                    if stop or (max_steps is not None and self.step >= max_steps):
+                    at_max = max_steps is not None and self.step >= max_steps
+                    if stop or at_max or (cut is not None and self.step >= cut):
                         self._flush(pending, writer, csv_file, tb, float("nan"), 0.0)
                         pending = []
-                        stopped_by = "signal" if stop else "max_steps"
+                        stopped_by = "signal" if stop else "max_steps" if at_max else "budget"
                         raise StopRequested
                 self._flush(pending, writer, csv_file, tb, float("nan"), 0.0)
                 pending = []
@@ -222,7 +262,10 @@ class Trainer(TrainStep, RunLog, FaultHandling):
                 )
         except StopRequested:
             self._checkpoint(epoch=self.epoch, next_itr=self.next_itr)
-            status = "interrupted" if stopped_by == "signal" else "max_steps"
+            status = {"signal": "interrupted", "max_steps": "max_steps", "budget": "done"}[stopped_by]
+            if stopped_by == "budget":
+                self._say(f"fastjepa: time budget: stopped after {self.next_itr} of {self.ipe} steps of epoch {self.epoch + 1} "
+                          f"(optimization.budget_steps={cut})")  # fmt: skip
         except NonFiniteLoss as exc:
             status = "non_finite"
             raise NonFiniteLoss(

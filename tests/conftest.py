@@ -13,6 +13,11 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# `python -m fastjepa.train` in a subprocess trains with one thread per core other processes
+# leave free (fastjepa.training.cpu); the tests compare its losses bit for bit with runs in
+# this process, which needs the same thread count whatever the machine's load
+os.environ.setdefault("OMP_NUM_THREADS", str(torch.get_num_threads()))
+
 
 def triton_skip_reason(availability) -> str | None:
     """Why the ``triton``-marked tests cannot run, given ``fastjepa.ops.available()["triton"]``,

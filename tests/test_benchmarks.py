@@ -464,3 +464,13 @@ def test_gpu_check_parts_survive_each_others_failures(tmp_path, case):
         data = json.loads((out / "data.json").read_text())
         assert data["sets"]["500x375"]["per_core"]["fastjepa"]["images_per_s"] > 0  # written before the late raise
         assert "data.md" in names and "train_step.json" not in names
+
+
+@pytest.mark.slow
+def test_contention_benchmark_runs_each_case_once(tmp_path):
+    # one step per case, fastjepa's path only: the harness, not the numbers
+    _run("benchmarks/bench_contention.py", "--steps", "1", "--paths", "fastjepa", "--out", str(tmp_path), "--stem", "c")
+    result = json.loads((tmp_path / "c.json").read_text())
+    assert [(c["path"], c["policy"]) for c in result["cases"]] == [("fastjepa", "torch"), ("fastjepa", "fastjepa")]
+    assert all(c["idle_step_s"] > 0 and c["busy_step_s"] > 0 for c in result["cases"])
+    assert "| fastjepa | fastjepa |" in (tmp_path / "c.md").read_text()

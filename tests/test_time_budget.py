@@ -59,8 +59,10 @@ def test_timing_steps_leave_the_run_unchanged(tmp_path, compat):
             assert torch.equal(torch.as_tensor(v), torch.as_tensor(b["opt"]["state"][i][k])), f"opt state {i}.{k}"
 
 
-def test_a_tight_budget_trains_fewer_epochs_and_says_so(tmp_path, capsys):
-    cfg = load_config(None, [*TINY, "optimization.epochs=3", "optimization.warmup=2", "optimization.time_budget_s=0.000001"])
+def test_a_tight_budget_trains_fewer_epochs_and_says_so(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(time_budget, "measure_step_seconds", lambda trainer: 1.0)  # 6 steps an epoch: ~6.9 s
+    budget = 1.5 * 6 * time_budget.OVERHEAD  # one epoch fits, two do not
+    cfg = load_config(None, [*TINY, "optimization.epochs=3", "optimization.warmup=2", f"optimization.time_budget_s={budget}"])
     trainer = Trainer(cfg, tmp_path / "run", quiet=True)
     summary = trainer.fit()
     assert summary["status"] == "done" and summary["epochs"] == 1 and summary["step"] == 6
@@ -69,11 +71,13 @@ def test_a_tight_budget_trains_fewer_epochs_and_says_so(tmp_path, capsys):
     assert trainer.lr_sched.value(6) == pytest.approx(cfg["optimization"]["lr"])  # warmup ends at the (new) end of epoch 1
     err = capsys.readouterr().err
     assert "fastjepa: expected training time ~" in err and "1 of the configured 3 epochs x 6 steps at" in err
-    assert "optimization.time_budget_s=1e-06" in err
+    assert f"optimization.time_budget_s={budget:g}" in err
 
 
 def test_resume_keeps_the_chosen_epochs_without_measuring_again(tmp_path, monkeypatch, capsys):
-    args = [*TINY, "optimization.epochs=3", "optimization.time_budget_s=0.000001"]
+    monkeypatch.setattr(time_budget, "measure_step_seconds", lambda trainer: 1.0)
+    budget = 1.5 * 6 * time_budget.OVERHEAD
+    args = [*TINY, "optimization.epochs=3", f"optimization.time_budget_s={budget}"]
     part = Trainer(load_config(None, [*args, "meta.max_steps=3"]), tmp_path / "run", quiet=True).fit()
     assert part["status"] == "max_steps"
 
@@ -84,4 +88,4 @@ def test_resume_keeps_the_chosen_epochs_without_measuring_again(tmp_path, monkey
     capsys.readouterr()
     rest = Trainer(load_config(None, args), tmp_path / "run", resume=True, quiet=True).fit()
     assert rest["status"] == "done" and rest["epochs"] == 1 and rest["step"] == 6
-    assert "1 epoch(s), as chosen for optimization.time_budget_s=1e-06 when the run started" in capsys.readouterr().err
+    assert f"1 epoch(s), as chosen for optimization.time_budget_s={budget:g} when the run started" in capsys.readouterr().err

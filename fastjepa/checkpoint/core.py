@@ -100,9 +100,14 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any, str], None], *, 
                 f.flush()
                 os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        cause = exc.__context__
+        if isinstance(exc, RuntimeError) and isinstance(cause, OSError):
+            # torch.save reports a failed write (a full disk) as an "enforce fail" RuntimeError
+            # raised while handling the OSError: the OSError says what happened
+            raise OSError(cause.errno, cause.strerror or str(cause), str(path)) from None
         raise
     if durable:
         fsync_dir(path.parent)

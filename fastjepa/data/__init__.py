@@ -9,7 +9,7 @@ from torch.utils.data import Dataset
 
 from .decode import batch_to_device, resolve_decode
 from .embedded import EmbeddedMNIST, load_mnist_arrays
-from .folder import ImageFolder, SyntheticImages
+from .folder import ImageFolder, NoReadableImage, SyntheticImages
 from .transforms import RandomResizedCrop
 
 DATASETS = ("embedded", "imagefolder", "synthetic")
@@ -81,5 +81,5 @@ def loader_options(data_cfg: dict, dataset: Dataset, device: torch.device | str)
     return opts
 
 
-__all__ = ["DATASETS", "EmbeddedMNIST", "ImageFolder", "RandomResizedCrop", "SyntheticImages", "batch_to_device", "build_dataset",
+__all__ = ["DATASETS", "EmbeddedMNIST", "ImageFolder", "NoReadableImage", "RandomResizedCrop", "SyntheticImages", "batch_to_device", "build_dataset",
            "cores_per_process", "load_mnist_arrays", "loader_options", "resolve_decode"]  # fmt: skip

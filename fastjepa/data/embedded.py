@@ -12,12 +12,14 @@ import gzip
 import hashlib
 import importlib.util
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..checkpoint import atomic_write
 from .transforms import Normalize, RandomResizedCrop, SeededAugment, maybe_flip
 
 SPLIT_SEED = 0
@@ -48,21 +50,47 @@ def load_mnist_arrays() -> tuple[np.ndarray, np.ndarray]:
     key = hashlib.sha1(f"{src}:{src.stat().st_size}:{src.stat().st_mtime_ns}:{SPLIT_SEED}".encode()).hexdigest()[:12]
     cache = _cache_dir() / f"mnist5k-{key}.npz"
     if cache.is_file():
-        with np.load(cache) as z:
-            return z["images"], z["labels"]
+        cached = _read_cache(cache)
+        if isinstance(cached, tuple):
+            return cached
+        if cached == "damaged":
+            warnings.warn(f"the cached MNIST arrays {cache} are damaged; rebuilding them", RuntimeWarning, stacklevel=2)
     with gzip.open(src, "rt") as f:
         table = np.loadtxt(f, delimiter=",", dtype=np.int64)  # (5000, 785)
     images = table[:, :-1].astype(np.uint8).reshape(-1, 28, 28)
     labels = table[:, -1].astype(np.int64)
     order = np.random.default_rng(SPLIT_SEED).permutation(len(labels))  # the file is sorted by label
     images, labels = images[order], labels[order]
-    try:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(f".{os.getpid()}.tmp.npz")
-        np.savez(tmp, images=images, labels=labels)
-        os.replace(tmp, cache)
+    try:  # a temporary file renamed into place: a reader never sees half of one
+        digest = np.frombuffer(_digest(images, labels), dtype=np.uint8)
+        atomic_write(cache, lambda f, tmp: np.savez(f, images=images, labels=labels, sha256=digest))
     except OSError:
-        pass  # a read-only home only costs the parse next time
+        pass  # a read-only or full disk only costs the parse next time
+    return images, labels
+
+
+def _digest(images: np.ndarray, labels: np.ndarray) -> bytes:
+    h = hashlib.sha256()
+    h.update(np.ascontiguousarray(images).tobytes())
+    h.update(np.ascontiguousarray(labels).tobytes())
+    return h.digest()
+
+
+def _read_cache(path: Path) -> tuple[np.ndarray, np.ndarray] | str:
+    """The cached arrays if the file is whole and holds what was written (shapes, dtypes
+    and the SHA-256 stored beside them); else ``"damaged"``, or ``"unverified"`` for a
+    cache written without a digest (rebuilt quietly)."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if "sha256" not in z.files:
+                return "unverified"
+            images, labels, digest = z["images"], z["labels"], z["sha256"]
+    except Exception:  # a truncated or foreign file fails in many ways (BadZipFile, EOFError, KeyError, ValueError...)
+        return "damaged"
+    if images.dtype != np.uint8 or images.shape != (len(labels), 28, 28) or labels.dtype != np.int64 or labels.ndim != 1:
+        return "damaged"
+    if digest.dtype != np.uint8 or digest.tobytes() != _digest(images, labels):
+        return "damaged"
     return images, labels
 
 

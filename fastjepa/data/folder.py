@@ -32,6 +32,76 @@ UNREADABLE = (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.De
 OUTPUTS = ("float", "uint8")
 
 
+class NoReadableImage(ValueError):
+    """Every file of an image folder failed to read."""
+
+
+def _key(st: os.stat_result) -> tuple[int, int]:
+    return st.st_dev, st.st_ino
+
+
+class _Walk:
+    """Image files under folders, following symbolic links but never into a real folder
+    twice (a link to ``.`` or ``..`` would otherwise loop, and two links to each other
+    branch without end) and never counting a real file twice; what it passes over is
+    kept in ``skipped`` (paths of links to a folder already walked, a file already
+    counted, or nothing)."""
+
+    def __init__(self):
+        self.seen_dirs: set[tuple[int, int]] = set()
+        self.seen_files: set[tuple[int, int]] = set()
+        self.skipped: list[str] = []
+
+    def images(self, folder: Path, recurse: bool = True) -> list[str]:
+        """The image files under ``folder`` in ``sorted(os.walk(...))`` order (by folder
+        path, then file name)."""
+        try:
+            st = os.stat(folder)
+        except OSError:
+            self.skipped.append(str(folder))
+            return []
+        if _key(st) in self.seen_dirs:
+            self.skipped.append(str(folder))
+            return []
+        self.seen_dirs.add(_key(st))
+        listing: list[tuple[str, list[tuple[str, tuple[int, int]]]]] = []
+        stack = [str(folder)]
+        while stack:
+            top = stack.pop()
+            try:
+                entries = sorted(os.scandir(top), key=lambda e: e.name)
+            except OSError:
+                continue
+            files = []
+            for e in entries:
+                try:
+                    st = e.stat()  # follows links
+                except OSError:  # a link to nothing
+                    if e.is_symlink():
+                        self.skipped.append(e.path)
+                    continue
+                if e.is_dir():
+                    if not recurse:
+                        continue
+                    if _key(st) in self.seen_dirs:
+                        self.skipped.append(e.path)
+                        continue
+                    self.seen_dirs.add(_key(st))
+                    stack.append(e.path)
+                elif e.name.lower().endswith(IMG_EXTENSIONS):
+                    files.append((e.path, _key(st)))
+            listing.append((top, files))
+        found: list[str] = []
+        for _, files in sorted(listing):
+            for path, key in files:
+                if key in self.seen_files:
+                    self.skipped.append(path)
+                    continue
+                self.seen_files.add(key)
+                found.append(path)
+        return found
+
+
 class ImageFolder(SeededAugment, Dataset):
     """Images under ``root/<class>/``, labelled by sorted class-folder name."""
 
@@ -59,15 +129,23 @@ class ImageFolder(SeededAugment, Dataset):
             raise FileNotFoundError(f"image folder {root} does not exist (set data.root_path and data.image_folder)")
         classes = sorted(d.name for d in root.iterdir() if d.is_dir())
         samples: list[tuple[str, int]] = []
+        walk = _Walk()
         if classes:
+            walk.seen_dirs.add(_key(os.stat(root)))  # a link back to the root is a loop
             for label, cls in enumerate(classes):
-                for dirpath, _, files in sorted(os.walk(root / cls, followlinks=True)):
-                    for f in sorted(files):
-                        if f.lower().endswith(IMG_EXTENSIONS):
-                            samples.append((os.path.join(dirpath, f), label))
+                samples.extend((path, label) for path in walk.images(root / cls))
         else:  # a flat folder of images: one class
             classes = [root.name]
-            samples = [(str(p), 0) for p in sorted(root.iterdir()) if p.suffix.lower() in IMG_EXTENSIONS]
+            samples = [(path, 0) for path in walk.images(root, recurse=False)]
+        self.skipped_links = walk.skipped
+        if walk.skipped:
+            example = walk.skipped[0]
+            warnings.warn(
+                f"image folder {root}: skipped {len(walk.skipped)} link(s) to a folder already walked, a file already "
+                f"counted or nothing (e.g. {example}); each real folder is walked once and each real file counted once",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         if not samples:
             raise FileNotFoundError(
                 f"image folder {root} holds no images (expected {root}/<class>/<image> with one of {', '.join(IMG_EXTENSIONS)})"
@@ -121,7 +199,10 @@ class ImageFolder(SeededAugment, Dataset):
         for step in range(len(self.samples)):
             index = (i + step) % len(self.samples)
             yield index, self.samples[index]
-        raise RuntimeError(f"no readable image in {self.root}")
+        raise NoReadableImage(
+            f"no readable image in {self.root}: all {len(self.samples)} image file(s) failed to open or decode "
+            f"(first: {self.samples[0][0]})"
+        )
 
     def cpu_crop(self, i: int) -> tuple[torch.Tensor, int, torch.Generator]:
         """(uint8 (3, S, S) crop, label, the sample's generator after its box draws) of sample

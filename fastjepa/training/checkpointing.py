@@ -66,6 +66,7 @@ class FaultHandling:
             restore_checkpoint(path, ckpt, self.model, self.optimizer, self.scaler)
         self.epoch = int(ckpt["epoch"])
         self.next_itr = int(extra.get("next_itr", 0))
+        self._check_same_batches(path, ckpt)
         self.step = int(extra.get("step", self.epoch * self.ipe + self.next_itr))
         self.images_seen = int(extra.get("images_seen", 0))
         loss = ckpt.get("loss")
@@ -80,6 +81,21 @@ class FaultHandling:
         self.collator.set_reference_counter(self.step)  # mask.compat=reference: its counter, one batch a step
         self.resumed_from = path
         self._say(f"resumed from {path}: epoch {self.epoch}, iteration {self.next_itr}, step {self.step}")
+
+    def _check_same_batches(self, path: Path, ckpt: dict) -> None:
+        """A checkpoint written mid-epoch counts that epoch's progress in batches of its own
+        size: resumed with another global batch, the rest of the epoch would repeat or skip
+        images and the step counter would outrun the schedules. Refused with one line."""
+        if self.next_itr == 0:
+            return
+        then = (ckpt.get("batch_size"), ckpt.get("world_size", 1))
+        now = (self.cfg["data"]["batch_size"], self.dist.world_size)
+        if then[0] is not None and (int(then[0]) * int(then[1] or 1)) != now[0] * now[1]:
+            raise CheckpointError(
+                f"checkpoint {path} stopped mid-epoch (iteration {self.next_itr}) with data.batch_size={then[0]} on "
+                f"{then[1]} process(es); this run has data.batch_size={now[0]} on {now[1]}: resume with the same global "
+                "batch, or from a checkpoint written at the end of an epoch"
+            )
 
     def _checkpoint(self, *, epoch: int, next_itr: int, extra_name: str | None = None) -> Path | None:
         # never write non-finite weights over a good checkpoint (a finite loss can still

@@ -17,7 +17,8 @@ class TrainStep:
 
     def _build_schedules(self) -> None:
         opt = self.cfg["optimization"]
-        total = int(opt["epochs"] * self.ipe * opt["ipe_scale"])
+        cut = opt["budget_steps"]  # a run cut within its first epoch: the schedules span its steps
+        total = int((cut if cut is not None else opt["epochs"] * self.ipe) * opt["ipe_scale"])
         warmup = int(opt["warmup"] * self.ipe)
         self.lr_sched = WarmupCosineLR(opt["start_lr"], opt["lr"], opt["final_lr"], warmup, total)
         self.wd_sched = CosineWD(opt["weight_decay"], opt["final_weight_decay"], total)

@@ -6,10 +6,14 @@ count tuned for one machine, the trainer times a few real optimizer steps before
 training, on the run's own model and data, restores every piece of state those steps
 touched (weights, EMA target, optimizer state, RNG), and then trains
 ``min(optimization.epochs, what fits the budget)`` epochs. It only ever lowers the epoch
-count, and it says what it chose.
+count, and it says what it chose. When not even one epoch fits, it cuts within the first
+epoch: the run trains ``optimization.budget_steps`` optimizer steps (what fits, at least
+one), its schedules compressed to that length (warmup keeps its share of the run), and
+the printed expectation says so.
 
-The chosen count is part of the run's resolved config (``config.yaml``), so ``--resume``
-reads it from there instead of measuring again: a resumed run keeps its schedule.
+The chosen count (epochs, and the step cut) is part of the run's resolved config
+(``config.yaml``), so ``--resume`` reads it from there instead of measuring again: a
+resumed run keeps its schedule.
 """
 
 from __future__ import annotations
@@ -35,15 +39,27 @@ class Plan:
     step_s: float  # measured seconds per optimizer step (0 where nothing was measured)
     steps_per_epoch: int
     budget_s: float
+    steps: int | None = None  # optimizer steps of the whole run when it is cut within epoch 1 (None: whole epochs)
 
     @property
     def expected_s(self) -> float:
-        return self.epochs * self.steps_per_epoch * self.step_s * OVERHEAD
+        steps = self.steps if self.steps is not None else self.epochs * self.steps_per_epoch
+        return steps * self.step_s * OVERHEAD
 
     def describe(self) -> str:
         if self.step_s == 0:
-            return (f"fastjepa: {self.epochs} epoch(s), as chosen for optimization.time_budget_s={self.budget_s:g} "
-                    "when the run started (from its config.yaml)")
+            what = (f"{self.steps} of the {self.steps_per_epoch} steps of epoch 1" if self.steps is not None
+                    else f"{self.epochs} epoch(s)")  # fmt: skip
+            return (f"fastjepa: {what}, as chosen for optimization.time_budget_s={self.budget_s:g} "
+                    "when the run started (from its config.yaml)")  # fmt: skip
+        if self.steps is not None:
+            epoch_s = self.steps_per_epoch * self.step_s * OVERHEAD
+            return (
+                f"fastjepa: expected training time ~{self.expected_s:.0f} s: one epoch ({self.steps_per_epoch} steps, "
+                f"~{epoch_s:.0f} s) does not fit optimization.time_budget_s={self.budget_s:g}, so the run stops after "
+                f"{self.steps} steps of epoch 1 at {1000 * self.step_s:.0f} ms/step (measured; schedules fitted to "
+                f"{self.steps} steps)"
+            )
         what = (
             f"{self.epochs} epoch(s)"
             if self.epochs == self.configured_epochs
@@ -61,6 +77,14 @@ def epochs_for_budget(budget_s: float, step_s: float, steps_per_epoch: int, max_
         return max_epochs
     fit = math.floor(budget_s / (steps_per_epoch * step_s * OVERHEAD))
     return max(1, min(max_epochs, fit))
+
+
+def steps_for_budget(budget_s: float, step_s: float, steps_per_epoch: int) -> int | None:
+    """When one epoch of ``steps_per_epoch`` steps does not fit ``budget_s``: the steps that
+    do (at least 1); None when an epoch fits (or nothing was measured)."""
+    if step_s <= 0 or steps_per_epoch <= 0 or budget_s >= steps_per_epoch * step_s * OVERHEAD:
+        return None
+    return max(1, min(steps_per_epoch - 1, math.floor(budget_s / (step_s * OVERHEAD))))
 
 
 def measure_step_seconds(trainer) -> float:
@@ -108,13 +132,24 @@ def measure_step_seconds(trainer) -> float:
 
 def resumed_epochs(out: Path) -> int | None:
     """The epoch count a budgeted run chose, from its folder's ``config.yaml`` (None if absent)."""
+    return resumed_choice(out)[0]
+
+
+def resumed_choice(out: Path) -> tuple[int | None, int | None]:
+    """(epochs, step cut or None) a budgeted run chose, from its folder's ``config.yaml``
+    ((None, None) if absent)."""
     from ..config import read_yaml
 
     path = Path(out) / "config.yaml"
     if not path.is_file():
-        return None
+        return None, None
     saved = read_yaml(path).get("optimization", {})
-    return saved.get("epochs") if isinstance(saved.get("epochs"), int) else None
+    if not isinstance(saved, dict):
+        return None, None
+    epochs, steps = saved.get("epochs"), saved.get("budget_steps")
+    ok = isinstance(epochs, int) and not isinstance(epochs, bool) and epochs >= 1
+    cut = steps if isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1 else None
+    return (epochs, cut) if ok else (None, None)
 
 
 def plan(trainer, *, resume: bool) -> Plan | None:
@@ -125,8 +160,9 @@ def plan(trainer, *, resume: bool) -> Plan | None:
         return None
     configured = opt["epochs"]
     if resume:
-        chosen = resumed_epochs(trainer.out)
+        chosen, cut = resumed_choice(trainer.out)
         if chosen is not None:
-            return Plan(chosen, configured, 0.0, trainer.ipe, budget)
+            return Plan(chosen, configured, 0.0, trainer.ipe, budget, cut)
     step_s = measure_step_seconds(trainer)
-    return Plan(epochs_for_budget(budget, step_s, trainer.ipe, configured), configured, step_s, trainer.ipe, budget)
+    cut = steps_for_budget(budget, step_s, trainer.ipe)
+    return Plan(epochs_for_budget(budget, step_s, trainer.ipe, configured), configured, step_s, trainer.ipe, budget, cut)
