@@ -41,6 +41,7 @@ from .checkpoint import (
     numpy_rng_to_plain,
     plain,
     read_checkpoint,
+    resolve_run_checkpoint,
     strip_module_prefix,
 )
 
@@ -142,18 +143,6 @@ def save_safetensors(state: Mapping[str, torch.Tensor], metadata: Mapping[str, s
     atomic_write(path, lambda f, tmp: f.write(data))
 
 
-def _resolve_source(src: Path) -> Path:
-    """A run folder's latest checkpoint, or ``src`` itself."""
-    if not src.is_dir():
-        return src
-    found = sorted(src.glob("*-latest.pth.tar"))
-    if len(found) == 1:
-        return found[0]
-    if not found:
-        raise CheckpointError(f"{src} is a folder without a <tag>-latest.pth.tar: pass a run folder or a checkpoint file")
-    raise CheckpointError(f"{src} holds several latest checkpoints ({', '.join(p.name for p in found)}): pass one of them")
-
-
 def export_encoder(
     src: str | os.PathLike,
     dst: str | os.PathLike,
@@ -162,15 +151,17 @@ def export_encoder(
     config: str | os.PathLike | None = None,
     overrides: Sequence[str] = (),
     trust: bool = False,
+    prefer: str = "best",
 ) -> dict[str, str]:
     """Write ``src``'s target encoder (``which="context"``: the context encoder) to the
     safetensors file ``dst``, parameter names as the reference's, its architecture in the
     metadata. ``src``: a run folder, a fastjepa or reference checkpoint, or a safetensors
     file. The architecture of a reference checkpoint comes from ``config`` / ``overrides``
-    or its weight shapes, as for evaluation. Returns the metadata."""
+    or its weight shapes, as for evaluation. A run folder gives its best checkpoint
+    (``prefer="latest"``: its latest; :func:`resolve_run_checkpoint`). Returns the metadata."""
     from .eval import ENCODER_KEYS, load_target_encoder
 
-    src, dst = _resolve_source(Path(src)), Path(dst)
+    src, dst = resolve_run_checkpoint(src, prefer), Path(dst)
     if not dst.name.endswith(SAFETENSORS_SUFFIX):
         raise CheckpointError(f"export: {dst} should end in {SAFETENSORS_SUFFIX}")
     encoder, cfg, info = load_target_encoder(src, config, overrides, which, trust=trust)
@@ -250,7 +241,10 @@ def _parse_args(argv=None) -> argparse.Namespace:
         description="Write the target encoder of a run folder or checkpoint to OUT.safetensors, parameter names as "
         "the reference's, the architecture in the metadata (load_encoder and fastjepa.eval read it).",
     )
-    ex.add_argument("source", metavar="RUN_OR_FILE", help="a run folder (its <tag>-latest.pth.tar) or a checkpoint file")
+    ex.add_argument(
+        "source", metavar="RUN_OR_FILE", help="a run folder (its <tag>-best.pth.tar, else <tag>-latest.pth.tar) or a checkpoint file"
+    )
+    ex.add_argument("--latest", action="store_true", help="from a run folder: its latest checkpoint, not the best")
     ex.add_argument("output", metavar="OUT.safetensors")
     ex.add_argument("--encoder", choices=("target", "context"), default="target", help="which network (default: target)")
     ex.add_argument("--config", help="YAML config for the architecture of a reference checkpoint (default: its weight shapes)")
@@ -272,6 +266,12 @@ def _parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def _why(picked: Path) -> str:
+    if picked.name.endswith("-best.pth.tar"):
+        return " (the epoch with the highest target RankMe; --latest for the latest)"
+    return ""
+
+
 def main(argv=None) -> int:
     args = _parse_args(argv)
     from .config import ConfigError
@@ -279,9 +279,14 @@ def main(argv=None) -> int:
 
     try:
         if args.command == "export":
+            prefer = "latest" if args.latest else "best"
+            if Path(args.source).is_dir():
+                picked = resolve_run_checkpoint(args.source, prefer)
+                print(f"fastjepa.checkpoint: {args.source} is a run folder: exporting {picked.name}{_why(picked)}", file=sys.stderr)
             meta = export_encoder(
-                args.source, args.output, which=args.encoder, config=args.config, overrides=args.overrides, trust=args.trust_checkpoint
-            )
+                args.source, args.output, which=args.encoder, config=args.config, overrides=args.overrides, trust=args.trust_checkpoint,
+                prefer=prefer,
+            )  # fmt: skip
             arch = ", ".join(f"{k} {meta[k]}" for k in ARCH_FIELDS)
             print(f"fastjepa.checkpoint: wrote {args.output}: {meta['network']}, {meta['model_name']} ({arch})")
         else:

@@ -59,7 +59,7 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
-from .checkpoint import CheckpointError, atomic_write_text, read_checkpoint, strip_module_prefix
+from .checkpoint import CheckpointError, atomic_write_text, read_checkpoint, resolve_run_checkpoint, strip_module_prefix
 from .config import ConfigError, load_config
 
 # the features and classifiers live in fastjepa/evaluation/; they are this module's API too
@@ -153,23 +153,25 @@ def quick_probe(
     quiet = (not sys.stderr.isatty()) if quiet is None else quiet
     cache_dir = default_cache_dir() if cache_dir is None else cache_dir
     ckpt_path = run_dir / f"{cfg['logging']['write_tag']}-latest.pth.tar"
-    encoder = _build_encoder(cfg)
-    ckpt = read_checkpoint(ckpt_path)
-    if "target_encoder" not in ckpt:
-        raise CheckpointError(f"checkpoint {ckpt_path} has no 'target_encoder'")
-    try:
-        encoder.load_state_dict(strip_module_prefix(ckpt["target_encoder"]), strict=True)
-    except RuntimeError as exc:
-        raise CheckpointError(f"checkpoint {ckpt_path}: 'target_encoder' does not fit the config's model: {exc}") from None
+    best_path = run_dir / f"{cfg['logging']['write_tag']}-best.pth.tar"
+    encoder, ckpt = _quick_encoder(cfg, ckpt_path)
     train, val, desc = eval_datasets(cfg, "embedded")
     train = _limit(train, QUICK_TRAIN)
     common = dict(layers=1, cache_dir=cache_dir, quiet=quiet)
     t0 = time.perf_counter()
     result = evaluate_encoder(encoder, train, val, name="trained", **common)
     baseline = evaluate_encoder(random_init_encoder(cfg), train, val, name="random init", **common)
+    best = None
+    if best_path.is_file():  # the kept checkpoint (highest target RankMe): probed too, unless it is the latest
+        best_encoder, best_ckpt = _quick_encoder(cfg, best_path)
+        same = best_ckpt.get("epoch") == ckpt.get("epoch")
+        scores = result if same else evaluate_encoder(best_encoder, train, val, name="best", **common)
+        best = {**scores, "epoch": best_ckpt.get("epoch"), "checkpoint": str(best_path), "same_as_latest": same,
+                "target_rankme": best_ckpt.get("fastjepa", {}).get("health", {}).get("best_rankme")}  # fmt: skip
     out = {
         **result,
         "random_init": baseline,
+        "best": best,
         "checkpoint": str(ckpt_path),
         "epoch": ckpt.get("epoch"),
         "evaluated": "checkpoint",
@@ -185,6 +187,19 @@ def quick_probe(
     return out
 
 
+def _quick_encoder(cfg: dict, path: Path) -> tuple[Any, dict[str, Any]]:
+    """The target encoder of the run's checkpoint ``path`` (the run's own config)."""
+    encoder = _build_encoder(cfg)
+    ckpt = read_checkpoint(path)
+    if "target_encoder" not in ckpt:
+        raise CheckpointError(f"checkpoint {path} has no 'target_encoder'")
+    try:
+        encoder.load_state_dict(strip_module_prefix(ckpt["target_encoder"]), strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"checkpoint {path}: 'target_encoder' does not fit the config's model: {exc}") from None
+    return encoder, ckpt
+
+
 # -- command line
 
 
@@ -196,9 +211,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument(
         "--checkpoint",
-        help="a fastjepa checkpoint, a reference I-JEPA one (keys encoder/predictor/target_encoder), or an encoder "
-        "exported to .safetensors (python -m fastjepa.checkpoint export); opened weights-only",
+        help="a fastjepa checkpoint, a reference I-JEPA one (keys encoder/predictor/target_encoder), an encoder "
+        "exported to .safetensors (python -m fastjepa.checkpoint export), or a run folder (its <tag>-best.pth.tar, "
+        "the epoch with the highest target RankMe, else its <tag>-latest.pth.tar); opened weights-only",
     )
+    p.add_argument("--latest", action="store_true", help="with a run folder: its latest checkpoint, not the best")
     p.add_argument(
         "--trust-checkpoint",
         action="store_true",
@@ -326,10 +343,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.epochs is not None:
         return run_epochs(args, quiet)
     if args.checkpoint is not None and Path(args.checkpoint).is_dir():
-        raise EvalError(
-            f"--checkpoint {args.checkpoint} is a folder: pass one of its .pth.tar files, or add --epochs all "
-            "to evaluate each epoch's checkpoint"
-        )
+        # a run folder: its best checkpoint (highest target RankMe), else its latest; --latest: the latest
+        folder = Path(args.checkpoint)
+        picked = resolve_run_checkpoint(folder, "latest" if args.latest else "best")
+        why = " (the epoch with the highest target RankMe; --latest for the latest)" if picked.name.endswith("-best.pth.tar") else ""
+        print(f"fastjepa.eval: {folder} is a run folder: evaluating {picked.name}{why}", file=sys.stderr, flush=True)
+        args.checkpoint = str(picked)
     if args.checkpoint is None and not args.random_init:
         raise EvalError("no --checkpoint given: pass --checkpoint runs/<run>/jepa-latest.pth.tar, or --random-init --config FILE")
     if args.checkpoint is not None and not Path(args.checkpoint).is_file():

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 from . import time_budget
 from .config import dump_config
 from .data import build_dataset, loader_options
+from .health import CollapseDetector
 from .distributed import DistInfo, ResumableSampler, ddp_device_kwargs, rank_device
 from .masks import MaskCollator
 from .ops._dispatch import cpu_has_bf16
@@ -72,6 +73,12 @@ class Trainer(TrainStep, RunLog, FaultHandling):
         self.tag = cfg["logging"]["write_tag"]
         self.latest = self.out / f"{self.tag}-latest.pth.tar"
         self.prev = self.out / f"{self.tag}-prev.pth.tar"
+        self.best = self.out / f"{self.tag}-best.pth.tar"  # the epoch checkpoint with the highest target RankMe
+        hc = cfg["health"]
+        self.collapse = CollapseDetector(hc["rankme_fraction"], hc["std_floor"], hc["patience"])
+        self.last_rankme = float("nan")  # the last log step's target RankMe (mean over ranks)
+        self.best_rankme = float("-inf")
+        self.collapse_reason: str | None = None  # set when the detector stops the run
 
         seed_everything(meta["seed"])
         self.model = build_model(cfg).to(self.device)
@@ -191,11 +198,13 @@ class Trainer(TrainStep, RunLog, FaultHandling):
                     imgs, masks_enc, masks_pred = self._batch_to_device(udata, masks_enc, masks_pred)
                     log_now = (itr % log_freq == 0) or itr == self.ipe - 1
                     with self._backend_context():
-                        loss, grads, (lr, wd, mom) = self.train_step(imgs, masks_enc, masks_pred, want_grads=log_now)
+                        loss, grads, (lr, wd, mom) = self.train_step(
+                            imgs, masks_enc, masks_pred, want_grads=log_now, want_health=log_now and cfg["health"]["enabled"]
+                        )
                     pending.append(
                         dict(epoch=self.epoch + 1, itr=itr, step=self.step, loss=loss, lr=lr, wd=wd, momentum=mom,
                              mask_enc=masks_enc[0].size(1), mask_pred=masks_pred[0].size(1), t0=t0, grads=grads,
-                             skipped=self.last_skipped)
+                             skipped=self.last_skipped, health=self.last_health)
                     )  # fmt: skip
                     self.step += 1
                     self.next_itr = itr + 1
@@ -215,7 +224,7 @@ class Trainer(TrainStep, RunLog, FaultHandling):
                     if stop or (max_steps is not None and self.step >= max_steps):
                         self._flush(pending, writer, csv_file, tb, float("nan"), 0.0)
                         pending = []
-                        stopped_by = "signal" if stop else "max_steps"
+                        stopped_by = ("collapse" if self.collapse_reason else "signal") if stop else "max_steps"
                         raise StopRequested
                 self._flush(pending, writer, csv_file, tb, float("nan"), 0.0)
                 pending = []
@@ -233,7 +242,7 @@ class Trainer(TrainStep, RunLog, FaultHandling):
                 )
         except StopRequested:
             self._checkpoint(epoch=self.epoch, next_itr=self.next_itr)
-            status = "interrupted" if stopped_by == "signal" else "max_steps"
+            status = {"signal": "interrupted", "collapse": "collapsed"}.get(stopped_by, "max_steps")
         except NonFiniteLoss as exc:
             status = "non_finite"
             raise NonFiniteLoss(
@@ -262,6 +271,9 @@ class Trainer(TrainStep, RunLog, FaultHandling):
             "final_loss": self.last_loss,
             "output": str(self.out),
             "checkpoint": str(self.latest),
+            "best_checkpoint": str(self.best) if self.best.is_file() else None,
+            "best_rankme": self.best_rankme if self.best.is_file() else None,
+            "collapse": self.collapse_reason,
             "csv": str(self.out / "log.csv"),
         }
         if status == "interrupted":

@@ -315,7 +315,6 @@ def test_cli_epochs_evaluates_each_epoch_checkpoint(tmp_path, capsys):
     [
         (["--epochs", "3"], "no checkpoint for epoch\\(s\\) \\[3\\].*it has \\[1\\]"),
         (["--epochs", "one"], "expected 'all' or epoch numbers"),
-        ([], "is a folder: pass one of its .pth.tar files, or add --epochs all"),
     ],
 )
 def test_cli_epochs_errors_say_what_to_do(tmp_path, capsys, args, message):
