@@ -129,9 +129,15 @@ class RunLog:
 
     def _health_row(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         """One log step's health metrics, in :data:`fastjepa.health.HEALTH_COLUMNS` order, as
-        a float64 tensor on the device (the RankMe SVDs of the step's pooled features)."""
+        a float64 tensor on the device. The RankMe columns are RankMe's formula on the
+        batch-centred pooled features (:func:`fastjepa.health.effective_rank` with
+        ``center=True``, the quantity evaluation reports as ``feature_effective_rank``): the
+        uncentred form is dominated by the mean feature every image shares after the final
+        LayerNorm, and moves little while the spread collapses (docs/eval.md)."""
         t_std, c_std, p_std, cos = tensors["stats"].double().unbind()
-        return torch.stack([health.rankme(tensors["target"]).double(), t_std, health.rankme(tensors["context"]).double(), c_std, p_std, cos])
+        t_rank = health.effective_rank(tensors["target"], center=True).double()
+        c_rank = health.effective_rank(tensors["context"], center=True).double()
+        return torch.stack([t_rank, t_std, c_rank, c_std, p_std, cos])
 
     def _watch_health(self, pending: list[dict], health_rows: list[dict | None]) -> bool:
         """Feed the collapse detector; keep the last target RankMe (the best checkpoint's
