@@ -227,3 +227,55 @@ def test_eval_and_export_take_a_run_folder(tmp_path, capsys):
     assert read_safetensors(tmp_path / "b.safetensors")[1]["epoch"] == "1"
     assert checkpoint_main(["export", str(run), str(tmp_path / "l.safetensors"), "--latest"]) == 0
     assert read_safetensors(tmp_path / "l.safetensors")[1]["epoch"] == "2"
+
+
+def test_quick_probe_probes_the_kept_checkpoint_too(tmp_path):
+    from fastjepa.eval import quick_probe
+
+    run = tmp_path / "r"
+    cfg = load_config(None, [*TINY, "health.patience=100"])
+    t = Trainer(cfg, run, quiet=True)
+    collapse_target_from(t, 6)
+    t.fit()
+    res = quick_probe(run, cfg, quiet=True, cache_dir=tmp_path / "cache")
+    assert res["epoch"] == 2 and res["best"]["epoch"] == 1 and not res["best"]["same_as_latest"]
+    assert 0.0 <= res["best"]["linear_probe_top1"] <= 1.0 and res["best"]["target_rankme"] > 0
+
+
+@pytest.mark.slow
+def test_bench_health_writes_json_and_markdown(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    r = subprocess.run([sys.executable, "benchmarks/bench_health.py", "--shapes", "tiny", "--repeats", "1", "--warmup", "1",
+                        "--out", str(tmp_path), "--stem", "h"], cwd=root, env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    row = json.loads((tmp_path / "h.json").read_text())["rows"][0]
+    assert row["shape"] == "tiny" and row["step_off_ms"] > 0 and row["metrics_ms"] > 0
+    assert "| tiny |" in (tmp_path / "h.md").read_text()
+
+
+def test_health_scalars_reach_tensorboard_and_wandb(tmp_path, monkeypatch):
+    import fastjepa.trainer as trainer_module
+
+    logged = []
+
+    class Recorder:
+        def __init__(self, out, cfg):
+            pass
+
+        def log(self, step, **values):
+            logged.append((step, values))
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(trainer_module, "ScalarLoggers", Recorder)
+    Trainer(load_config(None, [*TINY, "optimization.epochs=1"]), tmp_path / "r", quiet=True).fit()
+    with_health = [step for step, v in logged if set(health.HEALTH_COLUMNS) <= set(v)]
+    assert with_health == [0, 2, 4, 5] and all(math.isfinite(v["target_rankme"]) for s, v in logged if s in with_health)
