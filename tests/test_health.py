@@ -175,7 +175,7 @@ def test_on_collapse_stop_writes_the_checkpoint_and_says_why(tmp_path, capsys):
 def test_train_cli_exits_non_zero_on_collapse(tmp_path, monkeypatch, capsys):
     from fastjepa import train
 
-    monkeypatch.setattr(health.CollapseDetector, "update", lambda self, step, r, s: "step %d: representation collapse: forced" % step)
+    monkeypatch.setattr(health.CollapseDetector, "update", lambda self, step, r, s: f"step {step}: representation collapse: forced")
     rc = train.main(["--output", str(tmp_path / "r"), *TINY, "meta.on_collapse=stop"])
     err = capsys.readouterr().err
     assert rc == 4 and "fastjepa.train: stopped on collapse (meta.on_collapse=stop): step 0: representation collapse: forced" in err
