@@ -279,3 +279,19 @@ def test_health_scalars_reach_tensorboard_and_wandb(tmp_path, monkeypatch):
     Trainer(load_config(None, [*TINY, "optimization.epochs=1"]), tmp_path / "r", quiet=True).fit()
     with_health = [step for step, v in logged if set(health.HEALTH_COLUMNS) <= set(v)]
     assert with_health == [0, 2, 4, 5] and all(math.isfinite(v["target_rankme"]) for s, v in logged if s in with_health)
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_every_rank_stops_together_on_collapse(tmp_path, mode):
+    """Under torchrun the detector judges the all-reduced values: every rank fires at the
+    same log step and stops (a rank left behind would hang in the next collective)."""
+    from .test_distributed import torchrun
+
+    extra = ["meta.fsdp=true"] if mode == "fsdp" else []
+    r = torchrun(tmp_path / mode, *extra, "health.std_floor=1000.0", "health.patience=2", "meta.on_collapse=stop")
+    assert r.returncode != 0, (r.stdout + r.stderr)[-3000:]
+    assert "stopped on collapse (meta.on_collapse=stop): step 2: representation collapse: target_std" in r.stderr, r.stderr[-3000:]
+    ckpt = read_checkpoint(tmp_path / mode / "jepa-latest.pth.tar")
+    assert ckpt["fastjepa"]["step"] == 3 and ckpt["fastjepa"]["health"]["detector"]["fired"]
+    logged = [row for row in rows(tmp_path / mode) if row["target_rankme"]]
+    assert [int(row["step"]) for row in logged] == [0, 2] and all(float(row["target_std"]) > 0 for row in logged)
