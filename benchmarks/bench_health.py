@@ -31,6 +31,7 @@ import torch
 from _common import DEVICE, ON_GPU, sync  # sets TRITON_INTERPRET on CPU; puts the checkout on sys.path
 from _report import cpu_name, write_report
 
+from fastjepa import health
 from fastjepa.config import load_config
 from fastjepa.trainer import Trainer
 
@@ -66,7 +67,7 @@ def _log_step(t: Trainer, batch: tuple, health: bool) -> None:
 
 def _metrics_only(t: Trainer, batch: tuple):
     """The health work of one log step, on outputs kept from one forward."""
-    outputs: dict[str, torch.Tensor] = {}
+    outputs: dict = {}
     hooks = t._health_hooks(outputs)
     try:
         with torch.no_grad(), t._backend_context():
@@ -76,8 +77,10 @@ def _metrics_only(t: Trainer, batch: tuple):
             h.remove()
     masks_pred, nenc = batch[2], len(batch[1])
 
-    def run():
-        t._health_row(t._health_tensors(outputs, masks_pred, nenc)).tolist()
+    def run():  # the hooks' pooling, the step's stds and cosine, the log step's SVDs
+        fresh = {k: outputs[k] for k in ("target", "context", "pred")}
+        fresh.update({f"{k}_pooled": [health.pooled(outputs[k])] for k in ("target", "context", "pred")})
+        t._health_row(t._health_tensors(fresh, masks_pred, nenc)).tolist()
 
     return run
 

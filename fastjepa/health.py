@@ -63,9 +63,11 @@ def pooled(tokens: torch.Tensor) -> torch.Tensor:
 def spread(x: torch.Tensor) -> torch.Tensor:
     """The std of (n, dim) features across their rows, per dimension, averaged over the
     dimensions (0-dim fp32). 0 when every row is the same: the collapse of all inputs onto
-    one output."""
-    if x.dim() != 2 or x.size(0) < 2:
-        raise ValueError(f"spread: expected features of shape (n >= 2, dim), got {tuple(x.shape)}")
+    one output. One row has no spread to measure: NaN."""
+    if x.dim() != 2 or x.size(0) < 1:
+        raise ValueError(f"spread: expected features of shape (n >= 1, dim), got {tuple(x.shape)}")
+    if x.size(0) < 2:
+        return torch.full((), float("nan"), device=x.device)
     return x.detach().float().std(dim=0).mean()
 
 

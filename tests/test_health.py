@@ -56,6 +56,7 @@ def test_spread_and_cosine_of_known_distributions():
     x = torch.randn(200_000, 4, generator=g) * sigma + 3.0
     assert float(health.spread(x)) == pytest.approx(float(sigma.mean()), rel=1e-2)  # per-dimension std, averaged; offset ignored
     assert float(health.spread(torch.full((16, 8), 7.0))) == 0.0  # every row the same: collapse
+    assert math.isnan(float(health.spread(torch.ones(1, 8))))  # one row (a micro-batch of one image): nothing to measure
     u = torch.rand(100_000, 1, generator=g)  # uniform on [0, 1): std 1/sqrt(12)
     assert float(health.spread(u)) == pytest.approx(1 / math.sqrt(12), rel=1e-2)
     a = torch.randn(5, 3, 8, generator=g)
@@ -139,6 +140,17 @@ def test_health_columns_at_log_steps_only(tmp_path):
             assert -1.0 <= float(r["pred_target_cos"]) <= 1.0
         else:
             assert all(r[k] == "" for k in health.HEALTH_COLUMNS)
+
+
+def test_micro_batches_pool_into_one_batch_of_health(tmp_path):
+    """grad_accum=8 with batch 8: micro-batches of one image; RankMe and std still see all 8."""
+    runs = {}
+    for accum in (1, 8):
+        run = tmp_path / f"a{accum}"
+        Trainer(load_config(None, [*TINY, f"optimization.grad_accum={accum}", "meta.max_steps=1"]), run, quiet=True).fit()
+        runs[accum] = rows(run)[0]
+    for k in ("target_rankme", "target_std", "context_rankme", "context_std", "pred_std"):
+        assert float(runs[8][k]) == pytest.approx(float(runs[1][k]), rel=1e-3), k
 
 
 def test_detector_stays_quiet_on_a_healthy_run(tmp_path, capsys):

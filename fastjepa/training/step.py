@@ -70,7 +70,7 @@ class TrainStep:
         micro = B // accum
         total = torch.zeros((), device=self.device)
         self.last_health = None
-        outputs: dict[str, torch.Tensor] = {}
+        outputs: dict = {}
         hooks = self._health_hooks(outputs) if want_health else []
         try:
             for a in range(accum):
@@ -79,7 +79,7 @@ class TrainStep:
         finally:
             for h in hooks:
                 h.remove()
-        if want_health and len(outputs) == 3:
+        if want_health and {"target", "context", "pred"} <= set(outputs):
             last = slice((accum - 1) * micro, accum * micro)
             self.last_health = self._health_tensors(outputs, [m[last] for m in masks_pred], len(masks_enc))
         return self._update(total, want_grads, lr, wd, mom)
@@ -138,34 +138,38 @@ class TrainStep:
             self.model.update_target(mom, mode="reference" if self.reference_step else "foreach", skip=skip_flag if self.skip_on_device else None)
         return total, grads, (lr, wd, mom)
 
-    def _health_hooks(self, outputs: dict[str, torch.Tensor]) -> list:
-        """Forward hooks that keep the (detached) outputs of the target encoder, the context
-        encoder and the predictor in ``outputs``, the last micro-batch's winning."""
+    def _health_hooks(self, outputs: dict) -> list:
+        """Forward hooks on the target encoder, the context encoder and the predictor: each
+        micro-batch's output pooled (mean token, fp32) into ``outputs["<name>_pooled"]``, and
+        the last micro-batch's (detached) tokens in ``outputs[name]``."""
         hooks = []
         for name, net in (("target", self.model.target_encoder), ("context", self.model.encoder), ("pred", self.model.predictor)):
+
             def keep(_net, _args, out, name=name):
-                outputs[name] = out.detach()
+                out = out.detach()
+                outputs.setdefault(f"{name}_pooled", []).append(health.pooled(out))
+                outputs[name] = out
 
             hooks.append(net.register_forward_hook(keep))
         return hooks
 
-    def _health_tensors(self, outputs: dict[str, torch.Tensor], masks_pred: list[torch.Tensor], nenc: int) -> dict[str, torch.Tensor]:
+    def _health_tensors(self, outputs: dict, masks_pred: list[torch.Tensor], nenc: int) -> dict[str, torch.Tensor]:
         """What the log step needs for the health metrics, on the device (no host read):
-        the pooled target and context features, at most ``health.max_rows`` rows each (the
-        log step takes their RankMe: a fixed cost), and a (4,) tensor of the target std,
-        the context std, the predictor outputs' std and the prediction-target cosine.
+        the pooled target and context features of the whole batch (every micro-batch), at
+        most ``health.max_rows`` rows each (the log step takes their RankMe: a fixed cost),
+        and a (4,) tensor of the target std, the context std, the predictor outputs' std and
+        the prediction-target cosine.
 
-        Each std is over the rows of pooled features (one per image; for the predictor, one
-        per predicted block), per dimension, averaged. The cosine is per predicted token,
+        Each std is over the rows of pooled features (one per image; for the context encoder
+        one per image and context block; for the predictor, one per predicted block), per
+        dimension, averaged. The cosine is per predicted token of the last micro-batch,
         against the layer-normed target tokens the loss compares it with."""
         rows = self.cfg["health"]["max_rows"]
-        target = health.pooled(outputs["target"])  # (B, D)
-        context = health.pooled(outputs["context"])  # (nenc·B, D)
-        pred = outputs["pred"]  # (npred·nenc·B, Kt, D)
+        target, context, pred = (torch.cat(outputs[f"{k}_pooled"]) for k in ("target", "context", "pred"))
         with torch.no_grad():
-            tokens = ops.target_tokens(outputs["target"], masks_pred, nenc)  # (npred·nenc·B, Kt, D)
+            tokens = ops.target_tokens(outputs["target"], masks_pred, nenc)  # (npred·nenc·b, Kt, D)
         stats = torch.stack([
-            health.spread(target), health.spread(context), health.spread(health.pooled(pred)), health.pred_target_cosine(pred, tokens),
+            health.spread(target), health.spread(context), health.spread(pred), health.pred_target_cosine(outputs["pred"], tokens),
         ])  # fmt: skip
         return {"target": target[:rows], "context": context[:rows], "stats": stats}
 
