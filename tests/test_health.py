@@ -307,3 +307,24 @@ def test_every_rank_stops_together_on_collapse(tmp_path, mode):
     assert ckpt["fastjepa"]["step"] == 3 and ckpt["fastjepa"]["health"]["detector"]["fired"]
     logged = [row for row in rows(tmp_path / mode) if row["target_rankme"]]
     assert [int(row["step"]) for row in logged] == [0, 2] and all(float(row["target_std"]) > 0 for row in logged)
+
+
+@pytest.mark.slow
+def test_health_evidence_writes_the_table(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    tiny = [a for a in TINY if not a.startswith(("optimization.epochs", "logging.probe", "logging.plots"))]
+    r = subprocess.run([sys.executable, "benchmarks/health_evidence.py", "--run-dir", str(tmp_path / "run"), "--out", str(tmp_path),
+                        "--stem", "ev", "--train-images", "50", *tiny, "optimization.epochs=3"],
+                       cwd=root, env=env, capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((tmp_path / "ev.json").read_text())
+    assert [e["epoch"] for e in res["epochs"]] == [1, 2, 3] and res["best_epoch"] in (1, 2, 3)
+    assert all(e["target_rankme_last"] > 0 for e in res["epochs"]) and "spearman_probe_vs_live_rankme" in res
+    assert "| random init |" in (tmp_path / "ev.md").read_text()
