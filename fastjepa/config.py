@@ -146,6 +146,7 @@ SCHEMA: dict[str, dict[str, tuple[Any, Any, str]]] = {
         "fsdp": ("bool", False, "shard encoder/predictor/target with FSDP2 under torchrun (fastjepa)"),
         "reference_step": ("bool", False, "the reference's step: reference ops, math attention, per-parameter EMA, GradScaler (fastjepa)"),
         "max_steps": ("opt_int", None, "stop after this many optimizer steps (fastjepa; benchmarks and tests)"),
+        "on_collapse": (("warn", "stop"), "warn", "when the collapse detector fires (health.*): warn, or write the checkpoint and stop (fastjepa)"),
     },
     "optimization": {
         "epochs": ("int", 300, "training epochs"),
@@ -163,6 +164,14 @@ SCHEMA: dict[str, dict[str, tuple[Any, Any, str]]] = {
         "time_budget_s": ("opt_float", None, "train at most about this long: fewer epochs, chosen from a measured step time (fastjepa)"),
         "budget_steps": ("opt_int", None, "stop after this many optimizer steps of epoch 1, schedules fitted to them: what time_budget_s "
                          "chooses when one epoch does not fit, recorded in config.yaml (fastjepa; null: whole epochs)"),
+    },
+    "health": {
+        "enabled": ("bool", True, "RankMe, std and prediction cosine of the features at every log step, read with the losses (fastjepa)"),
+        "max_rows": ("int", 256, "rows of pooled features in each RankMe (a fixed cost per log step) (fastjepa)"),
+        "rankme_fraction": ("float", 0.5, "collapse: target RankMe below this fraction of the run's peak ... (fastjepa)"),
+        "std_floor": ("float", 1e-4, "... or target std below this ... (fastjepa)"),
+        "patience": ("int", 3, "... for this many log steps in a row (fastjepa)"),
+        "keep_best": ("bool", True, "keep <tag>-best.pth.tar: the epoch checkpoint with the highest target RankMe (fastjepa)"),
     },
 }
 
@@ -310,6 +319,17 @@ def validate(cfg: dict) -> dict:
         raise ConfigError(f"optimization.budget_steps={o['budget_steps']}: expected an integer >= 1 or null")
     if meta["max_steps"] is not None and meta["max_steps"] < 1:
         raise ConfigError(f"meta.max_steps={meta['max_steps']}: expected an integer >= 1 or null")
+    h = cfg["health"]
+    if h["max_rows"] < 2:
+        raise ConfigError(f"health.max_rows={h['max_rows']}: expected an integer >= 2 (rows of features per RankMe)")
+    if h["patience"] < 1:
+        raise ConfigError(f"health.patience={h['patience']}: expected an integer >= 1 (log steps in a row)")
+    if not 0.0 <= h["rankme_fraction"] < 1.0:
+        raise ConfigError(f"health.rankme_fraction={h['rankme_fraction']}: expected a fraction in [0, 1) of the run's peak RankMe (0: off)")
+    if not h["std_floor"] >= 0.0:
+        raise ConfigError(f"health.std_floor={h['std_floor']}: expected a number >= 0 (0: off)")
+    if meta["on_collapse"] == "stop" and not h["enabled"]:
+        raise ConfigError("meta.on_collapse=stop needs health.enabled=true (the detector reads the health metrics)")
     # mask feasibility: the collator's own check, with the config's names in the message
     from .masks import MaskCollator
 

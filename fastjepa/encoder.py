@@ -24,6 +24,7 @@ from .checkpoint import (
     check_module_state,
     encoder_metadata,
     read_checkpoint,
+    resolve_run_checkpoint,
     read_safetensors,
     save_safetensors,
     strip_module_prefix,
@@ -113,6 +114,7 @@ def load_target_encoder(
     which: str = "target",
     *,
     trust: bool = False,
+    prefer: str = "best",
 ) -> tuple[nn.Module, dict, dict[str, Any]]:
     """Build the model and load the checkpoint's target encoder (strictly).
 
@@ -136,7 +138,7 @@ def load_target_encoder(
     key = ENCODER_KEYS[which]
     path = Path(path)
     if path.is_dir():
-        chosen = run_folder_checkpoint(path)
+        chosen = run_folder_checkpoint(path, prefer)
         if chosen is None:  # a Hugging Face or timm folder, or an error naming what it holds
             return _load_foreign(path, read_encoder(path, which=which, trust=trust), config, overrides, which)
         encoder, cfg, info = load_target_encoder(chosen[0], config, overrides, which, trust=trust)
@@ -287,19 +289,6 @@ def _load_safetensors_encoder(
 # -- export
 
 
-def _resolve_source(src: Path) -> Path:
-    """A run folder's best checkpoint if it has one, else its latest; or ``src`` itself."""
-    if not src.is_dir():
-        return src
-    best = sorted(src.glob("*-best.pth.tar"))
-    found = best if len(best) == 1 else sorted(src.glob("*-latest.pth.tar"))
-    if len(found) == 1:
-        return found[0]
-    if not found:
-        raise CheckpointError(f"{src} is a folder without a <tag>-latest.pth.tar: pass a run folder or a checkpoint file")
-    raise CheckpointError(f"{src} holds several latest checkpoints ({', '.join(p.name for p in found)}): pass one of them")
-
-
 def export_encoder(
     src: str | os.PathLike,
     dst: str | os.PathLike,
@@ -308,13 +297,14 @@ def export_encoder(
     config: str | os.PathLike | None = None,
     overrides: Sequence[str] = (),
     trust: bool = False,
+    prefer: str = "best",
 ) -> dict[str, str]:
     """Write ``src``'s target encoder (``which="context"``: the context encoder) to the
     safetensors file ``dst``, parameter names as the reference's, its architecture in the
     metadata. ``src``: a run folder, a fastjepa or reference checkpoint, or a safetensors
     file. The architecture of a reference checkpoint comes from ``config`` / ``overrides``
     or its weight shapes, as for evaluation. Returns the metadata."""
-    src, dst = _resolve_source(Path(src)), Path(dst)
+    src, dst = resolve_run_checkpoint(src, prefer), Path(dst)
     if not dst.name.endswith(SAFETENSORS_SUFFIX):
         raise CheckpointError(f"export: {dst} should end in {SAFETENSORS_SUFFIX} (or pass --format hf / --format timm to write a folder)")
     encoder, cfg, info = load_target_encoder(src, config, overrides, which, trust=trust)

@@ -46,6 +46,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         "encoder/predictor/target_encoder), an encoder exported to .safetensors (python -m fastjepa.checkpoint export), "
         "a Hugging Face IJepaModel folder or its model.safetensors, or a timm ViT state dict; opened weights-only",
     )
+    p.add_argument("--latest", action="store_true", help="with a run folder: its latest checkpoint, not the best")
+    p.add_argument("--latest", action="store_true", help="with a run folder: its latest checkpoint, not the best (highest target RankMe)")
     p.add_argument(
         "--trust-checkpoint",
         action="store_true",
@@ -252,9 +254,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )
     info: dict[str, Any] = {}
     if args.checkpoint is not None:
-        encoder, cfg, info = load_target_encoder(args.checkpoint, args.config, args.overrides, args.encoder, trust=args.trust_checkpoint)
+        encoder, cfg, info = load_target_encoder(
+            args.checkpoint, args.config, args.overrides, args.encoder, trust=args.trust_checkpoint, prefer="latest" if args.latest else "best"
+        )
         if info.get("chosen"):
-            print(f"fastjepa.eval: {args.checkpoint}: its {info['chosen']} checkpoint, {info['path']}", file=sys.stderr, flush=True)
+            why = " (the epoch with the highest target RankMe; --latest for the latest)" if info["chosen"] == "best" else ""
+            print(f"fastjepa.eval: {args.checkpoint} is a run folder: evaluating its {info['chosen']} checkpoint, {info['path']}{why}",
+                  file=sys.stderr, flush=True)  # fmt: skip
     else:
         cfg, encoder = load_config(args.config, args.overrides), None
     train, val, desc, common = _eval_setup(args, cfg, quiet)

@@ -31,6 +31,7 @@ import torch.nn as nn
 from . import models
 from .models.pos_embed import sincos_2d
 from .checkpoint import (
+    resolve_run_checkpoint,
     ENCODER_FORMAT,
     SAFETENSORS_SUFFIX,
     CheckpointError,
@@ -151,17 +152,16 @@ def _config_with(stored: Mapping[str, Any] | None, config: str | os.PathLike | N
     return validate(cfg), "the checkpoint's config"
 
 
-def run_folder_checkpoint(folder: str | os.PathLike) -> tuple[Path, str] | None:
-    """``(checkpoint, "best" | "latest")`` of a run folder: its ``<tag>-best.pth.tar`` if
-    it has one, else its ``<tag>-latest.pth.tar``; None when it has neither."""
+def run_folder_checkpoint(folder: str | os.PathLike, prefer: str = "best") -> tuple[Path, str] | None:
+    """``(checkpoint, "best" | "latest" | "prev")`` of a run folder, as
+    :func:`fastjepa.checkpoint.resolve_run_checkpoint` picks it (``prefer="best"``: its
+    ``<tag>-best.pth.tar`` if it has one, else its latest); None for a folder holding no
+    training checkpoint (a Hugging Face or timm folder)."""
     folder = Path(folder)
-    for kind in ("best", "latest"):
-        found = sorted(folder.glob(f"*-{kind}.pth.tar"))
-        if len(found) == 1:
-            return found[0], kind
-        if len(found) > 1:
-            raise CheckpointError(f"{folder} holds several {kind} checkpoints ({', '.join(p.name for p in found)}): pass one of them")
-    return None
+    if not any(any(folder.glob(f"*-{kind}.pth.tar")) for kind in ("best", "latest", "prev")):
+        return None
+    path = resolve_run_checkpoint(folder, prefer)
+    return path, path.name[: -len(".pth.tar")].rsplit("-", 1)[-1]
 
 
 def config_names(arch: Mapping[str, Any]) -> dict[str, Any]:
@@ -488,6 +488,7 @@ def export_encoder(
     config: str | os.PathLike | None = None,
     overrides: Sequence[str] = (),
     trust: bool = False,
+    prefer: str = "best",
 ) -> dict[str, Any]:
     """Write ``src``'s target encoder (``which="context"``: the context encoder) to the
     folder ``dst``: ``format="hf"`` a transformers ``IJepaModel`` (config.json,
@@ -499,7 +500,8 @@ def export_encoder(
     src, dst = Path(src), Path(dst)
     if dst.exists() and not dst.is_dir():
         raise CheckpointError(f"export: {dst} exists and is not a folder; --format {format} writes a folder")
-    found = read_encoder(src, which=which, trust=trust, config=config, overrides=overrides)
+    chosen = run_folder_checkpoint(src, prefer) if src.is_dir() else None  # a run folder: best, else latest
+    found = read_encoder(chosen[0] if chosen else src, which=which, trust=trust, config=config, overrides=overrides)
     with torch.device("meta"):  # check that the weights fit the architecture before writing anything
         probe = build_encoder(found.arch)
     missing, unexpected = _key_diff(probe.state_dict(), found.state)

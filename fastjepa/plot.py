@@ -1,7 +1,8 @@
 """``python -m fastjepa.plot RUN_DIR``: PNG plots of a run's ``log.csv``.
 
 Writes ``loss.png`` (loss per step with a moving average), ``schedules.png`` (lr, wd,
-EMA momentum), ``throughput.png`` (images/s) and ``overview.png`` (all of them, the mask
+EMA momentum), ``throughput.png`` (images/s), ``health.png`` (the log steps' RankMe, stds and
+prediction-target cosine, when the run logged them) and ``overview.png`` (all of them, the mask
 sizes and, when the run has an ``eval.json``, the probe accuracies, in one figure) into
 the run folder.
 """
@@ -89,7 +90,45 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     plt.close(fig)
 
     written.append(plot_overview(run_dir, log))
+    if any(math.isfinite(v) for v in log.get("target_rankme", [])):
+        written.append(plot_health(run_dir, log))
     return written
+
+
+def plot_health(run_dir: str | Path, log: dict[str, list[float]] | None = None) -> Path:
+    """``health.png``: the log steps' RankMe and std of the target and context encoders'
+    pooled features, the predictor outputs' std and the prediction-target cosine."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run_dir = Path(run_dir)
+    log = read_log(run_dir) if log is None else log
+    step = log["step"]
+
+    def series(key):
+        pts = [(s, v) for s, v in zip(step, log.get(key, [])) if math.isfinite(v)]
+        return [p[0] for p in pts], [p[1] for p in pts]
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6), dpi=110)
+    for ax, keys, title in (
+        (axes[0], ("target_rankme", "context_rankme"), "RankMe of the pooled features"),
+        (axes[1], ("target_std", "context_std", "pred_std"), "std across the batch (per dim., mean)"),
+        (axes[2], ("pred_target_cos",), "cosine(prediction, target)"),
+    ):
+        for key in keys:
+            x, y = series(key)
+            ax.plot(x, y, marker=".", lw=1.2, label=key)
+        ax.set(title=title, xlabel="step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"representation health — {run_dir.name}", fontsize=11)
+    fig.tight_layout()
+    path = run_dir / "health.png"
+    fig.savefig(path)
+    plt.close(fig)
+    return path
 
 
 def _probe_text(run_dir: Path) -> str:

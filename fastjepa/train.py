@@ -121,6 +121,16 @@ def main(argv=None) -> int:
             del trainer
     if summary["status"] == "interrupted":
         return 128 + (stop_signal or 15)
+    if summary["status"] == "collapsed":
+        if dist.is_main and cfg["logging"]["plots"]:
+            from .plot import plot_run
+
+            plot_run(out)
+        if dist.is_main:
+            print(f"fastjepa.train: stopped on collapse (meta.on_collapse=stop): {summary['collapse']}; "
+                  f"checkpoint {summary['checkpoint']}" + (f", best {summary['best_checkpoint']}" if summary["best_checkpoint"] else ""),
+                  file=sys.stderr, flush=True)  # fmt: skip
+        return 4
     if not dist.is_main:
         return 0
     extras = _after_training(cfg, out, summary, args.quiet or not sys.stderr.isatty())
@@ -188,8 +198,14 @@ def _after_training(cfg: dict, out: Path, summary: dict, quiet: bool) -> str:
 
         res = quick_probe(out, cfg, quiet=quiet)
         base = res["random_init"]
+        best = res.get("best")
+        kept = (
+            f"; best-RankMe checkpoint (epoch {best['epoch']}) {100 * best['linear_probe_top1']:.1f}% / {100 * best['knn_top1']:.1f}%"
+            if best
+            else ""
+        )
         text = (
-            f", linear probe {100 * res['linear_probe_top1']:.1f}% / k-NN {100 * res['knn_top1']:.1f}% "
+            f", linear probe {100 * res['linear_probe_top1']:.1f}% / k-NN {100 * res['knn_top1']:.1f}%{kept} "
             f"(random init {100 * base['linear_probe_top1']:.1f}% / {100 * base['knn_top1']:.1f}%)"
         )
     if cfg["logging"]["plots"]:

@@ -19,6 +19,7 @@ from .build import build_model, pick_device
 from .config import dump_config
 from .data import build_dataset, loader_options
 from .distributed import DistInfo, ResumableSampler, any_rank, ddp_device_kwargs, rank_device
+from .health import CollapseDetector
 from .masks import MaskCollator
 from .rng import seed_everything, set_rng_state
 from .training import time_budget
@@ -67,6 +68,12 @@ class Trainer(TrainStep, RunLog, FaultHandling):
         self.resume, self.overwrite = resume, overwrite
         self._lock: RunLock | None = None
         self._claim_output(hold=False)  # refuse a busy or occupied folder before building anything
+        self.best = self.out / f"{self.tag}-best.pth.tar"  # the epoch checkpoint with the highest target RankMe
+        hc = cfg["health"]
+        self.collapse = CollapseDetector(hc["rankme_fraction"], hc["std_floor"], hc["patience"])
+        self.last_rankme = float("nan")  # the last log step's target RankMe (mean over ranks)
+        self.best_rankme = float("-inf")
+        self.collapse_reason: str | None = None  # set when the detector stops the run
 
         check_model_fits(cfg, training=True)  # before anything is allocated
         seed_everything(meta["seed"])
@@ -219,11 +226,13 @@ class Trainer(TrainStep, RunLog, FaultHandling):
                     imgs, masks_enc, masks_pred = self._batch_to_device(udata, masks_enc, masks_pred)
                     log_now = (itr % log_freq == 0) or itr == self.ipe - 1
                     with self._backend_context():
-                        loss, grads, (lr, wd, mom) = self.train_step(imgs, masks_enc, masks_pred, want_grads=log_now)
+                        loss, grads, (lr, wd, mom) = self.train_step(
+                            imgs, masks_enc, masks_pred, want_grads=log_now, want_health=log_now and cfg["health"]["enabled"]
+                        )
                     pending.append(
                         dict(epoch=self.epoch + 1, itr=itr, step=self.step, loss=loss, lr=lr, wd=wd, momentum=mom,
                              mask_enc=masks_enc[0].size(1), mask_pred=masks_pred[0].size(1), t0=t0, grads=grads,
-                             skipped=self.last_skipped)
+                             skipped=self.last_skipped, health=self.last_health)
                     )  # fmt: skip
                     self.step += 1
                     self.next_itr = itr + 1
@@ -244,7 +253,7 @@ class Trainer(TrainStep, RunLog, FaultHandling):
                     if stop or at_max or (cut is not None and self.step >= cut):
                         self._flush(pending, writer, csv_file, tb, float("nan"), 0.0)
                         pending = []
-                        stopped_by = "signal" if stop else "max_steps" if at_max else "budget"
+                        stopped_by = ("collapse" if self.collapse_reason else "signal") if stop else "max_steps" if at_max else "budget"
                         raise StopRequested
                 self._flush(pending, writer, csv_file, tb, float("nan"), 0.0)
                 pending = []
@@ -262,7 +271,7 @@ class Trainer(TrainStep, RunLog, FaultHandling):
                 )
         except StopRequested:
             self._checkpoint(epoch=self.epoch, next_itr=self.next_itr)
-            status = {"signal": "interrupted", "max_steps": "max_steps", "budget": "done"}[stopped_by]
+            status = {"signal": "interrupted", "max_steps": "max_steps", "budget": "done", "collapse": "collapsed"}[stopped_by]
             if stopped_by == "budget":
                 self._say(f"fastjepa: time budget: stopped after {self.next_itr} of {self.ipe} steps of epoch {self.epoch + 1} "
                           f"(optimization.budget_steps={cut})")  # fmt: skip
@@ -294,6 +303,9 @@ class Trainer(TrainStep, RunLog, FaultHandling):
             "final_loss": self.last_loss,
             "output": str(self.out),
             "checkpoint": str(self.latest),
+            "best_checkpoint": str(self.best) if self.best.is_file() else None,
+            "best_rankme": self.best_rankme if self.best.is_file() else None,
+            "collapse": self.collapse_reason,
             "csv": str(self.out / "log.csv"),
         }
         if status == "interrupted":

@@ -26,6 +26,7 @@ LAYERS = {
     "fastjepa.checkpoint": 1,
     "fastjepa.ops": 1,
     "fastjepa.schedulers": 1,
+    "fastjepa.health": 1,
     "fastjepa.models": 2,
     "fastjepa.masks": 2,
     "fastjepa.data": 2,

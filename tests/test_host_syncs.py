@@ -1,5 +1,6 @@
 """No host read inside a training step: between log steps the trainer leaves its losses,
-skip flags and gradient norms on the device, and each log step reads them all at once.
+skip flags, gradient norms and health metrics on the device, and each log step reads them
+all at once.
 
 On a GPU every tensor-to-host read (``.item()``, ``.tolist()``, ``bool()``, ``float()``,
 ``.cpu()``, ...) waits for the device's queue to drain. Here, on the CPU, a
@@ -7,6 +8,7 @@ On a GPU every tensor-to-host read (``.item()``, ``.tolist()``, ``bool()``, ``fl
 ``tests/test_gpu.py`` checks the same on CUDA with ``torch.cuda.set_sync_debug_mode``.
 """
 
+import csv
 import sys
 
 import pytest
@@ -14,6 +16,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from fastjepa.config import load_config
+from fastjepa.health import HEALTH_COLUMNS
 from fastjepa.trainer import Trainer
 
 from ._tiny import TINY
@@ -97,6 +100,26 @@ def test_no_host_read_between_log_steps_and_one_per_log_step(tmp_path, monkeypat
     # each log step: one read, of all the rows since the last one (flush runs after the step's counter moved on)
     assert [(step - 1, reads_made) for step, _, reads_made in flushes] == [(s, 1) for s in LOG_STEPS]
     assert sum(rows for _, rows, _ in flushes) == 6
+    # ... and that one read carried the health metrics of each log step (RankMe, stds, cosine)
+    with open(t.out / "log.csv", newline="") as f:
+        logged = {int(r["step"]): r for r in csv.DictReader(f)}
+    assert [s for s, r in logged.items() if r["target_rankme"]] == LOG_STEPS
+    assert all(float(logged[s][k]) == float(logged[s][k]) for s in LOG_STEPS for k in HEALTH_COLUMNS)  # numbers, not NaN
+
+
+def test_health_off_reads_the_same_once_per_log_step(tmp_path, monkeypatch):
+    _, _, reads, flushes = run_counted(tmp_path, monkeypatch, "health.enabled=false")
+    assert [r for r in reads if r[0] in ("step", "loop")] == [] and [n for _, _, n in flushes] == [1, 1, 1]
+
+
+def test_the_counter_sees_a_read_in_the_health_metrics(tmp_path, monkeypatch):
+    """The health tensors are made inside the step: a host read there would be counted."""
+    from fastjepa import health
+
+    spread = health.spread
+    monkeypatch.setattr(health, "spread", lambda x: (float(spread(x)), spread(x))[1])
+    _, _, reads, _ = run_counted(tmp_path, monkeypatch)
+    assert {(phase, step) for phase, step, name in reads if name == "__float__"} == {("step", s) for s in LOG_STEPS}
 
 
 def test_a_skipped_step_is_decided_on_the_device_and_reported_at_the_log_step(tmp_path, monkeypatch, capsys):

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from fastjepa.config import ConfigError, load_config
+from fastjepa.health import HEALTH_COLUMNS
 from fastjepa.trainer import Trainer
 
 from ._tiny import TINY
@@ -75,7 +76,10 @@ def test_wandb_receives_the_csv_scalars(tmp_path, monkeypatch):
     rows = csv_rows(out)
     assert [step for step, _ in run.logged] == [int(r["step"]) for r in rows]
     for (_, values), row in zip(run.logged, rows):
-        assert set(values) == {f"train/{k}" for k in SCALARS}
+        health_logged = bool(row["target_rankme"])  # the health scalars come at log steps, as in the CSV
+        assert set(values) == {f"train/{k}" for k in (*SCALARS, *(HEALTH_COLUMNS if health_logged else ()))}
+        for key in HEALTH_COLUMNS if health_logged else ():
+            assert values[f"train/{key}"] == pytest.approx(float(row[key]), rel=1e-5), key
         for key in ("loss", "lr", "wd", "momentum"):
             assert values[f"train/{key}"] == pytest.approx(float(row[key]), rel=1e-6, abs=1e-6), key
 

@@ -20,6 +20,7 @@ from .core import (
     MODEL_KEYS,
     OLD_NUMPY_GLOBALS,
     REFERENCE_KEYS,
+    RUN_PREFERENCES,
     SAFETENSORS_SUFFIX,
     CheckpointError,
     TrustedCheckpointWarning,
@@ -30,9 +31,11 @@ from .core import (
     atomic_write_text,
     fsync_dir,
     keep_as,
+    keep_as_copy,
     model_state,
     plain,
     read_checkpoint,
+    resolve_run_checkpoint,
     save_checkpoint,
     save_states,
     strip_module_prefix,
@@ -53,6 +56,9 @@ from .tools import (
 )
 
 __all__ = [
+    "RUN_PREFERENCES",
+    "resolve_run_checkpoint",
+    "keep_as_copy",
     "UnverifiedCheckpointWarning",
     "verify_zip_checksums",
     "tensors_digest",

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from ..config import ConfigError
 from ..encoder import EvalError, export_encoder
-from .core import CheckpointError
+from .core import CheckpointError, resolve_run_checkpoint
 from .tools import ARCH_FIELDS, convert_checkpoint
 
 
@@ -33,6 +34,7 @@ def _parse_args(argv=None) -> argparse.Namespace:
         help="a run folder (its <tag>-best.pth.tar, else <tag>-latest.pth.tar), a checkpoint, or any file fastjepa.load_encoder reads",
     )
     ex.add_argument("output", metavar="OUT")
+    ex.add_argument("--latest", action="store_true", help="from a run folder: its latest checkpoint, not the best (highest target RankMe)")
     ex.add_argument(
         "--format",
         choices=("safetensors", "hf", "timm"),
@@ -64,20 +66,26 @@ def main(argv=None) -> int:
     args = _parse_args(argv)
 
     try:
+        prefer = "latest" if getattr(args, "latest", False) else "best"
+        if args.command == "export" and Path(args.source).is_dir() and any(Path(args.source).glob("*.pth.tar")):
+            picked = resolve_run_checkpoint(args.source, prefer)
+            why = " (the epoch with the highest target RankMe; --latest for the latest)" if picked.name.endswith("-best.pth.tar") else ""
+            print(f"fastjepa.checkpoint: {args.source} is a run folder: exporting {picked.name}{why}", file=sys.stderr)
         if args.command == "export" and args.format in ("hf", "timm"):
             from ..interop import export_encoder as export_folder
 
             out = export_folder(
                 args.source, args.output, format=args.format, which=args.encoder, config=args.config, overrides=args.overrides,
-                trust=args.trust_checkpoint,
+                trust=args.trust_checkpoint, prefer=prefer,
             )  # fmt: skip
             arch = ", ".join(f"{k} {v}" for k, v in out["arch"].items())
             print(f"fastjepa.checkpoint: wrote {args.output}/ ({args.format}: config.json, model.safetensors, README.md): "
                   f"{out['info']['network']} of {out['info'].get('checkpoint') or out['info']['path']} ({arch})")  # fmt: skip
         elif args.command == "export":
             meta = export_encoder(
-                args.source, args.output, which=args.encoder, config=args.config, overrides=args.overrides, trust=args.trust_checkpoint
-            )
+                args.source, args.output, which=args.encoder, config=args.config, overrides=args.overrides, trust=args.trust_checkpoint,
+                prefer=prefer,
+            )  # fmt: skip
             arch = ", ".join(f"{k} {meta[k]}" for k in ARCH_FIELDS)
             print(f"fastjepa.checkpoint: wrote {args.output}: {meta['network']}, {meta['model_name']} ({arch})")
         else:

@@ -152,6 +152,24 @@ def keep_as(src: Path, dst: Path) -> None:
         os.replace(src, dst)
 
 
+def keep_as_copy(src: Path, dst: Path, write: Callable[[Path], None]) -> None:
+    """Make ``dst`` hold what ``src`` holds, atomically, ``src`` staying as it is: a hard
+    link renamed over ``dst`` (no second write: checkpoint files are only ever replaced,
+    never changed in place); where hard links are not supported, ``write(dst)`` writes it
+    again (itself atomic, as :func:`atomic_save`)."""
+    link = dst.with_name(f".{dst.name}.link")
+    try:
+        if link.exists():
+            link.unlink()
+        os.link(src, link)
+        os.replace(link, dst)
+    except OSError:
+        if link.exists():
+            link.unlink()
+        write(dst)
+    fsync_dir(dst.parent)
+
+
 def _unwrap(module: nn.Module) -> nn.Module:
     return getattr(module, "module", module)
 
@@ -431,3 +449,28 @@ def tensors_digest(state: Mapping[str, torch.Tensor]) -> str:
         if t.numel():
             h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
     return h.hexdigest()
+
+
+RUN_PREFERENCES = ("best", "latest")
+
+
+def resolve_run_checkpoint(path: str | os.PathLike, prefer: str = "best") -> Path:
+    """The checkpoint a path means: a file is itself; a run folder gives its
+    ``<tag>-best.pth.tar`` (the epoch checkpoint with the highest target-encoder RankMe,
+    kept by training; docs/eval.md) when ``prefer="best"`` and it has one, else its
+    ``<tag>-latest.pth.tar`` (else ``<tag>-prev.pth.tar``, left alone by a crash between the
+    two renames of a write). Callers say which they picked (``path.name``). Raises
+    :class:`CheckpointError` for a folder with none, or with several run tags."""
+    if prefer not in RUN_PREFERENCES:
+        raise ValueError(f"resolve_run_checkpoint: prefer={prefer!r}, expected one of {', '.join(RUN_PREFERENCES)}")
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    order = ("best", "latest", "prev") if prefer == "best" else ("latest", "prev")
+    for kind in order:
+        found = sorted(path.glob(f"*-{kind}.pth.tar"))
+        if len(found) > 1:
+            raise CheckpointError(f"{path} holds several {kind} checkpoints ({', '.join(p.name for p in found)}): pass one of them")
+        if found:
+            return found[0]
+    raise CheckpointError(f"{path} is a folder without a <tag>-latest.pth.tar: pass a run folder or a checkpoint file")

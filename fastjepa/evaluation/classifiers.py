@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 from torch.utils.data import Dataset
 
+from .. import health
 from .features import cached_features, weights_fingerprint
 
 C_GRID = (0.01, 0.1, 1.0, 10.0, 100.0)
@@ -107,19 +108,16 @@ def knn_classify(
 
 def effective_rank(features) -> float:
     """exp(entropy) of the normalised singular values of the centred features (Roy &
-    Vetterli, 2007): 1 when every image maps onto one line, ``min(n, dim)`` when all
-    directions are used equally. A falling value over training is dimensional collapse —
-    the pooled features spanning fewer directions — which the probe numbers only show later.
+    Vetterli, 2007; :func:`fastjepa.health.effective_rank`, which the trainer's live RankMe
+    also uses): 1 when every image maps onto one line, ``min(n, dim)`` when all directions
+    are used equally, 0 when every image gives the same features. A falling value over
+    training is dimensional collapse — the pooled features spanning fewer directions —
+    which the probe numbers only show later.
     """
     x = torch.as_tensor(np.asarray(features), dtype=torch.float64)
     if x.ndim != 2 or x.shape[0] < 2:
         raise ValueError(f"features: expected (n >= 2, dim), got {tuple(x.shape)}")
-    s = torch.linalg.svdvals(x - x.mean(dim=0))
-    if float(s.sum()) == 0.0:
-        return 0.0  # every image gives the same features: nothing spanned
-    p = s / s.sum()
-    p = p[p > 0]
-    return float(torch.exp(-(p * p.log()).sum()))
+    return float(health.effective_rank(x, center=True))
 
 
 def knn_top1(train_x, train_y, val_x, val_y, **kwargs) -> float:

@@ -77,24 +77,25 @@ def quick_probe(
     quiet = (not sys.stderr.isatty()) if quiet is None else quiet
     cache_dir = default_cache_dir() if cache_dir is None else cache_dir
     ckpt_path = run_dir / f"{cfg['logging']['write_tag']}-latest.pth.tar"
-    encoder = build_encoder(cfg)
-    ckpt = read_checkpoint(ckpt_path)
-    if "target_encoder" not in ckpt:
-        raise CheckpointError(f"checkpoint {ckpt_path} has no 'target_encoder'")
-    state = check_module_state(ckpt_path, "target_encoder", ckpt["target_encoder"], encoder)
-    try:
-        encoder.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise CheckpointError(f"checkpoint {ckpt_path}: 'target_encoder' does not fit the config's model: {exc}") from None
+    best_path = run_dir / f"{cfg['logging']['write_tag']}-best.pth.tar"
+    encoder, ckpt = _quick_encoder(cfg, ckpt_path)
     train, val, desc = eval_datasets(cfg, "embedded")
     train = limit(train, QUICK_TRAIN)
     common = dict(layers=1, cache_dir=cache_dir, quiet=quiet)
     t0 = time.perf_counter()
     result = evaluate_encoder(encoder, train, val, name="trained", **common)
     baseline = evaluate_encoder(random_init_encoder(cfg), train, val, name="random init", **common)
+    best = None
+    if best_path.is_file():  # the kept checkpoint (highest target RankMe): probed too, unless it is the latest
+        best_encoder, best_ckpt = _quick_encoder(cfg, best_path)
+        same = best_ckpt.get("epoch") == ckpt.get("epoch")
+        scores = result if same else evaluate_encoder(best_encoder, train, val, name="best", **common)
+        best = {**scores, "epoch": best_ckpt.get("epoch"), "checkpoint": str(best_path), "same_as_latest": same,
+                "target_rankme": best_ckpt.get("fastjepa", {}).get("health", {}).get("best_rankme")}  # fmt: skip
     out = {
         **result,
         "random_init": baseline,
+        "best": best,
         "checkpoint": str(ckpt_path),
         "epoch": ckpt.get("epoch"),
         "evaluated": "checkpoint",
@@ -108,3 +109,18 @@ def quick_probe(
     write_json(run_dir / "eval.json", out)
     print(format_table(result, baseline, f"epoch {ckpt.get('epoch')}"), file=sys.stderr, flush=True)
     return out
+
+
+def _quick_encoder(cfg: dict, path: Path) -> tuple[Any, dict[str, Any]]:
+    """The target encoder of the run's checkpoint ``path`` (built from the run's own config),
+    its tensors checked before they are loaded."""
+    encoder = build_encoder(cfg)
+    ckpt = read_checkpoint(path)
+    if "target_encoder" not in ckpt:
+        raise CheckpointError(f"checkpoint {path} has no 'target_encoder'")
+    state = check_module_state(path, "target_encoder", ckpt["target_encoder"], encoder)
+    try:
+        encoder.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"checkpoint {path}: 'target_encoder' does not fit the config's model: {exc}") from None
+    return encoder, ckpt

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import sys
@@ -16,12 +17,14 @@ from ..checkpoint import (
     check_resume_state,
     fsync_dir,
     keep_as,
+    keep_as_copy,
     read_checkpoint,
     restore_checkpoint,
     save_checkpoint,
     save_states,
 )
 from ..distributed import any_rank
+from ..health import CollapseDetector
 from ..rng import rng_state, set_rng_state
 
 
@@ -72,6 +75,11 @@ class FaultHandling:
         loss = ckpt.get("loss")
         if isinstance(loss, float) and loss == loss:
             self.last_loss = loss  # an epoch resumed after its last step reports the loss it ended with
+        if "health" in extra:  # the detector's history and the best checkpoint's score go on
+            state = extra["health"]
+            hc = self.cfg["health"]
+            self.collapse = CollapseDetector(hc["rankme_fraction"], hc["std_floor"], hc["patience"], state["detector"])
+            self.best_rankme = float(state["best_rankme"])
         if "rng" in extra:
             set_rng_state(extra["rng"])
             # mid-epoch, the uninterrupted run made this epoch's loader iterator before the
@@ -118,7 +126,9 @@ class FaultHandling:
             "images_seen": self.images_seen,
             "rng": rng_state(),
             "config": self.cfg,
-        }
+            "health": {"detector": self.collapse.state(), "best_rankme": self._best_score(epoch_end=next_itr == 0),
+                       "rankme": self.last_rankme},
+        }  # fmt: skip
         kwargs = dict(
             epoch=epoch,
             loss=self.last_loss,
@@ -142,7 +152,25 @@ class FaultHandling:
         fsync_dir(self.out)
         if extra_name:
             save(self.out / extra_name)
+        if extra["health"]["best_rankme"] > self.best_rankme:
+            self.best_rankme = extra["health"]["best_rankme"]
+            keep_as_copy(self.latest, self.best, save)
+            self._say(f"fastjepa: {self.best.name} is epoch {epoch} (target RankMe {self.best_rankme:.2f}, the highest so far)")
         return self.latest
+
+    def _best_score(self, *, epoch_end: bool) -> float:
+        """The score of <tag>-best.pth.tar: the target RankMe of the epoch's last log step
+        (every epoch's last iteration is one), for an epoch-end checkpoint; the best so far
+        otherwise (a mid-epoch stop is never kept as best)."""
+        if (
+            epoch_end
+            and self.cfg["health"]["keep_best"]
+            and self.cfg["health"]["enabled"]
+            and math.isfinite(self.last_rankme)
+            and self.last_rankme > self.best_rankme
+        ):
+            return self.last_rankme
+        return self.best_rankme
 
     def _finite_on_every_rank(self, tensors: list[torch.Tensor]) -> bool:
         """True on every rank iff every element of ``tensors`` is finite on every rank (FSDP2

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from .. import health
 from ..config import ConfigError
 from ..distributed import all_reduce_sum
 from .checkpointing import NonFiniteLoss
@@ -16,7 +17,9 @@ from .checkpointing import NonFiniteLoss
 CSV_COLUMNS = (
     "epoch", "itr", "step", "loss", "lr", "wd", "momentum", "imgs_per_sec",
     "mask_enc", "mask_pred", "ms_per_itr", "mem_gb", "grad_first", "grad_last",
+    *health.HEALTH_COLUMNS,  # at log steps; empty between them
 )  # fmt: skip
+NH = len(health.HEALTH_COLUMNS)
 
 
 class RunLog:
@@ -48,15 +51,23 @@ class RunLog:
 
     def _flush(self, pending: list[dict], writer, csv_file, tb, ips: float, elapsed: float) -> bool:
         """Log the steps in ``pending`` after one host read of everything they left on the
-        device: the losses (their mean over ranks), the skip flags, the gradient norms — and,
-        under torchrun, whether any rank was asked to stop, which rides on the same
-        all-reduce. Raises :class:`NonFiniteLoss` at the first non-finite loss (of any rank;
-        ``nan_policy=stop``) before logging it. Returns True when a rank was asked to stop.
-        Every rank calls it at the same steps (it holds a collective under torchrun)."""
+        device: the losses and the health metrics (their means over ranks), the skip flags,
+        the gradient norms — and, under torchrun, whether any rank was asked to stop, which
+        rides on the same all-reduce. Raises :class:`NonFiniteLoss` at the first non-finite
+        loss (of any rank; ``nan_policy=stop``) before logging it. Returns True when a rank
+        was asked to stop, or the collapse detector stops the run (``meta.on_collapse=stop``;
+        it judges the all-reduced values, so every rank decides alike). Every rank calls it
+        at the same steps (it holds a collective under torchrun)."""
         if not pending:
             return self.stop_signal is not None and not self.dist.enabled
         n = len(pending)
         losses = torch.stack([p["loss"].reshape(()) for p in pending]).double()  # float64: a sum over ranks cannot overflow
+        # the RankMe SVDs run here, just before the read (on CUDA an SVD waits for the device
+        # itself; here that is the wait the read below makes anyway)
+        healths = [self._health_row(p["health"]) for p in pending if p.get("health") is not None]
+        nh = len(healths) * NH
+        if healths:
+            losses = torch.cat([losses, *healths])
         if self.dist.enabled:
             stop_flag = torch.full((1,), 0.0 if self.stop_signal is None else 1.0, dtype=torch.float64, device=losses.device)
             reduced = all_reduce_sum(torch.cat([losses, stop_flag]), self.dist)
@@ -68,8 +79,11 @@ class RunLog:
         values = torch.cat(parts).tolist()  # the one host read
         world = self.dist.world_size
         loss_values = [v / world for v in values[:n]]
-        stop = values[n] > 0 if self.dist.enabled else self.stop_signal is not None
-        rest = values[n + int(self.dist.enabled) :]
+        health_values = [v / world for v in values[n : n + nh]]
+        health_rows = [dict(zip(health.HEALTH_COLUMNS, (health_values.pop(0) for _ in range(NH)))) if p.get("health") is not None else None
+                       for p in pending]  # fmt: skip
+        stop = values[n + nh] > 0 if self.dist.enabled else self.stop_signal is not None
+        rest = values[n + nh + int(self.dist.enabled) :]
         skipped = [p["skipped"] is not None and rest.pop(0) > 0 for p in pending] if skips else [False] * n
         grad_rows = [tuple(rest.pop(0) for _ in range(4)) if p["grads"] is not None else None for p in pending]
         if self.cfg["optimization"]["nan_policy"] == "stop":
@@ -82,31 +96,66 @@ class RunLog:
                 self._say(f"step {p['step']}: non-finite loss or gradients (mean loss over ranks {v}), skipped the update "
                           "(optimization.nan_policy=skip)")  # fmt: skip
         self.last_loss = loss_values[-1]
+        stop = self._watch_health(pending, health_rows) or stop
         if not self.dist.is_main:
             return stop
         ms = 1000.0 * elapsed / n if elapsed > 0 else float("nan")
         mem = self._mem_gb()
-        for p, v, g in zip(pending, loss_values, grad_rows):
+        for p, v, g, hr in zip(pending, loss_values, grad_rows, health_rows):
             g = g or (float("nan"),) * 4
             row = dict(epoch=p["epoch"], itr=p["itr"], step=p["step"], loss=f"{v:.6f}", lr=f"{p['lr']:.6e}", wd=f"{p['wd']:.6e}",
                        momentum=f"{p['momentum']:.6f}", imgs_per_sec=f"{ips:.2f}", mask_enc=p["mask_enc"], mask_pred=p["mask_pred"],
                        ms_per_itr=f"{ms:.2f}", mem_gb=f"{mem:.3f}", grad_first=f"{g[0]:.3e}", grad_last=f"{g[1]:.3e}")  # fmt: skip
+            if hr is not None:
+                row.update({k: f"{x:.6g}" for k, x in hr.items()})
             writer.writerow(row)
             if tb is not None:
                 tb.log(p["step"], loss=v, lr=p["lr"], wd=p["wd"], momentum=p["momentum"], imgs_per_sec=ips, mask_enc=p["mask_enc"],
-                       mask_pred=p["mask_pred"], mem_gb=mem)  # fmt: skip
+                       mask_pred=p["mask_pred"], mem_gb=mem, **(hr or {}))  # fmt: skip
         csv_file.flush()
-        last = pending[-1]
+        last, hl = pending[-1], health_rows[-1]
         if math.isfinite(ips):
+            field = f" [rankme: {hl['target_rankme']:.1f} std: {hl['target_std']:.2e}]" if hl is not None else ""
             self._say(
                 "[%d, %5d] loss: %.3f masks: %.1f %.1f [wd: %.2e] [lr: %.2e] [mem: %.2e] (%.1f ms)"  # noqa: UP031 — the reference's format
                 % (last["epoch"], last["itr"], sum(loss_values) / n, last["mask_enc"], last["mask_pred"], last["wd"], last["lr"],
-                   mem * 1024, ms)  # fmt: skip
+                   mem * 1024, ms) + field  # fmt: skip
             )
             if grad_rows[-1] is not None:
                 self._say("[%d, %5d] grad_stats: [%.2e %.2e] (%.2e, %.2e)" % (last["epoch"], last["itr"], *grad_rows[-1]))  # noqa: UP031
             if self._bar is not None:
                 self._bar.set_postfix(loss=f"{loss_values[-1]:.4f}", img_s=f"{ips:.0f}")
+        return stop
+
+    def _health_row(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        """One log step's health metrics, in :data:`fastjepa.health.HEALTH_COLUMNS` order, as
+        a float64 tensor on the device. The RankMe columns are RankMe's formula on the
+        batch-centred pooled features (:func:`fastjepa.health.effective_rank` with
+        ``center=True``, the quantity evaluation reports as ``feature_effective_rank``): the
+        uncentred form is dominated by the mean feature every image shares after the final
+        LayerNorm, and moves little while the spread collapses (docs/eval.md)."""
+        t_std, c_std, p_std, cos = tensors["stats"].double().unbind()
+        t_rank = health.effective_rank(tensors["target"], center=True).double()
+        c_rank = health.effective_rank(tensors["context"], center=True).double()
+        return torch.stack([t_rank, t_std, c_rank, c_std, p_std, cos])
+
+    def _watch_health(self, pending: list[dict], health_rows: list[dict | None]) -> bool:
+        """Feed the collapse detector; keep the last target RankMe (the best checkpoint's
+        score). True when the detector fired and ``meta.on_collapse=stop``."""
+        stop = False
+        for p, hr in zip(pending, health_rows):
+            if hr is None:
+                continue
+            self.last_rankme = hr["target_rankme"]
+            warning = self.collapse.update(p["step"], hr["target_rankme"], hr["target_std"])
+            if warning is None:
+                continue
+            if self.cfg["meta"]["on_collapse"] == "stop":
+                self.collapse_reason = warning
+                stop = True
+                self._say(f"fastjepa: {warning} — stopping (meta.on_collapse=stop)")
+            else:
+                self._say(f"fastjepa: {warning} (meta.on_collapse=stop would stop here)")
         return stop
 
     def _mem_gb(self) -> float:

@@ -6,6 +6,7 @@ from contextlib import ExitStack
 
 import torch
 
+from .. import health, ops
 from ..data import batch_to_device
 from ..distributed import all_reduce_sum
 from ..ops import use_attention, use_backend
@@ -50,31 +51,58 @@ class TrainStep:
             stack.enter_context(use_attention("math"))
         return stack
 
-    def train_step(self, imgs: torch.Tensor, masks_enc: list[torch.Tensor], masks_pred: list[torch.Tensor], want_grads: bool = False):
+    def train_step(
+        self,
+        imgs: torch.Tensor,
+        masks_enc: list[torch.Tensor],
+        masks_pred: list[torch.Tensor],
+        want_grads: bool = False,
+        want_health: bool = False,
+    ):
         """One optimizer step over ``grad_accum`` micro-batches. Returns (loss tensor, grad
         stats tensor or None, (lr, wd, momentum)); the skip flag of ``nan_policy=skip`` is
-        left in ``self.last_skipped``. On the device, with no host sync (the reference step
-        excepted: its GradScaler and its skip decision read on the host, as the reference)."""
+        left in ``self.last_skipped``, and with ``want_health`` the health tensors of the
+        last micro-batch in ``self.last_health`` (see :meth:`_health_tensors`). On the
+        device, with no host sync (the reference step excepted: its GradScaler and its skip
+        decision read on the host, as the reference)."""
         accum = self.cfg["optimization"]["grad_accum"]
         lr, wd, mom = self._set_schedules()
         B = imgs.size(0)
         micro = B // accum
         total = torch.zeros((), device=self.device)
-        for a in range(accum):
-            sl = slice(a * micro, (a + 1) * micro)
-            sync = ExitStack()  # DDP: no gradient all-reduce before the last micro-batch
-            if self.fsdp:
-                for net in (self.model.encoder, self.model.predictor):
-                    net.set_requires_gradient_sync(a == accum - 1)
-            elif accum > 1 and a < accum - 1 and self.dist.enabled:
-                sync.enter_context(self.model.encoder.no_sync())
-                sync.enter_context(self.model.predictor.no_sync())
-            with sync, torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
-                loss = self.model(imgs[sl], [m[sl] for m in masks_enc], [m[sl] for m in masks_pred]) / accum
-                if self._nan_at == (self.dist.rank, self.step):  # fault-test hook (FASTJEPA_TEST_NAN_AT)
-                    loss = loss * float("nan")
-            (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
-            total += loss.detach().float()
+        self.last_health = None
+        outputs: dict = {}
+        hooks = self._health_hooks(outputs) if want_health else []
+        try:
+            for a in range(accum):
+                sl = slice(a * micro, (a + 1) * micro)
+                total += self._micro_step(imgs[sl], [m[sl] for m in masks_enc], [m[sl] for m in masks_pred], a, accum)
+        finally:
+            for h in hooks:
+                h.remove()
+        if want_health and {"target", "context", "pred"} <= set(outputs):
+            last = slice((accum - 1) * micro, accum * micro)
+            self.last_health = self._health_tensors(outputs, [m[last] for m in masks_pred], len(masks_enc))
+        return self._update(total, want_grads, lr, wd, mom)
+
+    def _micro_step(self, imgs: torch.Tensor, masks_enc: list[torch.Tensor], masks_pred: list[torch.Tensor], a: int, accum: int):
+        """Forward and backward of micro-batch ``a`` of ``accum``; returns its detached fp32 loss share."""
+        sync = ExitStack()  # DDP: no gradient all-reduce before the last micro-batch
+        if self.fsdp:
+            for net in (self.model.encoder, self.model.predictor):
+                net.set_requires_gradient_sync(a == accum - 1)
+        elif accum > 1 and a < accum - 1 and self.dist.enabled:
+            sync.enter_context(self.model.encoder.no_sync())
+            sync.enter_context(self.model.predictor.no_sync())
+        with sync, torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
+            loss = self.model(imgs, masks_enc, masks_pred) / accum
+            if self._nan_at == (self.dist.rank, self.step):  # fault-test hook (FASTJEPA_TEST_NAN_AT)
+                loss = loss * float("nan")
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        return loss.detach().float()
+
+    def _update(self, total: torch.Tensor, want_grads: bool, lr: float, wd: float, mom: float):
+        """The skip decision, gradient statistics, optimizer step and EMA after the micro-batches."""
         skip_flag, skip_now = None, False
         if self.cfg["optimization"]["nan_policy"] == "skip":
             # a non-finite loss, or a finite one with non-finite gradients; under DDP/FSDP all
@@ -110,6 +138,41 @@ class TrainStep:
         if not skip_now:
             self.model.update_target(mom, mode="reference" if self.reference_step else "foreach", skip=skip_flag if self.skip_on_device else None)
         return total, grads, (lr, wd, mom)
+
+    def _health_hooks(self, outputs: dict) -> list:
+        """Forward hooks on the target encoder, the context encoder and the predictor: each
+        micro-batch's output pooled (mean token, fp32) into ``outputs["<name>_pooled"]``, and
+        the last micro-batch's (detached) tokens in ``outputs[name]``."""
+        hooks = []
+        for name, net in (("target", self.model.target_encoder), ("context", self.model.encoder), ("pred", self.model.predictor)):
+
+            def keep(_net, _args, out, name=name):
+                out = out.detach()
+                outputs.setdefault(f"{name}_pooled", []).append(health.pooled(out))
+                outputs[name] = out
+
+            hooks.append(net.register_forward_hook(keep))
+        return hooks
+
+    def _health_tensors(self, outputs: dict, masks_pred: list[torch.Tensor], nenc: int) -> dict[str, torch.Tensor]:
+        """What the log step needs for the health metrics, on the device (no host read):
+        the pooled target and context features of the whole batch (every micro-batch), at
+        most ``health.max_rows`` rows each (the log step takes their RankMe: a fixed cost),
+        and a (4,) tensor of the target std, the context std, the predictor outputs' std and
+        the prediction-target cosine.
+
+        Each std is over the rows of pooled features (one per image; for the context encoder
+        one per image and context block; for the predictor, one per predicted block), per
+        dimension, averaged. The cosine is per predicted token of the last micro-batch,
+        against the layer-normed target tokens the loss compares it with."""
+        rows = self.cfg["health"]["max_rows"]
+        target, context, pred = (torch.cat(outputs[f"{k}_pooled"]) for k in ("target", "context", "pred"))
+        with torch.no_grad():
+            tokens = ops.target_tokens(outputs["target"], masks_pred, nenc)  # (npred·nenc·b, Kt, D)
+        stats = torch.stack([
+            health.spread(target), health.spread(context), health.spread(pred), health.pred_target_cosine(outputs["pred"], tokens),
+        ])  # fmt: skip
+        return {"target": target[:rows], "context": context[:rows], "stats": stats}
 
     def _non_finite_flag(self, tensors: list[torch.Tensor]) -> torch.Tensor:
         """A one-element fp32 tensor on the device: 1.0 if any element of ``tensors`` is
