@@ -222,7 +222,7 @@ def test_best_checkpoint_is_written_pruned_and_picked(tmp_path, capsys):
 
 def test_eval_and_export_take_a_run_folder(tmp_path, capsys):
     from fastjepa import eval as ev
-    from fastjepa.checkpoint import main as checkpoint_main
+    from fastjepa.checkpoint.__main__ import main as checkpoint_main
     from fastjepa.checkpoint import read_safetensors
 
     run = tmp_path / "r"
@@ -242,7 +242,7 @@ def test_eval_and_export_take_a_run_folder(tmp_path, capsys):
 
 
 def test_quick_probe_probes_the_kept_checkpoint_too(tmp_path):
-    from fastjepa.eval import quick_probe
+    from fastjepa.evaluation.probe import quick_probe
 
     run = tmp_path / "r"
     cfg = load_config(None, [*TINY, "health.patience=100"])

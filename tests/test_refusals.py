@@ -19,7 +19,7 @@ import yaml
 from PIL import Image
 
 from fastjepa import eval as fj_eval
-from fastjepa import time_budget
+from fastjepa.training import time_budget
 from fastjepa import train as fj_train
 from fastjepa.checkpoint import CheckpointError, read_checkpoint
 from fastjepa.config import ConfigError, load_config
@@ -328,7 +328,7 @@ def test_the_mnist_cache_is_written_atomically(tmp_path, monkeypatch):
 
 def _full_disk_after(monkeypatch, saves_ok: int):
     """torch.save fails (ENOSPC from the file) once ``saves_ok`` saves have completed."""
-    import fastjepa.checkpoint as ckpt_mod
+    import fastjepa.checkpoint.core as ckpt_mod
 
     real = ckpt_mod.torch.save
     count = {"n": 0}
