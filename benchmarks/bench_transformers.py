@@ -25,10 +25,6 @@ CPU shapes: V-JEPA 2 64 px / 8, 4 frames, tubelet 2 (128 tokens), hidden 96, 4 h
 (V-JEPA 2's masks keep about a third as context); I-JEPA 96 px / 16 (36 tokens), hidden 96,
 depth 4, batch 8. ``--gpu``: V-JEPA 2 ViT-L/16 at 256 px, 16 frames (2,048 tokens),
 predictor 384 / 12 heads / depth 12, batch 8, a 30 % context.
-
-transformers is imported with this checkout's root off ``sys.path``: the checkout's top-level
-``kernels/`` folder (the source of ``fastjepa.kernels``) would otherwise shadow the installed
-``kernels`` package that transformers imports.
 """
 
 from __future__ import annotations
@@ -48,16 +44,7 @@ REPO = os.path.dirname(HERE)
 
 
 def import_transformers():
-    """transformers, imported with the installed ``kernels`` package (see the docstring)."""
-    if "kernels" not in sys.modules:
-        saved = sys.path[:]
-        sys.path[:] = [p for p in sys.path if os.path.realpath(p or os.getcwd()) != os.path.realpath(REPO)]
-        try:
-            importlib.import_module("kernels")
-        except ImportError:
-            pass  # not installed: transformers then does not import it either
-        finally:
-            sys.path[:] = saved
+    """transformers (a clear ImportError where it is not installed)."""
     return importlib.import_module("transformers")
 
 

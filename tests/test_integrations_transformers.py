@@ -23,19 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _import_transformers():
-    """transformers imports the installed ``kernels`` distribution when it finds one; with
-    this checkout's root on sys.path (pytest puts it there) the top-level ``kernels/``
-    folder (the source of ``fastjepa.kernels``) would be found instead. Import the
-    installed one first, then transformers (skip when transformers is not installed)."""
-    if "kernels" not in sys.modules:
-        saved = sys.path[:]
-        sys.path[:] = [p for p in sys.path if Path(p or os.getcwd()).resolve() != REPO]
-        try:
-            importlib.import_module("kernels")
-        except ImportError:
-            pass
-        finally:
-            sys.path[:] = saved
+    """transformers, or a skip where it is not installed."""
     return pytest.importorskip("transformers")
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import importlib
 import importlib.machinery
 import json
-import os
 import sys
 import types
 import warnings
@@ -31,8 +30,7 @@ from fastjepa.checkpoint.formats import fastjepa_to_hf, hf_config, hf_to_fastjep
 from fastjepa.config import load_config
 from fastjepa.interop import architecture_of, export_encoder, read_encoder
 from fastjepa.masks import MaskCollator
-from fastjepa.ops import use_backend
-from fastjepa.ops import available
+from fastjepa.ops import available, use_backend
 
 from ._tiny import TINY
 
@@ -63,25 +61,8 @@ def timm_vit_keys(D: int, depth: int, N: int, patch: int, C: int = 3, H: int | N
 # -- third-party imports
 
 
-def _pypi_kernels_first() -> None:
-    """transformers imports the PyPI package ``kernels``; the repo root (on sys.path when the
-    tests run from the checkout) holds fastjepa's own ``kernels/`` folder, which would shadow it."""
-    mod = sys.modules.get("kernels")
-    if mod is not None and Path(getattr(mod, "__file__", "") or ".").resolve().parent.parent == ROOT:
-        del sys.modules["kernels"]
-    saved = sys.path[:]
-    sys.path[:] = [p for p in saved if Path(p or os.getcwd()).resolve() != ROOT]
-    try:
-        importlib.import_module("kernels")
-    except ImportError:
-        pass
-    finally:
-        sys.path[:] = saved
-
-
 @pytest.fixture(scope="module")
 def hf():
-    _pypi_kernels_first()
     pytest.importorskip("transformers")
     try:
         from transformers import IJepaConfig, IJepaModel
