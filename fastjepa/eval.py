@@ -46,7 +46,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         "encoder/predictor/target_encoder), an encoder exported to .safetensors (python -m fastjepa.checkpoint export), "
         "a Hugging Face IJepaModel folder or its model.safetensors, or a timm ViT state dict; opened weights-only",
     )
-    p.add_argument("--latest", action="store_true", help="with a run folder: its latest checkpoint, not the best")
     p.add_argument("--latest", action="store_true", help="with a run folder: its latest checkpoint, not the best (highest target RankMe)")
     p.add_argument(
         "--trust-checkpoint",
@@ -259,8 +258,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )
         if info.get("chosen"):
             why = " (the epoch with the highest target RankMe; --latest for the latest)" if info["chosen"] == "best" else ""
-            print(f"fastjepa.eval: {args.checkpoint} is a run folder: evaluating its {info['chosen']} checkpoint, {info['path']}{why}",
-                  file=sys.stderr, flush=True)  # fmt: skip
+            print(f"fastjepa.eval: {args.checkpoint} is a run folder: evaluating {Path(info['path']).name}{why}", file=sys.stderr, flush=True)
     else:
         cfg, encoder = load_config(args.config, args.overrides), None
     train, val, desc, common = _eval_setup(args, cfg, quiet)

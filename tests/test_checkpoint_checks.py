@@ -201,6 +201,7 @@ def test_files_written_without_checksums_and_reference_files_still_load(trained,
 def test_safetensors_export_records_a_hash_that_catches_damage(trained, tmp_path, capsys):
     dst = tmp_path / "enc.safetensors"
     assert checkpoint_cli(["export", str(trained[0]), str(dst)]) == 0
+    capsys.readouterr()  # the export's own lines (the run folder's pick, what it wrote)
     state, meta = read_safetensors(dst)
     assert meta["sha256"] == ck.tensors_digest({k: v for k, v in state.items()}) and meta["format_version"] == "2"
     raw = bytearray(dst.read_bytes())

@@ -93,7 +93,7 @@ def _launch_sites(path: Path) -> list[tuple[int, bool]]:
 
 def test_every_launch_site_is_inside_the_device_guard():
     sites = {}
-    for path in sorted((ROOT / "kernels").glob("*.py")):
+    for path in sorted((ROOT / "fastjepa" / "kernels").glob("*.py")):
         for line, guarded in _launch_sites(path):
             sites[f"{path.name}:{line}"] = guarded
     assert len(sites) >= 12, sites  # one per kernel at least

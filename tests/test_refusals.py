@@ -162,7 +162,7 @@ def test_a_run_writes_only_inside_its_output_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(work)
     Trainer(load_config(None, [*TINY, "optimization.epochs=1", "logging.write_tag=run1"]), work / "out", quiet=True).fit()
     assert [p.name for p in work.iterdir()] == ["out"]
-    assert sorted(p.name for p in (work / "out").iterdir()) == ["config.yaml", "log.csv", "run1-ep1.pth.tar", "run1-latest.pth.tar"]
+    assert sorted(p.name for p in (work / "out").iterdir()) == ["config.yaml", "log.csv", "run1-best.pth.tar", "run1-ep1.pth.tar", "run1-latest.pth.tar"]
 
 
 # -- item 2: a run folder belongs to one run
