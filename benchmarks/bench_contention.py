@@ -59,13 +59,12 @@ def child(path: str, policy: str, steps: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         tr = Trainer(cfg, Path(tmp) / "run", quiet=True)
         udata, me, mp = next(iter(tr._loader()))
-        batch = tr._batch_to_device(udata, me, mp)
+        batch = tr.stepper.to_device(udata, me, mp)
         times = []
-        with tr._backend_context():
+        with tr.stepper.backend():
             for i in range(1 + steps):
                 t0 = time.perf_counter()
-                loss, _, _ = tr.train_step(*batch)
-                float(loss)
+                float(tr.stepper.step(*batch, index=0).loss)
                 if i:
                     times.append(time.perf_counter() - t0)
     return {"step_s": statistics.median(times), "threads": torch.get_num_threads(), "busy_cores_seen": busy,

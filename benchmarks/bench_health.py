@@ -9,7 +9,7 @@ prediction-target cosine (in the step), and the RankMe SVDs of at most
 ``health.max_rows`` pooled rows (just before the log step's one host read). Between log
 steps it does nothing. This script times, on one trainer and one batch:
 
-* ``off``: a log step without health — ``train_step(want_grads=True)`` and the read of its loss;
+* ``off``: a log step without health — ``Step.step(want_grads=True)`` and the read of its loss;
 * ``on``: the same step with ``want_health=True``, the RankMe SVDs and the read of both;
 * ``metrics``: the health work alone on the outputs of one step (pooling, stds, cosine,
   SVDs), which is what ``on`` adds (the hooks themselves only keep references).
@@ -53,24 +53,24 @@ def _trainer(shape: str, tmp: str) -> tuple[Trainer, tuple]:
     cfg = load_config(None, [*COMMON, *SHAPES[shape], f"data.synthetic_samples={4 * 64}"])
     t = Trainer(cfg, tmp, quiet=True)
     udata, me, mp = next(iter(t._loader()))
-    return t, t._batch_to_device(udata, me, mp)
+    return t, t.stepper.to_device(udata, me, mp)
 
 
 def _log_step(t: Trainer, batch: tuple, health: bool) -> None:
-    with t._backend_context():
-        loss, grads, _ = t.train_step(*batch, want_grads=True, want_health=health)
-    parts = [loss.reshape(1).double(), grads.double()]
+    with t.stepper.backend():
+        r = t.stepper.step(*batch, index=0, want_grads=True, want_health=health)
+    parts = [r.loss.reshape(1).double(), r.grads.double()]
     if health:
-        parts.append(t._health_row(t.last_health))
+        parts.append(t.log.health_row(r.health))
     torch.cat(parts).tolist()  # the log step's one host read
 
 
 def _metrics_only(t: Trainer, batch: tuple):
     """The health work of one log step, on outputs kept from one forward."""
     outputs: dict = {}
-    hooks = t._health_hooks(outputs)
+    hooks = t.stepper.health_hooks(outputs)
     try:
-        with torch.no_grad(), t._backend_context():
+        with torch.no_grad(), t.stepper.backend():
             t.model(*batch)
     finally:
         for h in hooks:
@@ -80,7 +80,7 @@ def _metrics_only(t: Trainer, batch: tuple):
     def run():  # the hooks' pooling, the step's stds and cosine, the log step's SVDs
         fresh = {k: outputs[k] for k in ("target", "context", "pred")}
         fresh.update({f"{k}_pooled": [health.pooled(outputs[k])] for k in ("target", "context", "pred")})
-        t._health_row(t._health_tensors(fresh, masks_pred, nenc)).tolist()
+        t.log.health_row(t.stepper.health_tensors(fresh, masks_pred, nenc)).tolist()
 
     return run
 

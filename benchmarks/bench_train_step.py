@@ -43,7 +43,7 @@ def _batch(tr: Trainer):
 
 
 def _loss(tr: Trainer, batch) -> torch.Tensor:
-    with torch.no_grad(), tr._backend_context(), torch.autocast(tr.device.type, dtype=tr.amp_dtype or torch.float32,
+    with torch.no_grad(), tr.stepper.backend(), torch.autocast(tr.device.type, dtype=tr.amp_dtype or torch.float32,
                                                                  enabled=tr.amp_dtype is not None):  # fmt: skip
         return tr.model(*batch).float()
 
@@ -78,8 +78,8 @@ def test_train_step(benchmark, path):
     batch = _batch(tr)
 
     def step():
-        with tr._backend_context():
-            loss, _, _ = tr.train_step(*batch)
+        with tr.stepper.backend():
+            loss = tr.stepper.step(*batch, index=0).loss
         if tr.device.type == "cuda":
             torch.cuda.synchronize()
         return loss

@@ -175,12 +175,12 @@ def run_path(config: str | None, overrides: list[str], *, steps: int, warmup: in
         tr = Trainer(cfg, tmp, quiet=True)
     device = tr.device
     if cpu_bf16 and device.type == "cpu":
-        tr.amp_dtype = torch.bfloat16  # what the trainer does on CUDA with meta.use_bfloat16 (no GradScaler)
+        tr.amp_dtype = tr.stepper.amp_dtype = torch.bfloat16  # what the trainer does on CUDA with meta.use_bfloat16 (no GradScaler)
     step_dtype = tr.amp_dtype or torch.float32
 
     # correctness once: the loss on a fixed batch, before any parameter moves
     imgs, me, mp = _check_batch(cfg, device)
-    with torch.no_grad(), tr._backend_context(), torch.autocast(device.type, dtype=step_dtype, enabled=tr.amp_dtype is not None):
+    with torch.no_grad(), tr.stepper.backend(), torch.autocast(device.type, dtype=step_dtype, enabled=tr.amp_dtype is not None):
         check_loss = float(tr.model(imgs, me, mp))
     del imgs, me, mp
 
@@ -211,8 +211,8 @@ def run_path(config: str | None, overrides: list[str], *, steps: int, warmup: in
         _sync(device)
         with CompileCounter() as cc:
             t0, c0 = time.perf_counter(), time.process_time()
-            with tr._backend_context():
-                loss, _, _ = tr.train_step(x, masks_enc, masks_pred)
+            with tr.stepper.backend():
+                loss = tr.stepper.step(x, masks_enc, masks_pred, index=0).loss
             _sync(device)
             dt, dc = time.perf_counter() - t0, time.process_time() - c0
         if i >= warmup:
@@ -270,8 +270,8 @@ def _fits(tr, B: int, crop: int, device: torch.device) -> bool:
     try:
         x, me, mp = imgs.to(device), [m.to(device) for m in me], [m.to(device) for m in mp]
         for _ in range(2):  # the second step holds optimizer state too
-            with tr._backend_context():
-                tr.train_step(x, me, mp)
+            with tr.stepper.backend():
+                tr.stepper.step(x, me, mp, index=0)
         _sync(device)
         return True
     except torch.cuda.OutOfMemoryError:

@@ -115,7 +115,7 @@ def main(argv=None) -> int:
         print(f"fastjepa.train: {os_error_line(exc)}; {_kept(trainer)}", file=sys.stderr)
         return 2
     finally:
-        stop_signal = trainer.stop_signal
+        stop_signal = trainer.stopper.signal
         if dist.enabled:
             _shutdown_distributed(trainer)
             del trainer

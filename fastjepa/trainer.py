@@ -1,6 +1,10 @@
 """The I-JEPA training loop (docs/design.md §5): ``Trainer(cfg, output).fit()``.
 
-The loop is here; its parts are in :mod:`fastjepa.training` (optim, step, logs, checkpointing, time_budget).
+The loop is here; it has its parts, from :mod:`fastjepa.training`: a
+:class:`~fastjepa.training.step.Step` (the optimizer step), a
+:class:`~fastjepa.training.checkpointing.Checkpointer`, a
+:class:`~fastjepa.training.stopping.Stopper` (signals, NaN policy, collapse, cross-rank
+agreement), a :class:`~fastjepa.training.logs.RunLog` and the time budget's plan.
 """
 
 from __future__ import annotations
@@ -19,20 +23,20 @@ from .build import build_model, pick_device
 from .config import dump_config
 from .data import build_dataset, loader_options
 from .distributed import DistInfo, ResumableSampler, any_rank, ddp_device_kwargs, rank_device
-from .health import CollapseDetector
 from .masks import MaskCollator
 from .rng import seed_everything, set_rng_state
 from .training import time_budget
-from .training.checkpointing import FaultHandling, NonFiniteLoss, StopRequested
-from .training.logs import RunLog, ScalarLoggers
+from .training.checkpointing import Checkpointer, NonFiniteLoss
+from .training.logs import RunLog
 from .training.optim import autocast_dtype, make_optimizer
 from .training.runfolder import RunFolderError, RunLock, claim
-from .training.step import TrainStep
+from .training.step import Step
+from .training.stopping import Stopper, StopRequested, check_ranks_agree
 
 __all__ = ["Trainer"]
 
 
-class Trainer(TrainStep, RunLog, FaultHandling):
+class Trainer:
     """One run: ``Trainer(cfg, output).fit()``. See ``python -m fastjepa.train --help``."""
 
     def __init__(
@@ -63,17 +67,18 @@ class Trainer(TrainStep, RunLog, FaultHandling):
         self.reference_step = meta["reference_step"]  # the reference computation (not the ops backend, mask.compat or EMA mode)
         self.fsdp = bool(meta["fsdp"] and self.dist.enabled)
         self.tag = cfg["logging"]["write_tag"]
-        self.latest = self.out / f"{self.tag}-latest.pth.tar"
-        self.prev = self.out / f"{self.tag}-prev.pth.tar"
+        self.log = RunLog(self.out, cfg, self.dist, self.device, quiet=self.quiet)
+        hc = cfg["health"]
+        self.checkpointer = Checkpointer(
+            self.out, self.tag, dist=self.dist, device=self.device, say=self.log.say, fsdp=self.fsdp,
+            keep_best=bool(hc["keep_best"] and hc["enabled"]), trust=trust_checkpoint,
+        )  # fmt: skip
+        self.latest, self.prev, self.best = self.checkpointer.latest, self.checkpointer.prev, self.checkpointer.best
         self.resume, self.overwrite = resume, overwrite
         self._lock: RunLock | None = None
         self._claim_output(hold=False)  # refuse a busy or occupied folder before building anything
-        self.best = self.out / f"{self.tag}-best.pth.tar"  # the epoch checkpoint with the highest target RankMe
-        hc = cfg["health"]
-        self.collapse = CollapseDetector(hc["rankme_fraction"], hc["std_floor"], hc["patience"])
+        self.stopper = Stopper(cfg, self.dist, self.log.say)
         self.last_rankme = float("nan")  # the last log step's target RankMe (mean over ranks)
-        self.best_rankme = float("-inf")
-        self.collapse_reason: str | None = None  # set when the detector stops the run
 
         check_model_fits(cfg, training=True)  # before anything is allocated
         seed_everything(meta["seed"])
@@ -89,11 +94,6 @@ class Trainer(TrainStep, RunLog, FaultHandling):
         self.amp_dtype = autocast_dtype(meta["use_bfloat16"], self.device, self.reference_step)
         # bf16 needs no loss scaling; the reference runs a GradScaler anyway (kept for its step).
         self.scaler = torch.amp.GradScaler("cuda") if (self.amp_dtype is not None and self.reference_step) else None
-        # nan_policy=skip decided on the device: the fused AdamW skips its update (and its
-        # step count) where its found_inf flag is set, the EMA lerps with weight 0 — no host
-        # read. The reference step (per-parameter AdamW, GradScaler) decides on the host.
-        self.skip_on_device = self.scaler is None and bool(self.optimizer.defaults.get("fused"))
-        self.last_skipped: torch.Tensor | None = None  # the last step's skip flag (1.0: skipped), on the device
 
         # data
         self.dataset = build_dataset(data, split="train", device=self.device)
@@ -102,26 +102,83 @@ class Trainer(TrainStep, RunLog, FaultHandling):
         self.sampler = ResumableSampler(len(self.dataset), data["batch_size"], self.dist, seed=meta["seed"])
         self.collator = MaskCollator.from_config(cfg, rank=self.dist.rank, world_size=self.dist.world_size)
         self.ipe = self.sampler.batches_per_epoch
-        self._build_schedules()
+        self.stepper = Step(
+            self.model, self.optimizer, cfg, ipe=self.ipe, device=self.device, dist=self.dist, dataset=self.dataset,
+            amp_dtype=self.amp_dtype, scaler=self.scaler, reference_step=self.reference_step, fsdp=self.fsdp,
+        )  # fmt: skip
 
         self.epoch, self.next_itr, self.step = 0, 0, 0
         self.last_loss = float("nan")
-        self.stop_signal: int | None = None
         self._rng_after_loader = None
-        nan_at = os.environ.get("FASTJEPA_TEST_NAN_AT")  # "RANK:STEP": a NaN loss there (fault tests in subprocesses)
-        self._nan_at = tuple(int(v) for v in nan_at.split(":")) if nan_at else None
         self.images_seen = 0
-        self.plan = time_budget.plan(self, resume=resume)  # optimization.time_budget_s: fewer epochs where steps are slow
+        # optimization.time_budget_s: fewer epochs where steps are slow
+        self.plan = time_budget.plan(
+            cfg, self.out, self.ipe, lambda: time_budget.measure_step_seconds(self.stepper, self.dataset), resume=resume
+        )
         if self.plan is not None and self.plan.steps is not None:  # not one epoch fits: a step count in epoch 1
             opt["warmup"] = opt["warmup"] * self.plan.steps / (self.ipe * opt["epochs"])  # the same share of the run
             opt["epochs"], opt["budget_steps"] = 1, self.plan.steps  # config.yaml records the choice
-            self._build_schedules()
+            self.stepper.build_schedules()
         elif self.plan is not None and self.plan.epochs != opt["epochs"]:
             opt["epochs"] = self.plan.epochs  # the resolved config (config.yaml) records the choice
             opt["warmup"] = min(opt["warmup"], self.plan.epochs * opt["ipe_scale"])
-            self._build_schedules()
+            self.stepper.build_schedules()
         if resume:
             self._resume()
+
+    @property
+    def skip_on_device(self) -> bool:
+        """``nan_policy=skip`` is decided on the device (fused AdamW, no GradScaler)."""
+        return self.stepper.skip_on_device
+
+    @property
+    def best_rankme(self) -> float:
+        """The target RankMe of ``<tag>-best.pth.tar`` (-inf: none yet)."""
+        return self.checkpointer.best_rankme
+
+    @property
+    def collapse_reason(self) -> str | None:
+        """What the collapse detector said when it stopped the run (None: it did not)."""
+        return self.stopper.collapse_reason
+
+    def _resume(self) -> None:
+        meta = self.cfg["meta"]
+        r = self.checkpointer.resume(self.model, self.optimizer, self.scaler, cfg=self.cfg, ipe=self.ipe, path=meta["read_checkpoint"])
+        self.epoch, self.next_itr, self.step, self.images_seen = r.epoch, r.next_itr, r.step, r.images_seen
+        if r.loss is not None:
+            self.last_loss = r.loss  # an epoch resumed after its last step reports the loss it ended with
+        if r.detector is not None:  # the detector's history goes on
+            self.stopper.restore_detector(r.detector)
+        if r.rng is not None:
+            set_rng_state(r.rng)
+            # mid-epoch, the uninterrupted run made this epoch's loader iterator before the
+            # checkpoint (it draws the DataLoader's base seed from the global RNG): set the
+            # state again once the resumed run has made its own (see fit)
+            self._rng_after_loader = r.rng if self.next_itr > 0 else None
+        self.collator.set_reference_counter(self.step)  # mask.compat=reference: its counter, one batch a step
+        self.resumed_from = r.path
+        self.log.say(f"resumed from {r.path}: epoch {self.epoch}, iteration {self.next_itr}, step {self.step}")
+
+    def _save(self, *, next_itr: int, extra_name: str | None = None) -> None:
+        self.checkpointer.save(
+            self.model, self.optimizer, self.scaler, cfg=self.cfg, epoch=self.epoch, next_itr=next_itr, step=self.step,
+            images_seen=self.images_seen, loss=self.last_loss, lr=self.stepper.lr_sched.value(max(self.step, 1)),
+            detector=self.stopper.collapse.state(), rankme=self.last_rankme, extra_name=extra_name,
+        )  # fmt: skip
+
+    def _log_step(self, pending: list[dict], ips: float, elapsed: float) -> bool:
+        """Log the steps in ``pending`` (one host read), let the stopper judge them; True:
+        stop after this step (every rank alike)."""
+        if not pending:
+            return self.stopper.stop_between_log_steps()
+        r = self.log.read(pending, self.stopper.vote(self.device))  # under torchrun: the stop agreement rides on it
+        stop = self.stopper.judge(r)
+        self.last_loss = r.losses[-1]
+        rankmes = [h["target_rankme"] for h in r.health if h is not None]
+        if rankmes:
+            self.last_rankme = rankmes[-1]  # the best checkpoint's score
+        self.log.write(r, ips, elapsed)
+        return stop
 
     def _claim_output(self, *, hold: bool) -> None:
         """Rank 0 checks (and with ``hold`` locks) the output folder; under torchrun every
@@ -129,7 +186,7 @@ class Trainer(TrainStep, RunLog, FaultHandling):
         error = None
         if self.dist.is_main:
             try:
-                self._lock = claim(self.out, self.tag, resume=self.resume, overwrite=self.overwrite, hold=hold, say=self._say)
+                self._lock = claim(self.out, self.tag, resume=self.resume, overwrite=self.overwrite, hold=hold, say=self.log.say)
             except RunFolderError as exc:
                 error = exc
         agree = self.dist.enabled and torch.distributed.is_available() and torch.distributed.is_initialized()
@@ -181,41 +238,33 @@ class Trainer(TrainStep, RunLog, FaultHandling):
             self._release_output()
 
     def _fit(self) -> dict:
-        from tqdm.auto import tqdm
-
         cfg = self.cfg
         log_freq, epochs = cfg["logging"]["log_freq"], cfg["optimization"]["epochs"]
         max_steps = cfg["meta"]["max_steps"]
         if self.dist.is_main:
-            self._remove_partial_writes()
-        tb = ScalarLoggers(self.out, cfg) if self.dist.is_main else None  # first: "wandb is not installed" before any file is written
+            self.checkpointer.remove_partial_writes()
+        self.log.open_scalars()  # first: "wandb is not installed" before any file is written
         if self.dist.is_main:
             dump_config(cfg, self.out / "config.yaml")
-        csv_file, writer = self._open_csv() if self.dist.is_main else (None, None)
-        previous = self._install_signals()
+        self.log.open_csv(self.step)
+        self.stopper.install()
         eff = cfg["data"]["batch_size"] * self.dist.world_size
-        self._say(
+        self.log.say(
             f"fastjepa: {cfg['meta']['model_name']} on {self.device} ({self.dist.world_size} process(es)), "
             f"{len(self.dataset)} images, {self.ipe} iterations/epoch, batch {cfg['data']['batch_size']} per process "
             f"(effective {eff}), output {self.out}"
         )
         if self.plan is not None:
-            self._say(self.plan.describe())
+            self.log.say(self.plan.describe())
         t_start = time.perf_counter()
         pending: list[dict] = []
         status, stopped_by = "done", None
         cut = cfg["optimization"]["budget_steps"]
+        want_health = cfg["health"]["enabled"]
         try:
             while self.epoch < epochs and (cut is None or self.step < cut):
                 loader = self._loader()
-                self._bar = tqdm(
-                    total=self.ipe,
-                    initial=self.next_itr,
-                    desc=f"epoch {self.epoch + 1}/{epochs}",
-                    disable=self.quiet or not self.dist.is_main,
-                    dynamic_ncols=True,
-                    leave=False,
-                )
+                self.log.open_bar(epoch=self.epoch + 1, epochs=epochs, total=self.ipe, initial=self.next_itr)
                 t_last, n_since = time.perf_counter(), 0
                 batches = iter(loader)
                 if self._rng_after_loader is not None:
@@ -223,16 +272,16 @@ class Trainer(TrainStep, RunLog, FaultHandling):
                     self._rng_after_loader = None
                 for itr, (udata, masks_enc, masks_pred) in enumerate(batches, start=self.next_itr):
                     t0 = time.perf_counter()
-                    imgs, masks_enc, masks_pred = self._batch_to_device(udata, masks_enc, masks_pred)
+                    imgs, masks_enc, masks_pred = self.stepper.to_device(udata, masks_enc, masks_pred)
                     log_now = (itr % log_freq == 0) or itr == self.ipe - 1
-                    with self._backend_context():
-                        loss, grads, (lr, wd, mom) = self.train_step(
-                            imgs, masks_enc, masks_pred, want_grads=log_now, want_health=log_now and cfg["health"]["enabled"]
+                    with self.stepper.backend():
+                        r = self.stepper.step(
+                            imgs, masks_enc, masks_pred, index=self.step, want_grads=log_now, want_health=log_now and want_health
                         )
                     pending.append(
-                        dict(epoch=self.epoch + 1, itr=itr, step=self.step, loss=loss, lr=lr, wd=wd, momentum=mom,
-                             mask_enc=masks_enc[0].size(1), mask_pred=masks_pred[0].size(1), t0=t0, grads=grads,
-                             skipped=self.last_skipped, health=self.last_health)
+                        dict(epoch=self.epoch + 1, itr=itr, step=self.step, loss=r.loss, lr=r.lr, wd=r.wd, momentum=r.momentum,
+                             mask_enc=masks_enc[0].size(1), mask_pred=masks_pred[0].size(1), t0=t0, grads=r.grads,
+                             skipped=r.skipped, health=r.health)
                     )  # fmt: skip
                     self.step += 1
                     self.next_itr = itr + 1
@@ -244,37 +293,36 @@ class Trainer(TrainStep, RunLog, FaultHandling):
                     if log_now:
                         now = time.perf_counter()
                         ips = n_since / max(now - t_last, 1e-9)
-                        stop = self._flush(pending, writer, csv_file, tb, ips, now - t_last)  # under torchrun: the stop agreement
+                        stop = self._log_step(pending, ips, now - t_last)  # under torchrun: the stop agreement
                         pending, t_last, n_since = [], now, 0
-                    elif not self.dist.enabled:
-                        stop = self.stop_signal is not None  # one process: nothing to agree on, stop after this step
-                    self._bar.update(1)
+                    else:
+                        stop = self.stopper.stop_between_log_steps()  # one process: nothing to agree on, stop after this step
+                    self.log.advance_bar()
                     at_max = max_steps is not None and self.step >= max_steps
                     if stop or at_max or (cut is not None and self.step >= cut):
-                        self._flush(pending, writer, csv_file, tb, float("nan"), 0.0)
+                        self._log_step(pending, float("nan"), 0.0)
                         pending = []
                         stopped_by = ("collapse" if self.collapse_reason else "signal") if stop else "max_steps" if at_max else "budget"
                         raise StopRequested
-                self._flush(pending, writer, csv_file, tb, float("nan"), 0.0)
+                self._log_step(pending, float("nan"), 0.0)
                 pending = []
-                self._bar.close()
-                self._bar = None
+                self.log.close_bar()
                 self.epoch += 1
                 self.next_itr = 0
                 freq = cfg["logging"]["checkpoint_freq"]
                 periodic = f"{self.tag}-ep{self.epoch}.pth.tar" if (self.epoch % freq == 0 or self.epoch == epochs) else None
-                self._checkpoint(epoch=self.epoch, next_itr=0, extra_name=periodic)
+                self._save(next_itr=0, extra_name=periodic)
                 skipped = getattr(self.dataset, "num_skipped", 0)
-                self._say(
+                self.log.say(
                     f"epoch {self.epoch}/{epochs} done: loss {self.last_loss:.4f}, {self.images_seen} images seen"
                     + (f", {skipped} unreadable image(s) skipped so far" if skipped else "")
                 )
         except StopRequested:
-            self._checkpoint(epoch=self.epoch, next_itr=self.next_itr)
+            self._save(next_itr=self.next_itr)
             status = {"signal": "interrupted", "max_steps": "max_steps", "budget": "done", "collapse": "collapsed"}[stopped_by]
             if stopped_by == "budget":
-                self._say(f"fastjepa: time budget: stopped after {self.next_itr} of {self.ipe} steps of epoch {self.epoch + 1} "
-                          f"(optimization.budget_steps={cut})")  # fmt: skip
+                self.log.say(f"fastjepa: time budget: stopped after {self.next_itr} of {self.ipe} steps of epoch {self.epoch + 1} "
+                             f"(optimization.budget_steps={cut})")  # fmt: skip
         except NonFiniteLoss as exc:
             status = "non_finite"
             raise NonFiniteLoss(
@@ -282,17 +330,10 @@ class Trainer(TrainStep, RunLog, FaultHandling):
                 " — resume from it with --resume, perhaps with a lower optimization.lr, or set optimization.nan_policy=skip"
             ) from None
         finally:
-            if self._bar is not None:
-                self._bar.close()
-                self._bar = None
-            for sig, h in previous.items():
-                signal.signal(sig, h)
-            if csv_file is not None:
-                csv_file.close()
-            if tb is not None:
-                tb.close()
+            self.stopper.uninstall()
+            self.log.close()
         if self.dist.enabled:
-            self._check_ranks_agree()
+            check_ranks_agree(self.model, self.dist, self.log.say, fsdp=self.fsdp)
         wall = time.perf_counter() - t_start
         summary = {
             "status": status,
@@ -310,6 +351,6 @@ class Trainer(TrainStep, RunLog, FaultHandling):
         }
         if status == "interrupted":
             # under torchrun only one rank may have received the signal; the others stopped with it
-            signame = signal.Signals(self.stop_signal).name if self.stop_signal is not None else "a signal to another rank"
-            self._say(f"fastjepa: stopped by {signame} at step {self.step}; checkpoint {self.latest}; continue with --resume")
+            signame = signal.Signals(self.stopper.signal).name if self.stopper.signal is not None else "a signal to another rank"
+            self.log.say(f"fastjepa: stopped by {signame} at step {self.step}; checkpoint {self.latest}; continue with --resume")
         return summary

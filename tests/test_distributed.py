@@ -18,15 +18,16 @@ from fastjepa.config import load_config
 from fastjepa.rng import seed_everything
 from fastjepa.trainer import Trainer
 
+from ._inject import nan_at_script
 from ._tiny import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def torchrun(out, *overrides, nproc=2, timeout=240, env=None):
+def torchrun(out, *overrides, nproc=2, timeout=240, env=None, program=("-m", "fastjepa.train")):
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1", **(env or {}))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "fastjepa.train", "--quiet", "--output", str(out), *TINY, "data.synthetic_samples=64", *overrides]  # fmt: skip
+           *program, "--quiet", "--output", str(out), *TINY, "data.synthetic_samples=64", *overrides]  # fmt: skip
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
 
 
@@ -176,10 +177,10 @@ def test_a_two_rank_cuda_launch_puts_rank_1_on_cuda_1_everywhere(tmp_path, monke
     moved = []
     real_to = torch.Tensor.to
     monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **k: moved.append(torch.device(a[0])) or real_to(self, "cpu"))
-    imgs, masks_enc, masks_pred = t._batch_to_device(*t.collator([t.dataset[i] for i in range(8)]))
+    imgs, masks_enc, masks_pred = t.stepper.to_device(*t.collator([t.dataset[i] for i in range(8)]))
     monkeypatch.setattr(torch.Tensor, "to", real_to)
     assert moved == [cuda1] * (1 + len(masks_enc) + len(masks_pred))
-    assert t._mem_gb() == 1.0 and rec.calls[-1] == ("max_memory_allocated", cuda1)
+    assert t.log.mem_gb() == 1.0 and rec.calls[-1] == ("max_memory_allocated", cuda1)
 
 
 def test_fsdp_resume_of_another_architecture_is_one_clear_error(tmp_path):
@@ -197,7 +198,7 @@ def test_nan_on_one_rank_stops_every_rank_together(tmp_path, mode):
     """A NaN loss on rank 1 only: both ranks stop at the same check, naming the step, and
     the epoch-1 checkpoint stays (no hang in a collective the other rank never joins)."""
     extra = ["meta.fsdp=true"] if mode == "fsdp" else []
-    r = torchrun(tmp_path / "run", *extra, "optimization.epochs=3", env={"FASTJEPA_TEST_NAN_AT": "1:6"}, timeout=120)
+    r = torchrun(tmp_path / "run", *extra, "optimization.epochs=3", program=nan_at_script(tmp_path, rank=1, step=6), timeout=120)
     assert r.returncode != 0
     assert r.stderr.count("the loss became non-finite at step 6 (epoch 2, iteration 2)") == 2, r.stderr[-3000:]  # both ranks
     ckpt = read_checkpoint(tmp_path / "run" / "jepa-latest.pth.tar")
@@ -209,7 +210,7 @@ def test_nan_skip_on_one_rank_skips_on_every_rank(tmp_path, mode):
     """nan_policy=skip, a NaN loss on rank 1 only: every rank skips that update (the
     all-reduce spread the NaN gradients to all), so the run ends finite and in sync."""
     extra = ["meta.fsdp=true"] if mode == "fsdp" else []
-    r = torchrun(tmp_path / "run", *extra, "optimization.nan_policy=skip", env={"FASTJEPA_TEST_NAN_AT": "1:2"}, timeout=120)
+    r = torchrun(tmp_path / "run", *extra, "optimization.nan_policy=skip", program=nan_at_script(tmp_path, rank=1, step=2), timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "step 2: non-finite loss or gradients" in r.stderr
     assert ("parameters identical across 2 ranks" if mode == "ddp" else "FSDP2 run finished on 2 ranks") in r.stderr

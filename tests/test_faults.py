@@ -19,16 +19,17 @@ from fastjepa.config import load_config
 from fastjepa.trainer import Trainer
 from fastjepa.training.checkpointing import NonFiniteLoss
 
+from ._inject import nan_at_script
 from ._tiny import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
 LONG = [*TINY, "optimization.epochs=40", "meta.max_steps=200"]
 
 
-def start(out, *overrides, env=None, new_session=False):
+def start(out, *overrides, env=None, new_session=False, program=("-m", "fastjepa.train")):
     e = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     e.update(env or {})
-    cmd = [sys.executable, "-m", "fastjepa.train", "--quiet", "--output", str(out), *overrides]
+    cmd = [sys.executable, *program, "--quiet", "--output", str(out), *overrides]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=e, cwd=ROOT, start_new_session=new_session)
 
 
@@ -202,8 +203,7 @@ def test_a_skipped_step_changes_nothing(tmp_path, fault, reference):
     assert t.skip_on_device is not reference
     imgs, masks_enc, masks_pred = t.collator([t.dataset[i] for i in range(8)])
     imgs = imgs[0]
-    t.train_step(imgs, masks_enc, masks_pred)  # one normal step: optimizer state exists
-    t.step = 1
+    t.stepper.step(imgs, masks_enc, masks_pred, index=0)  # one normal step: optimizer state exists
     before = {k: v.clone() for k, v in t.model.state_dict().items()}
     opt_before = [{k: v.clone() for k, v in st.items() if torch.is_tensor(v)} for st in t.optimizer.state.values()]
     if fault == "nan_loss":
@@ -211,9 +211,9 @@ def test_a_skipped_step_changes_nothing(tmp_path, fault, reference):
     else:
         p0 = next(p for p in t.model.encoder.parameters() if p.requires_grad)
         p0.register_hook(lambda g: torch.full_like(g, float("inf")))
-    loss, _, _ = t.train_step(imgs, masks_enc, masks_pred)
-    assert torch.isfinite(loss).item() == (fault == "inf_grad")
-    assert t.last_skipped.item() == 1.0
+    r = t.stepper.step(imgs, masks_enc, masks_pred, index=1)
+    assert torch.isfinite(r.loss).item() == (fault == "inf_grad")
+    assert r.skipped.item() == 1.0
     after = t.model.state_dict()
     for k, v in before.items():
         assert torch.equal(after[k], v), k
@@ -224,7 +224,7 @@ def test_a_skipped_step_changes_nothing(tmp_path, fault, reference):
 
 def test_cli_non_finite_loss_exits_3_naming_step_and_checkpoint(tmp_path):
     run = tmp_path / "run"
-    proc = start(run, *TINY, "optimization.epochs=3", env={"FASTJEPA_TEST_NAN_AT": "0:8"})
+    proc = start(run, *TINY, "optimization.epochs=3", program=nan_at_script(tmp_path, rank=0, step=8))
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 3, err[-3000:]
     assert re.search(r"the loss became non-finite at step 8 \(epoch 2, iteration 2\); stopping\. The last good checkpoint is "
@@ -330,16 +330,16 @@ def test_non_finite_weights_are_never_written_over_a_good_checkpoint(tmp_path):
     an epoch): the run stops without overwriting the last good checkpoint."""
     cfg = load_config(None, [*TINY, "optimization.epochs=3"])
     t = Trainer(cfg, tmp_path / "run", quiet=True)
-    step = t.train_step
+    step = t.stepper.step
 
-    def poisoned(*a, **k):
-        out = step(*a, **k)
-        if t.step == 11:  # the last step of epoch 2 (6 iterations per epoch)
+    def poisoned(*a, index, **k):
+        out = step(*a, index=index, **k)
+        if index == 11:  # the last step of epoch 2 (6 iterations per epoch)
             with torch.no_grad():
                 next(t.model.encoder.parameters()).view(-1)[0] = float("inf")
         return out
 
-    t.train_step = poisoned
+    t.stepper.step = poisoned
     with pytest.raises(NonFiniteLoss, match=r"weights became non-finite by step 12; not writing them over .*jepa-latest"):
         t.fit()
     ckpt = read_checkpoint(tmp_path / "run" / "jepa-latest.pth.tar")

@@ -69,7 +69,7 @@ def _trainer(out, *overrides) -> Trainer:
 def _batch(t: Trainer, first: int = 0):
     """A collated batch of 8 on the trainer's device (the masks drawn once, by ``t``'s collator)."""
     udata, masks_enc, masks_pred = t.collator([t.dataset[i] for i in range(first, first + 8)])
-    return t._batch_to_device(udata, masks_enc, masks_pred)
+    return t.stepper.to_device(udata, masks_enc, masks_pred)
 
 
 @pytest.mark.parametrize("policy", ["stop", "skip"])
@@ -80,9 +80,8 @@ def test_no_cuda_synchronisation_inside_a_step(tmp_path, policy):
     t = _trainer(tmp_path, f"optimization.nan_policy={policy}")
     assert t.device == torch.device("cuda", 0) and t.amp_dtype is torch.bfloat16 and t.skip_on_device
     batch = _batch(t)  # one batch throughout: Triton compiles (and any autotuning runs) in the warm-up only
-    for _ in range(2):
-        t.train_step(*batch, want_grads=True)
-        t.step += 1
+    for i in range(2):
+        t.stepper.step(*batch, index=i, want_grads=True)
     torch.cuda.synchronize()
     previous = torch.cuda.get_sync_debug_mode()
     torch.cuda.set_sync_debug_mode("error")
@@ -91,15 +90,14 @@ def test_no_cuda_synchronisation_inside_a_step(tmp_path, policy):
             torch.ones(1, device=t.device).item()
         outs = []
         for i in range(3):
-            outs.append(t.train_step(*batch, want_grads=i == 2))
-            t.step += 1
+            outs.append(t.stepper.step(*batch, index=2 + i, want_grads=i == 2))
     finally:
         torch.cuda.set_sync_debug_mode(previous)
-    assert torch.isfinite(torch.stack([loss for loss, _, _ in outs])).all()
-    grads = outs[-1][1]
+    assert torch.isfinite(torch.stack([r.loss for r in outs])).all()
+    grads = outs[-1].grads
     assert grads is not None and grads.device == t.device and torch.isfinite(grads).all()
     if policy == "skip":
-        assert t.last_skipped.item() == 0.0
+        assert outs[-1].skipped.item() == 0.0
 
 
 def test_three_bf16_steps_of_fastjepa_and_the_reference_from_the_same_start(tmp_path):
@@ -115,10 +113,9 @@ def test_three_bf16_steps_of_fastjepa_and_the_reference_from_the_same_start(tmp_
     for name, t in (("fast", fast), ("ref", ref)):
         start = [p.detach().clone() for p in t.model.target_encoder.parameters()]
         values = []
-        for b in batches:
-            with t._backend_context():
-                loss, _, _ = t.train_step(*b)
-            t.step += 1
+        for i, b in enumerate(batches):
+            with t.stepper.backend():
+                loss = t.stepper.step(*b, index=i).loss
             values.append(loss.item())
         losses[name] = values
         moved = max((p.detach() - p0).abs().max().item() for p, p0 in zip(t.model.target_encoder.parameters(), start))

@@ -273,7 +273,7 @@ def test_bench_health_writes_json_and_markdown(tmp_path):
 
 
 def test_health_scalars_reach_tensorboard_and_wandb(tmp_path, monkeypatch):
-    import fastjepa.trainer as trainer_module
+    import fastjepa.training.logs as logs_module
 
     logged = []
 
@@ -287,7 +287,7 @@ def test_health_scalars_reach_tensorboard_and_wandb(tmp_path, monkeypatch):
         def close(self):
             pass
 
-    monkeypatch.setattr(trainer_module, "ScalarLoggers", Recorder)
+    monkeypatch.setattr(logs_module, "ScalarLoggers", Recorder)
     Trainer(load_config(None, [*TINY, "optimization.epochs=1"]), tmp_path / "r", quiet=True).fit()
     with_health = [step for step, v in logged if set(health.HEALTH_COLUMNS) <= set(v)]
     assert with_health == [0, 2, 4, 5] and all(math.isfinite(v["target_rankme"]) for s, v in logged if s in with_health)

@@ -80,9 +80,10 @@ def run_counted(tmp_path, monkeypatch, *overrides, nan_at=None):
 
         t.model.forward = nan_forward
     mode, flushes = HostReads(t), []
-    t.train_step = _phase(mode, "step", t.train_step)
-    t._flush = _phase(mode, "flush", t._flush, flushes)
-    t._checkpoint = _phase(mode, "checkpoint", t._checkpoint)
+    t.stepper.step = _phase(mode, "step", t.stepper.step)
+    t.log.read = _phase(mode, "flush", t.log.read, flushes)  # the log step's read of what the steps left
+    t.log.write = _phase(mode, "flush", t.log.write)
+    t.checkpointer.save = _phase(mode, "checkpoint", t.checkpointer.save)
     with mode:
         summary = t.fit()
     return t, summary, mode.reads, flushes
@@ -144,10 +145,10 @@ def test_a_non_finite_loss_stops_at_the_next_log_step_naming_its_step(tmp_path, 
 def test_the_counter_sees_a_read_in_the_step(tmp_path, monkeypatch):
     """The counting above can fail: a float() of a gradient norm inside the step is seen."""
     t = Trainer(load_config(None, [*TINY, "logging.log_freq=4", "meta.max_steps=2"]), tmp_path / "run", quiet=True)
-    stats = t._grad_stats
-    t._grad_stats = lambda: (float(stats()[0]), stats())[1]  # the old one-read-per-norm habit
+    stats = t.stepper.grad_stats
+    t.stepper.grad_stats = lambda: (float(stats()[0]), stats())[1]  # the old one-read-per-norm habit
     mode = HostReads(t)
-    t.train_step = _phase(mode, "step", t.train_step)
+    t.stepper.step = _phase(mode, "step", t.stepper.step)
     with mode:
         t.fit()
     assert ("step", 0, "__float__") in mode.reads

@@ -19,7 +19,6 @@ import yaml
 from PIL import Image
 
 from fastjepa import eval as fj_eval
-from fastjepa.training import time_budget
 from fastjepa import train as fj_train
 from fastjepa.checkpoint import CheckpointError, read_checkpoint
 from fastjepa.config import ConfigError, load_config
@@ -27,6 +26,7 @@ from fastjepa.data import ImageFolder
 from fastjepa.data import embedded as emb
 from fastjepa.schedulers import CosineWD, LinearMomentum, WarmupCosineLR
 from fastjepa.trainer import Trainer
+from fastjepa.training import time_budget
 from fastjepa.training.runfolder import LOCK_NAME, RunFolderError
 
 from ._tiny import TINY
@@ -218,7 +218,7 @@ def test_the_lock_is_held_while_a_run_trains(tmp_path, monkeypatch):
     cfg = [*TINY, "optimization.epochs=1"]
     first, second = (Trainer(load_config(None, cfg), out, quiet=True) for _ in range(2))
     seen = []
-    real_step = first.train_step
+    real_step = first.stepper.step
 
     def step_and_try_the_other(*a, **k):
         if not seen:
@@ -227,7 +227,7 @@ def test_the_lock_is_held_while_a_run_trains(tmp_path, monkeypatch):
             seen.append(str(exc.value))
         return real_step(*a, **k)
 
-    monkeypatch.setattr(first, "train_step", step_and_try_the_other)
+    monkeypatch.setattr(first.stepper, "step", step_and_try_the_other)
     assert first.fit()["status"] == "done" and len(seen) == 1
     with pytest.raises(RunFolderError, match="holds another run's checkpoint"):
         second.fit()
@@ -473,11 +473,11 @@ def test_steps_for_budget(budget, step_s, ipe, expected):
 
 
 def test_a_budget_under_one_epoch_cuts_within_it_and_says_so(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(time_budget, "measure_step_seconds", lambda trainer: 1.0)
+    monkeypatch.setattr(time_budget, "measure_step_seconds", lambda step, dataset: 1.0)
     budget = 3.5 * time_budget.OVERHEAD  # 3 one-second steps fit, one 6-step epoch does not
     cfg = load_config(None, [*TINY, "optimization.epochs=3", f"optimization.time_budget_s={budget}"])
     trainer = Trainer(cfg, tmp_path / "run", quiet=True)
-    assert trainer.lr_sched.T_max == 3 and trainer.mom_sched.T_max == 3  # the schedules span the 3 steps
+    assert trainer.stepper.lr_sched.T_max == 3 and trainer.stepper.mom_sched.T_max == 3  # the schedules span the 3 steps
     summary = trainer.fit()
     assert summary["status"] == "done" and summary["step"] == 3
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["optimization"]
@@ -491,25 +491,25 @@ def test_a_budget_under_one_epoch_cuts_within_it_and_says_so(tmp_path, monkeypat
 
 @pytest.mark.slow  # three or four tiny runs
 def test_a_resumed_cut_run_reads_the_cut_and_stops_at_it(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(time_budget, "measure_step_seconds", lambda trainer: 1.0)
+    monkeypatch.setattr(time_budget, "measure_step_seconds", lambda step, dataset: 1.0)
     args = [*TINY, "optimization.epochs=3", f"optimization.time_budget_s={3.5 * time_budget.OVERHEAD}"]
     part = Trainer(load_config(None, [*args, "meta.max_steps=2"]), tmp_path / "run", quiet=True).fit()
     assert part["status"] == "max_steps" and part["step"] == 2
 
-    def no_measuring(trainer):
+    def no_measuring(step, dataset):
         raise AssertionError("a resumed run measured its step time again")
 
     monkeypatch.setattr(time_budget, "measure_step_seconds", no_measuring)
     capsys.readouterr()
     rest = Trainer(load_config(None, args), tmp_path / "run", resume=True, quiet=True)
-    assert rest.lr_sched.T_max == 3
+    assert rest.stepper.lr_sched.T_max == 3
     assert rest.fit()["step"] == 3
     assert "3 of the 6 steps of epoch 1, as chosen for optimization.time_budget_s" in capsys.readouterr().err
     # resuming the finished cut trains nothing more
     again = Trainer(load_config(None, args), tmp_path / "run", resume=True, quiet=True).fit()
     assert again["status"] == "done" and again["step"] == 3
     # the uninterrupted cut run trains the same losses
-    monkeypatch.setattr(time_budget, "measure_step_seconds", lambda trainer: 1.0)
+    monkeypatch.setattr(time_budget, "measure_step_seconds", lambda step, dataset: 1.0)
     Trainer(load_config(None, args), tmp_path / "full", quiet=True).fit()
 
     def losses(run):

@@ -107,8 +107,8 @@ def test_bf16_flag_off_cuda_is_fp32_without_scaler(tmp_path, reference):
     expected = torch.bfloat16 if (cpu_has_bf16() and not reference) else None
     assert tr.amp_dtype is expected and tr.scaler is None
     imgs, me, mp = next(iter(tr._loader()))
-    with tr._backend_context():
-        loss, _, _ = tr.train_step(imgs[0] if isinstance(imgs, (list, tuple)) else imgs, me, mp)
+    with tr.stepper.backend():
+        loss = tr.stepper.step(imgs[0] if isinstance(imgs, (list, tuple)) else imgs, me, mp, index=0).loss
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
 
 

@@ -60,7 +60,7 @@ def test_timing_steps_leave_the_run_unchanged(tmp_path, compat):
 
 
 def test_a_tight_budget_trains_fewer_epochs_and_says_so(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(time_budget, "measure_step_seconds", lambda trainer: 1.0)  # 6 steps an epoch: ~6.9 s
+    monkeypatch.setattr(time_budget, "measure_step_seconds", lambda step, dataset: 1.0)  # 6 steps an epoch: ~6.9 s
     budget = 1.5 * 6 * time_budget.OVERHEAD  # one epoch fits, two do not
     cfg = load_config(None, [*TINY, "optimization.epochs=3", "optimization.warmup=2", f"optimization.time_budget_s={budget}"])
     trainer = Trainer(cfg, tmp_path / "run", quiet=True)
@@ -68,20 +68,20 @@ def test_a_tight_budget_trains_fewer_epochs_and_says_so(tmp_path, capsys, monkey
     assert summary["status"] == "done" and summary["epochs"] == 1 and summary["step"] == 6
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["optimization"]
     assert saved["epochs"] == 1 and saved["warmup"] == 1  # warmup clamped to the epochs left
-    assert trainer.lr_sched.value(6) == pytest.approx(cfg["optimization"]["lr"])  # warmup ends at the (new) end of epoch 1
+    assert trainer.stepper.lr_sched.value(6) == pytest.approx(cfg["optimization"]["lr"])  # warmup ends at the (new) end of epoch 1
     err = capsys.readouterr().err
     assert "fastjepa: expected training time ~" in err and "1 of the configured 3 epochs x 6 steps at" in err
     assert f"optimization.time_budget_s={budget:g}" in err
 
 
 def test_resume_keeps_the_chosen_epochs_without_measuring_again(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(time_budget, "measure_step_seconds", lambda trainer: 1.0)
+    monkeypatch.setattr(time_budget, "measure_step_seconds", lambda step, dataset: 1.0)
     budget = 1.5 * 6 * time_budget.OVERHEAD
     args = [*TINY, "optimization.epochs=3", f"optimization.time_budget_s={budget}"]
     part = Trainer(load_config(None, [*args, "meta.max_steps=3"]), tmp_path / "run", quiet=True).fit()
     assert part["status"] == "max_steps"
 
-    def no_measuring(trainer):
+    def no_measuring(step, dataset):
         raise AssertionError("a resumed run measured its step time again")
 
     monkeypatch.setattr(time_budget, "measure_step_seconds", no_measuring)

@@ -128,17 +128,18 @@ def test_each_step_uses_the_schedules_as_spec_says(tmp_path):
     imgs = imgs[0]
     target_before = [p.detach().clone() for p in t.model.target_encoder.parameters()]
     seen = []
+    sched = t.stepper
     for step in range(3):
-        t.step = step
-        _, _, (lr, wd, mom) = t.train_step(imgs, masks_enc, masks_pred)
+        r = t.stepper.step(imgs, masks_enc, masks_pred, index=step)
+        lr, wd, mom = r.lr, r.wd, r.momentum
         seen.append((lr, wd, mom))
-        assert lr == t.lr_sched.value(step + 1) and wd == t.wd_sched.value(step + 1) and mom == t.mom_sched.value(step)
+        assert lr == sched.lr_sched.value(step + 1) and wd == sched.wd_sched.value(step + 1) and mom == sched.mom_sched.value(step)
         for g in t.optimizer.param_groups:
             assert g["lr"] == lr and g["weight_decay"] == (0.0 if g.get("WD_exclude") else wd)
         if step == 0:  # target = 0.99 target + 0.01 encoder, exactly ema[0]
             for before, p, q in zip(target_before, t.model.target_encoder.parameters(), t.model.encoder.parameters()):
                 torch.testing.assert_close(p, 0.99 * before + 0.01 * q.detach(), rtol=1e-6, atol=1e-7)
-    assert seen[0][2] == 0.99 and seen[0][0] == pytest.approx(0.0002 + (0.001 - 0.0002) / t.lr_sched.warmup_steps)
+    assert seen[0][2] == 0.99 and seen[0][0] == pytest.approx(0.0002 + (0.001 - 0.0002) / sched.lr_sched.warmup_steps)
     assert seen[0][0] < seen[1][0] < seen[2][0]  # warming up
     assert sum(1 for g in t.optimizer.param_groups if g.get("WD_exclude")) >= 1
 

@@ -5,14 +5,14 @@ from __future__ import annotations
 import csv
 import math
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .. import health
 from ..config import ConfigError
-from ..distributed import all_reduce_sum
-from .checkpointing import NonFiniteLoss
+from ..distributed import DistInfo, all_reduce_sum
 
 CSV_COLUMNS = (
     "epoch", "itr", "step", "loss", "lr", "wd", "momentum", "imgs_per_sec",
@@ -22,55 +22,108 @@ CSV_COLUMNS = (
 NH = len(health.HEALTH_COLUMNS)
 
 
+@dataclass
+class Readout:
+    """A log step's rows after its one host read: the ``pending`` step records (see
+    :meth:`fastjepa.trainer.Trainer.fit`) with, per row, the loss and health metrics (means
+    over ranks), the skip flag, the gradient norms (first qkv, last qkv, min, max) or None;
+    and the sum of the ranks' stop votes (None with no vote: one process)."""
+
+    pending: list[dict]
+    losses: list[float]
+    health: list[dict | None]
+    skipped: list[bool]
+    grads: list[tuple | None]
+    votes: float | None
+
+
 class RunLog:
-    """The console, the CSV and the scalar loggers of :class:`fastjepa.trainer.Trainer`."""
+    """What a run says and records: its console (rank 0), ``log.csv``, TensorBoard / W&B
+    scalars. It reports; the decisions are the :class:`fastjepa.training.stopping.Stopper`'s."""
 
-    _bar = None  # the epoch's progress bar while one is shown
+    def __init__(self, out: Path, cfg: dict, dist: DistInfo, device: torch.device, *, quiet: bool = False):
+        self.out, self.cfg, self.dist, self.device, self.quiet = Path(out), cfg, dist, device, quiet
+        self.bar = None  # the epoch's progress bar while one is shown
+        self.scalars: ScalarLoggers | None = None
+        self._csv = self._writer = None
 
-    def _say(self, msg: str) -> None:
+    def say(self, msg: str) -> None:
+        """Print a line on rank 0's console (above the progress bar while one is shown)."""
         if not self.dist.is_main:
             return
-        if self._bar is not None:
-            self._bar.write(msg, file=sys.stderr)
+        if self.bar is not None:
+            self.bar.write(msg, file=sys.stderr)
         else:
             print(msg, file=sys.stderr, flush=True)
 
-    def _open_csv(self):
+    def open_bar(self, *, epoch: int, epochs: int, total: int, initial: int) -> None:
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(
+            total=total,
+            initial=initial,
+            desc=f"epoch {epoch}/{epochs}",
+            disable=self.quiet or not self.dist.is_main,
+            dynamic_ncols=True,
+            leave=False,
+        )
+
+    def advance_bar(self) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def close_bar(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def open_scalars(self) -> None:
+        """The scalar loggers (rank 0): first, so that "wandb is not installed" comes before any file is written."""
+        if self.dist.is_main:
+            self.scalars = ScalarLoggers(self.out, self.cfg)
+
+    def open_csv(self, step: int) -> None:
+        """Open ``log.csv`` (rank 0), keeping only the rows before ``step`` (a resumed run; a
+        crash may have logged past its checkpoint)."""
+        if not self.dist.is_main:
+            return
         path = self.out / "log.csv"
         rows = []
-        if path.is_file():  # keep only rows up to the resumed step (a crash may have logged past it)
+        if path.is_file():
             with open(path, newline="") as f:
-                rows = [r for r in csv.DictReader(f) if r.get("step") and int(r["step"]) < self.step]
+                rows = [r for r in csv.DictReader(f) if r.get("step") and int(r["step"]) < step]
         f = open(path, "w", newline="")
         writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
         writer.writeheader()
         for r in rows:
             writer.writerow({k: r.get(k, "") for k in CSV_COLUMNS})
         f.flush()
-        return f, writer
+        self._csv, self._writer = f, writer
 
-    def _flush(self, pending: list[dict], writer, csv_file, tb, ips: float, elapsed: float) -> bool:
-        """Log the steps in ``pending`` after one host read of everything they left on the
-        device: the losses and the health metrics (their means over ranks), the skip flags,
-        the gradient norms — and, under torchrun, whether any rank was asked to stop, which
-        rides on the same all-reduce. Raises :class:`NonFiniteLoss` at the first non-finite
-        loss (of any rank; ``nan_policy=stop``) before logging it. Returns True when a rank
-        was asked to stop, or the collapse detector stops the run (``meta.on_collapse=stop``;
-        it judges the all-reduced values, so every rank decides alike). Every rank calls it
-        at the same steps (it holds a collective under torchrun)."""
-        if not pending:
-            return self.stop_signal is not None and not self.dist.enabled
+    def close(self) -> None:
+        self.close_bar()
+        if self._csv is not None:
+            self._csv.close()
+            self._csv = self._writer = None
+        if self.scalars is not None:
+            self.scalars.close()
+            self.scalars = None
+
+    def read(self, pending: list[dict], vote: torch.Tensor | None = None) -> Readout:
+        """One host read of everything the steps in ``pending`` left on the device: the
+        losses and the health metrics (their means over ranks), the skip flags, the gradient
+        norms — and ``vote`` (a rank's stop vote), summed over ranks on the same all-reduce.
+        Every rank calls it at the same steps (under torchrun it holds a collective)."""
         n = len(pending)
         losses = torch.stack([p["loss"].reshape(()) for p in pending]).double()  # float64: a sum over ranks cannot overflow
         # the RankMe SVDs run here, just before the read (on CUDA an SVD waits for the device
         # itself; here that is the wait the read below makes anyway)
-        healths = [self._health_row(p["health"]) for p in pending if p.get("health") is not None]
+        healths = [self.health_row(p["health"]) for p in pending if p.get("health") is not None]
         nh = len(healths) * NH
         if healths:
             losses = torch.cat([losses, *healths])
         if self.dist.enabled:
-            stop_flag = torch.full((1,), 0.0 if self.stop_signal is None else 1.0, dtype=torch.float64, device=losses.device)
-            reduced = all_reduce_sum(torch.cat([losses, stop_flag]), self.dist)
+            reduced = all_reduce_sum(torch.cat([losses, vote]) if vote is not None else losses, self.dist)
         else:
             reduced = losses
         skips = [p["skipped"].reshape(1) for p in pending if p["skipped"] is not None]
@@ -82,52 +135,48 @@ class RunLog:
         health_values = [v / world for v in values[n : n + nh]]
         health_rows = [dict(zip(health.HEALTH_COLUMNS, (health_values.pop(0) for _ in range(NH)))) if p.get("health") is not None else None
                        for p in pending]  # fmt: skip
-        stop = values[n + nh] > 0 if self.dist.enabled else self.stop_signal is not None
-        rest = values[n + nh + int(self.dist.enabled) :]
+        voted = self.dist.enabled and vote is not None
+        votes = values[n + nh] if voted else None
+        rest = values[n + nh + int(voted) :]
         skipped = [p["skipped"] is not None and rest.pop(0) > 0 for p in pending] if skips else [False] * n
         grad_rows = [tuple(rest.pop(0) for _ in range(4)) if p["grads"] is not None else None for p in pending]
-        if self.cfg["optimization"]["nan_policy"] == "stop":
-            # the mean over ranks is non-finite iff some rank's loss is: every rank stops here, at the same step
-            bad = next((p for p, v in zip(pending, loss_values) if not math.isfinite(v)), None)
-            if bad is not None:
-                raise NonFiniteLoss(f"the loss became non-finite at step {bad['step']} (epoch {bad['epoch']}, iteration {bad['itr']})")
-        for p, v, sk in zip(pending, loss_values, skipped):
-            if sk:
-                self._say(f"step {p['step']}: non-finite loss or gradients (mean loss over ranks {v}), skipped the update "
-                          "(optimization.nan_policy=skip)")  # fmt: skip
-        self.last_loss = loss_values[-1]
-        stop = self._watch_health(pending, health_rows) or stop
+        return Readout(pending, loss_values, health_rows, skipped, grad_rows, votes)
+
+    def write(self, r: Readout, ips: float, elapsed: float) -> None:
+        """Rank 0: the rows in ``log.csv`` and the scalar loggers; at a log step (finite
+        ``ips``: images/s since the last) the console lines, as the reference prints them."""
         if not self.dist.is_main:
-            return stop
+            return
+        n = len(r.pending)
         ms = 1000.0 * elapsed / n if elapsed > 0 else float("nan")
-        mem = self._mem_gb()
-        for p, v, g, hr in zip(pending, loss_values, grad_rows, health_rows):
+        mem = self.mem_gb()
+        tb = self.scalars
+        for p, v, g, hr in zip(r.pending, r.losses, r.grads, r.health):
             g = g or (float("nan"),) * 4
             row = dict(epoch=p["epoch"], itr=p["itr"], step=p["step"], loss=f"{v:.6f}", lr=f"{p['lr']:.6e}", wd=f"{p['wd']:.6e}",
                        momentum=f"{p['momentum']:.6f}", imgs_per_sec=f"{ips:.2f}", mask_enc=p["mask_enc"], mask_pred=p["mask_pred"],
                        ms_per_itr=f"{ms:.2f}", mem_gb=f"{mem:.3f}", grad_first=f"{g[0]:.3e}", grad_last=f"{g[1]:.3e}")  # fmt: skip
             if hr is not None:
                 row.update({k: f"{x:.6g}" for k, x in hr.items()})
-            writer.writerow(row)
+            self._writer.writerow(row)
             if tb is not None:
                 tb.log(p["step"], loss=v, lr=p["lr"], wd=p["wd"], momentum=p["momentum"], imgs_per_sec=ips, mask_enc=p["mask_enc"],
                        mask_pred=p["mask_pred"], mem_gb=mem, **(hr or {}))  # fmt: skip
-        csv_file.flush()
-        last, hl = pending[-1], health_rows[-1]
+        self._csv.flush()
+        last, hl = r.pending[-1], r.health[-1]
         if math.isfinite(ips):
             field = f" [rankme: {hl['target_rankme']:.1f} std: {hl['target_std']:.2e}]" if hl is not None else ""
-            self._say(
+            self.say(
                 "[%d, %5d] loss: %.3f masks: %.1f %.1f [wd: %.2e] [lr: %.2e] [mem: %.2e] (%.1f ms)"  # noqa: UP031 — the reference's format
-                % (last["epoch"], last["itr"], sum(loss_values) / n, last["mask_enc"], last["mask_pred"], last["wd"], last["lr"],
+                % (last["epoch"], last["itr"], sum(r.losses) / n, last["mask_enc"], last["mask_pred"], last["wd"], last["lr"],
                    mem * 1024, ms) + field  # fmt: skip
             )
-            if grad_rows[-1] is not None:
-                self._say("[%d, %5d] grad_stats: [%.2e %.2e] (%.2e, %.2e)" % (last["epoch"], last["itr"], *grad_rows[-1]))  # noqa: UP031
-            if self._bar is not None:
-                self._bar.set_postfix(loss=f"{loss_values[-1]:.4f}", img_s=f"{ips:.0f}")
-        return stop
+            if r.grads[-1] is not None:
+                self.say("[%d, %5d] grad_stats: [%.2e %.2e] (%.2e, %.2e)" % (last["epoch"], last["itr"], *r.grads[-1]))  # noqa: UP031
+            if self.bar is not None:
+                self.bar.set_postfix(loss=f"{r.losses[-1]:.4f}", img_s=f"{ips:.0f}")
 
-    def _health_row(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    def health_row(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         """One log step's health metrics, in :data:`fastjepa.health.HEALTH_COLUMNS` order, as
         a float64 tensor on the device. The RankMe columns are RankMe's formula on the
         batch-centred pooled features (:func:`fastjepa.health.effective_rank` with
@@ -139,26 +188,7 @@ class RunLog:
         c_rank = health.effective_rank(tensors["context"], center=True).double()
         return torch.stack([t_rank, t_std, c_rank, c_std, p_std, cos])
 
-    def _watch_health(self, pending: list[dict], health_rows: list[dict | None]) -> bool:
-        """Feed the collapse detector; keep the last target RankMe (the best checkpoint's
-        score). True when the detector fired and ``meta.on_collapse=stop``."""
-        stop = False
-        for p, hr in zip(pending, health_rows):
-            if hr is None:
-                continue
-            self.last_rankme = hr["target_rankme"]
-            warning = self.collapse.update(p["step"], hr["target_rankme"], hr["target_std"])
-            if warning is None:
-                continue
-            if self.cfg["meta"]["on_collapse"] == "stop":
-                self.collapse_reason = warning
-                stop = True
-                self._say(f"fastjepa: {warning} — stopping (meta.on_collapse=stop)")
-            else:
-                self._say(f"fastjepa: {warning} (meta.on_collapse=stop would stop here)")
-        return stop
-
-    def _mem_gb(self) -> float:
+    def mem_gb(self) -> float:
         """Peak memory allocated on this process's GPU, GiB (0 off CUDA)."""
         return torch.cuda.max_memory_allocated(self.device) / 2**30 if self.device.type == "cuda" else 0.0
 

@@ -1,22 +1,84 @@
-"""One I-JEPA optimizer step (docs/design.md §5), as a part of :class:`fastjepa.trainer.Trainer`."""
+"""One I-JEPA optimizer step (docs/design.md §5): :class:`Step`, a part of :class:`fastjepa.trainer.Trainer`."""
 
 from __future__ import annotations
 
 from contextlib import ExitStack
+from dataclasses import dataclass
 
 import torch
 
 from .. import health, ops
 from ..data import batch_to_device
-from ..distributed import all_reduce_sum
+from ..distributed import DistInfo, all_reduce_sum, any_rank
 from ..ops import use_attention, use_backend
 from ..schedulers import CosineWD, LinearMomentum, WarmupCosineLR
 
 
-class TrainStep:
-    """The step: schedules, micro-batches, the skip decision on the device, the EMA update."""
+def finite_on_every_rank(tensors: list[torch.Tensor], dist: DistInfo, device: torch.device, *, fsdp: bool = False) -> bool:
+    """True on every rank iff every element of ``tensors`` is finite on every rank (FSDP2
+    shards are checked locally; one host sync, plus one all-reduce under torchrun)."""
+    if fsdp:
+        from ..fsdp import local
 
-    def _build_schedules(self) -> None:
+        tensors = local(tensors)
+    finite = bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+    if dist.enabled:
+        finite = not any_rank(not finite, dist, device)
+    return finite
+
+
+@dataclass
+class StepResult:
+    """What one optimizer step leaves, on the device (no host read): the loss (mean over
+    its micro-batches), the gradient statistics (``want_grads``; see :meth:`Step.grad_stats`),
+    the schedules' values it used, the ``nan_policy=skip`` flag (1.0: skipped; None
+    without that policy) and the health tensors (``want_health``; see :meth:`Step.health_tensors`)."""
+
+    loss: torch.Tensor
+    grads: torch.Tensor | None
+    lr: float
+    wd: float
+    momentum: float
+    skipped: torch.Tensor | None = None
+    health: dict[str, torch.Tensor] | None = None
+
+
+class Step:
+    """The optimizer step of a run: schedules, micro-batches, the skip decision on the
+    device, the EMA update, the gradient statistics and the health tensors.
+
+    ``model`` (an :class:`fastjepa.ijepa.IJEPA`, wrapped for DDP/FSDP2 as the run needs),
+    ``optimizer`` and ``scaler`` (a GradScaler or None) are trained in place; ``cfg`` is the
+    run's resolved config; ``ipe`` its iterations per epoch (for the schedules); ``dataset``
+    finishes uint8 crops on the device (:meth:`to_device`)."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        cfg: dict,
+        *,
+        ipe: int,
+        device: torch.device,
+        dist: DistInfo,
+        dataset=None,
+        amp_dtype: torch.dtype | None = None,
+        scaler: torch.amp.GradScaler | None = None,
+        reference_step: bool = False,
+        fsdp: bool = False,
+    ):
+        self.model, self.optimizer, self.cfg, self.ipe = model, optimizer, cfg, ipe
+        self.device, self.dist, self.dataset = device, dist, dataset
+        self.amp_dtype, self.scaler, self.reference_step, self.fsdp = amp_dtype, scaler, reference_step, fsdp
+        # nan_policy=skip decided on the device: the fused AdamW skips its update (and its
+        # step count) where its found_inf flag is set, the EMA lerps with weight 0 — no host
+        # read. The reference step (per-parameter AdamW, GradScaler) decides on the host.
+        self.skip_on_device = scaler is None and bool(optimizer.defaults.get("fused"))
+        self.build_schedules()
+
+    def build_schedules(self) -> None:
+        """The lr, weight-decay and EMA-momentum schedules from ``cfg["optimization"]`` (again
+        after the time budget changed its epochs, warmup or step cut)."""
         opt = self.cfg["optimization"]
         cut = opt["budget_steps"]  # a run cut within its first epoch: the schedules span its steps
         total = int((cut if cut is not None else opt["epochs"] * self.ipe) * opt["ipe_scale"])
@@ -25,17 +87,17 @@ class TrainStep:
         self.wd_sched = CosineWD(opt["weight_decay"], opt["final_weight_decay"], total)
         self.mom_sched = LinearMomentum(opt["ema"][0], opt["ema"][1], total)
 
-    def _set_schedules(self) -> tuple[float, float, float]:
-        lr = self.lr_sched.value(self.step + 1)
-        wd = self.wd_sched.value(self.step + 1)
-        mom = self.mom_sched.value(self.step)
+    def _set_schedules(self, index: int) -> tuple[float, float, float]:
+        lr = self.lr_sched.value(index + 1)
+        wd = self.wd_sched.value(index + 1)
+        mom = self.mom_sched.value(index)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
             if not group.get("WD_exclude", False):
                 group["weight_decay"] = wd
         return lr, wd, mom
 
-    def _batch_to_device(self, udata, masks_enc: list[torch.Tensor], masks_pred: list[torch.Tensor]):
+    def to_device(self, udata, masks_enc: list[torch.Tensor], masks_pred: list[torch.Tensor]):
         """A collated batch on this process's device (asynchronous from pinned memory); uint8
         image crops are finished there (float, normalise, flip: data.batch_to_device)."""
         imgs = batch_to_device(udata, self.device, self.dataset)
@@ -43,36 +105,37 @@ class TrainStep:
         masks_pred = [m.to(self.device, non_blocking=True) for m in masks_pred]
         return imgs, masks_enc, masks_pred
 
-    def _backend_context(self):
-        """The reference step runs the reference ops and math attention; fastjepa's, as set."""
+    def backend(self) -> ExitStack:
+        """The ops context of a step: the reference step runs the reference ops and math
+        attention; fastjepa's, as set."""
         stack = ExitStack()
         if self.reference_step:
             stack.enter_context(use_backend("reference"))
             stack.enter_context(use_attention("math"))
         return stack
 
-    def train_step(
+    def step(
         self,
         imgs: torch.Tensor,
         masks_enc: list[torch.Tensor],
         masks_pred: list[torch.Tensor],
+        *,
+        index: int,
         want_grads: bool = False,
         want_health: bool = False,
-    ):
-        """One optimizer step over ``grad_accum`` micro-batches. Returns (loss tensor, grad
-        stats tensor or None, (lr, wd, momentum)); the skip flag of ``nan_policy=skip`` is
-        left in ``self.last_skipped``, and with ``want_health`` the health tensors of the
-        last micro-batch in ``self.last_health`` (see :meth:`_health_tensors`). On the
-        device, with no host sync (the reference step excepted: its GradScaler and its skip
-        decision read on the host, as the reference)."""
+    ) -> StepResult:
+        """Optimizer step number ``index`` (0-based; it places the step on the schedules) over
+        ``grad_accum`` micro-batches. With ``want_health``, the health tensors of the whole
+        batch (see :meth:`health_tensors`). On the device, with no host sync (the reference
+        step excepted: its GradScaler and its skip decision read on the host, as the reference)."""
         accum = self.cfg["optimization"]["grad_accum"]
-        lr, wd, mom = self._set_schedules()
+        lr, wd, mom = self._set_schedules(index)
         B = imgs.size(0)
         micro = B // accum
         total = torch.zeros((), device=self.device)
-        self.last_health = None
+        tensors = None
         outputs: dict = {}
-        hooks = self._health_hooks(outputs) if want_health else []
+        hooks = self.health_hooks(outputs) if want_health else []
         try:
             for a in range(accum):
                 sl = slice(a * micro, (a + 1) * micro)
@@ -82,8 +145,9 @@ class TrainStep:
                 h.remove()
         if want_health and {"target", "context", "pred"} <= set(outputs):
             last = slice((accum - 1) * micro, accum * micro)
-            self.last_health = self._health_tensors(outputs, [m[last] for m in masks_pred], len(masks_enc))
-        return self._update(total, want_grads, lr, wd, mom)
+            tensors = self.health_tensors(outputs, [m[last] for m in masks_pred], len(masks_enc))
+        grads, skipped = self._update(total, want_grads, mom)
+        return StepResult(total, grads, lr, wd, mom, skipped, tensors)
 
     def _micro_step(self, imgs: torch.Tensor, masks_enc: list[torch.Tensor], masks_pred: list[torch.Tensor], a: int, accum: int):
         """Forward and backward of micro-batch ``a`` of ``accum``; returns its detached fp32 loss share."""
@@ -96,13 +160,12 @@ class TrainStep:
             sync.enter_context(self.model.predictor.no_sync())
         with sync, torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
             loss = self.model(imgs, masks_enc, masks_pred) / accum
-            if self._nan_at == (self.dist.rank, self.step):  # fault-test hook (FASTJEPA_TEST_NAN_AT)
-                loss = loss * float("nan")
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
         return loss.detach().float()
 
-    def _update(self, total: torch.Tensor, want_grads: bool, lr: float, wd: float, mom: float):
-        """The skip decision, gradient statistics, optimizer step and EMA after the micro-batches."""
+    def _update(self, total: torch.Tensor, want_grads: bool, mom: float):
+        """The skip decision, gradient statistics, optimizer step and EMA after the
+        micro-batches. Returns (gradient statistics or None, skip flag or None)."""
         skip_flag, skip_now = None, False
         if self.cfg["optimization"]["nan_policy"] == "skip":
             # a non-finite loss, or a finite one with non-finite gradients; under DDP/FSDP all
@@ -111,10 +174,9 @@ class TrainStep:
             if self.skip_on_device:
                 skip_flag = self._non_finite_flag([total, *grads])
             else:  # one host sync per step
-                skip_now = not self._finite_on_every_rank([total, *grads])
+                skip_now = not finite_on_every_rank([total, *grads], self.dist, self.device, fsdp=self.fsdp)
                 skip_flag = torch.full((), float(skip_now), device=self.device)
-        self.last_skipped = skip_flag
-        grads = self._grad_stats() if want_grads and not skip_now else None
+        grads = self.grad_stats() if want_grads and not skip_now else None
         clip = self.cfg["optimization"]["clip_grad"]
         if not skip_now:
             if self.scaler is not None:
@@ -137,9 +199,9 @@ class TrainStep:
         self.optimizer.zero_grad(set_to_none=True)
         if not skip_now:
             self.model.update_target(mom, mode="reference" if self.reference_step else "foreach", skip=skip_flag if self.skip_on_device else None)
-        return total, grads, (lr, wd, mom)
+        return grads, skip_flag
 
-    def _health_hooks(self, outputs: dict) -> list:
+    def health_hooks(self, outputs: dict) -> list:
         """Forward hooks on the target encoder, the context encoder and the predictor: each
         micro-batch's output pooled (mean token, fp32) into ``outputs["<name>_pooled"]``, and
         the last micro-batch's (detached) tokens in ``outputs[name]``."""
@@ -154,7 +216,7 @@ class TrainStep:
             hooks.append(net.register_forward_hook(keep))
         return hooks
 
-    def _health_tensors(self, outputs: dict, masks_pred: list[torch.Tensor], nenc: int) -> dict[str, torch.Tensor]:
+    def health_tensors(self, outputs: dict, masks_pred: list[torch.Tensor], nenc: int) -> dict[str, torch.Tensor]:
         """What the log step needs for the health metrics, on the device (no host read):
         the pooled target and context features of the whole batch (every micro-batch), at
         most ``health.max_rows`` rows each (the log step takes their RankMe: a fixed cost),
@@ -197,7 +259,7 @@ class TrainStep:
             dist.all_reduce(found, op=dist.ReduceOp.MAX)
         return found
 
-    def _grad_stats(self) -> torch.Tensor | None:
+    def grad_stats(self) -> torch.Tensor | None:
         """(first qkv, last qkv, min, max) gradient norms over the encoder's weight matrices,
         as the reference's grad_stats line: a (4,) fp32 tensor on the device (no host read;
         the log step reads it with the losses). Under FSDP2 the norms of the full gradients,

@@ -87,8 +87,9 @@ def steps_for_budget(budget_s: float, step_s: float, steps_per_epoch: int) -> in
     return max(1, min(steps_per_epoch - 1, math.floor(budget_s / (step_s * OVERHEAD))))
 
 
-def measure_step_seconds(trainer) -> float:
-    """Seconds per optimizer step of ``trainer``, timed on a batch of its own data.
+def measure_step_seconds(step, dataset) -> float:
+    """Seconds per optimizer step of ``step`` (a :class:`fastjepa.training.step.Step`), timed
+    on a batch of the run's ``dataset``.
 
     Every piece of state a step touches is put back afterwards, bit for bit: the model
     (encoder, predictor, EMA target), the optimizer state, the global RNGs, the mask
@@ -97,34 +98,31 @@ def measure_step_seconds(trainer) -> float:
     from ..masks import MaskCollator
     from ..rng import rng_state, set_rng_state
 
-    model_state = copy.deepcopy(trainer.model.state_dict())
-    opt_state = copy.deepcopy(trainer.optimizer.state_dict())
+    model_state = copy.deepcopy(step.model.state_dict())
+    opt_state = copy.deepcopy(step.optimizer.state_dict())
     rng = rng_state()
-    nan_at, trainer._nan_at = trainer._nan_at, None  # the fault-test hook fires in training steps only
     try:
-        collator = MaskCollator.from_config(trainer.cfg, rank=trainer.dist.rank, world_size=trainer.dist.world_size)
-        samples = [trainer.dataset[i % len(trainer.dataset)] for i in range(trainer.cfg["data"]["batch_size"])]
-        imgs, masks_enc, masks_pred = trainer._batch_to_device(*collator(samples))
+        collator = MaskCollator.from_config(step.cfg, rank=step.dist.rank, world_size=step.dist.world_size)
+        samples = [dataset[i % len(dataset)] for i in range(step.cfg["data"]["batch_size"])]
+        imgs, masks_enc, masks_pred = step.to_device(*collator(samples))
         times = []
-        with trainer._backend_context():
+        with step.backend():
             for i in range(WARMUP_STEPS + TIMED_STEPS):
-                if trainer.device.type == "cuda":
-                    torch.cuda.synchronize(trainer.device)
+                if step.device.type == "cuda":
+                    torch.cuda.synchronize(step.device)
                 t0 = time.perf_counter()
-                loss, _, _ = trainer.train_step(imgs, masks_enc, masks_pred)
-                float(loss)  # waits for the step
+                float(step.step(imgs, masks_enc, masks_pred, index=0).loss)  # waits for the step
                 if i >= WARMUP_STEPS:
                     times.append(time.perf_counter() - t0)
     finally:
-        trainer.model.load_state_dict(model_state)
-        trainer.optimizer.load_state_dict(opt_state)
-        trainer.optimizer.zero_grad(set_to_none=True)
+        step.model.load_state_dict(model_state)
+        step.optimizer.load_state_dict(opt_state)
+        step.optimizer.zero_grad(set_to_none=True)
         set_rng_state(rng)
-        trainer._nan_at = nan_at
-        trainer.last_skipped = None
     step_s = sum(times) / len(times)
-    if trainer.dist.enabled:  # every rank must train the same number of epochs: the slowest decides
-        t = torch.tensor([step_s], dtype=torch.float64, device=trainer.device if trainer.device.type == "cuda" else "cpu")
+    dist = step.dist
+    if dist.enabled:  # every rank must train the same number of epochs: the slowest decides
+        t = torch.tensor([step_s], dtype=torch.float64, device=step.device if step.device.type == "cuda" else "cpu")
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
         step_s = float(t)
     return step_s
@@ -152,17 +150,19 @@ def resumed_choice(out: Path) -> tuple[int | None, int | None]:
     return (epochs, cut) if ok else (None, None)
 
 
-def plan(trainer, *, resume: bool) -> Plan | None:
-    """Decide the run's epochs under ``optimization.time_budget_s`` (None: no budget set)."""
-    opt = trainer.cfg["optimization"]
+def plan(cfg: dict, out: Path, steps_per_epoch: int, measure, *, resume: bool) -> Plan | None:
+    """Decide the run's epochs under ``optimization.time_budget_s`` (None: no budget set);
+    ``measure()`` times a step (:func:`measure_step_seconds`), called only where the run
+    does not resume a choice already made (``out``'s ``config.yaml``)."""
+    opt = cfg["optimization"]
     budget = opt["time_budget_s"]
     if budget is None:
         return None
     configured = opt["epochs"]
     if resume:
-        chosen, cut = resumed_choice(trainer.out)
+        chosen, cut = resumed_choice(out)
         if chosen is not None:
-            return Plan(chosen, configured, 0.0, trainer.ipe, budget, cut)
-    step_s = measure_step_seconds(trainer)
-    cut = steps_for_budget(budget, step_s, trainer.ipe)
-    return Plan(epochs_for_budget(budget, step_s, trainer.ipe, configured), configured, step_s, trainer.ipe, budget, cut)
+            return Plan(chosen, configured, 0.0, steps_per_epoch, budget, cut)
+    step_s = measure()
+    cut = steps_for_budget(budget, step_s, steps_per_epoch)
+    return Plan(epochs_for_budget(budget, step_s, steps_per_epoch, configured), configured, step_s, steps_per_epoch, budget, cut)
