@@ -394,10 +394,17 @@ def test_patchset_rolls_back_a_failed_apply():
     mod = types.ModuleType("m")
     mod.a = 1
 
-    ps = PatchSet("t")
-    with pytest.raises(TypeError):
-        ps.apply([(mod, "a", 2), (int, "x", 3)])  # a built-in type refuses new attributes
-    assert mod.a == 1 and not ps.active
+    other = types.ModuleType("fastjepa_test_other")
+    other.b = 2  # the same (cached) int object as the replacement value below
+    sys.modules[other.__name__] = other
+    try:
+        ps = PatchSet("t")
+        with pytest.raises(TypeError):
+            ps.apply([(mod, "a", 2), (int, "x", 3)])  # a built-in type refuses new attributes
+        assert mod.a == 1 and not ps.active
+        assert other.b == 2  # the rollback restores the site it patched, not every module holding a 2
+    finally:
+        del sys.modules[other.__name__]
 
 
 # -- any order: apply() before or after the training script's own imports -----------------

@@ -160,7 +160,9 @@ class PatchSet:
         functions: dict[int, tuple[object, object]] = {}  # id(new) -> (new, original) of module-level patches
         while self._records:
             owner, attr, original, new = self._records.pop()
-            if isinstance(owner, types.ModuleType) and original is not _MISSING:
+            # only replacement functions are looked for elsewhere: a value such as a small int
+            # or None is shared by every module that holds an equal one, never a copy of ours
+            if isinstance(owner, types.ModuleType) and original is not _MISSING and _is_replacement_function(new):
                 functions[id(new)] = (new, original)
             if original is _MISSING:
                 if attr in vars(owner):
@@ -172,6 +174,11 @@ class PatchSet:
             for module, attr in holders(new, first=""):
                 setattr(module, attr, original)
         return restored
+
+
+def _is_replacement_function(obj: object) -> bool:
+    """A function object (a replacement fastjepa made), whose identity no unrelated module shares."""
+    return isinstance(obj, types.FunctionType) or getattr(obj, "__fastjepa_original__", None) is not None
 
 
 def _same_replacement(a: object, b: object) -> bool:
