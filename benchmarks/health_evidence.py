@@ -38,8 +38,9 @@ from torch.utils.data import Subset  # noqa: E402
 
 from fastjepa.checkpoint import read_checkpoint  # noqa: E402
 from fastjepa.config import load_config  # noqa: E402
+from fastjepa.encoder import load_target_encoder, random_init_encoder  # noqa: E402
 from fastjepa.evaluation.classifiers import evaluate_encoder  # noqa: E402
-from fastjepa.evaluation.features import eval_datasets, load_target_encoder, random_init_encoder  # noqa: E402
+from fastjepa.evaluation.features import eval_datasets  # noqa: E402
 from fastjepa.trainer import Trainer  # noqa: E402
 
 

@@ -177,13 +177,13 @@ def test_a_second_fresh_run_into_a_finished_runs_folder_is_refused(tmp_path, cap
     capsys.readouterr()
     assert fj_train.main(args) == 2
     line = one_line_error(capsys)
-    assert f"output folder {out} holds another run's checkpoint(s) (jepa-ep1.pth.tar, jepa-latest.pth.tar)" in line
+    assert f"output folder {out} holds another run's checkpoint(s) (jepa-best.pth.tar, jepa-ep1.pth.tar, jepa-latest.pth.tar)" in line
     assert "--resume" in line and "--overwrite" in line
     after = read_checkpoint(out / "jepa-latest.pth.tar")
     assert all(torch.equal(a, b) for a, b in zip(first["encoder"].values(), after["encoder"].values()))
     # --overwrite: a fresh run, the old run's checkpoints gone (none left beside the new ones)
     assert fj_train.main([*args, "--overwrite", "optimization.epochs=2", "logging.checkpoint_freq=2"]) == 0
-    assert sorted(p.name for p in out.glob("*.pth.tar")) == ["jepa-ep2.pth.tar", "jepa-latest.pth.tar", "jepa-prev.pth.tar"]
+    assert sorted(p.name for p in out.glob("*.pth.tar")) == ["jepa-best.pth.tar", "jepa-ep2.pth.tar", "jepa-latest.pth.tar", "jepa-prev.pth.tar"]
     assert read_checkpoint(out / "jepa-prev.pth.tar")["epoch"] == 1  # the new run's own epoch 1
     assert not (out / LOCK_NAME).exists()  # a finished run leaves no lock file
 
