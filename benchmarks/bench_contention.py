@@ -10,8 +10,10 @@ untimed step. Cases:
 
 * path: ``fastjepa`` (the default step) or ``reference`` (``meta.reference_step=true``);
 * threads: ``torch`` (torch's defaults: one OpenMP thread per core, OpenMP's default wait
-  policy, which spins) or ``fastjepa`` (what ``python -m fastjepa.train`` does: one thread
-  per free core, ``OMP_WAIT_POLICY=PASSIVE``; :mod:`fastjepa.training.cpu`);
+  policy, which spins), ``passive`` (one thread per free core and ``OMP_WAIT_POLICY=PASSIVE``
+  always) or ``fastjepa`` (what ``python -m fastjepa.train`` does,
+  :func:`fastjepa.training.cpu.plan_threads`: one thread per free core, and
+  ``OMP_WAIT_POLICY=PASSIVE`` only where some core was busy at the start);
 * load: ``idle`` or ``busy`` (``--spinners`` processes spinning in a Python loop while the
   step is timed: "the other core busy" on a 2-core machine).
 
@@ -43,15 +45,23 @@ PATHS = {"fastjepa": [], "reference": ["meta.reference_step=true", "mask.compat=
 QUIET = ["optimization.time_budget_s=null", "logging.probe=false", "logging.plots=false", "logging.tensorboard=false"]
 
 
+POLICIES = ("torch", "passive", "fastjepa")
+
+
 def child(path: str, policy: str, steps: int) -> dict:
     """Time ``steps`` steps in this process (torch not yet imported: the policy applies)."""
-    from fastjepa.training.cpu import busy_cores, threads_for_free_cores
-
-    busy = busy_cores()
-    import torch
+    from fastjepa.training.cpu import busy_cores, plan_threads, threads_for_free_cores
 
     if policy == "fastjepa":
-        torch.set_num_threads(threads_for_free_cores(torch.get_num_threads(), busy))
+        plan = plan_threads()
+        busy, threads = plan.busy, plan.threads
+    else:
+        busy = busy_cores()
+        threads = threads_for_free_cores(len(os.sched_getaffinity(0)), busy) if policy == "passive" else None
+    import torch
+
+    if threads is not None and threads < torch.get_num_threads():
+        torch.set_num_threads(threads)
     from fastjepa.config import load_config
     from fastjepa.trainer import Trainer
 
@@ -73,7 +83,7 @@ def child(path: str, policy: str, steps: int) -> dict:
 
 def run_child(path: str, policy: str, steps: int) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
-    if policy == "fastjepa":
+    if policy == "passive":
         env["OMP_WAIT_POLICY"] = "PASSIVE"
     env["PYTHONPATH"] = str(HERE.parent) + os.pathsep + env.get("PYTHONPATH", "")
     r = subprocess.run([sys.executable, __file__, "--child", path, policy, "--steps", str(steps)], env=env,
@@ -113,11 +123,11 @@ def main(argv=None) -> int:
             procs = spinners(args.spinners) if load == "busy" else []
             try:
                 for path in paths:
-                    for policy in ("torch", "fastjepa"):
+                    for policy in POLICIES:
                         r = run_child(path, policy, args.steps)
                         rows.setdefault((path, policy, load), []).append(r)
                         print(f"{path:9} {policy:8} {load:4}: {r['step_s']:.3f} s/step, {r['threads']} thread(s), "
-                              f"busy cores seen {r['busy_cores_seen']}", file=sys.stderr, flush=True)  # fmt: skip
+                              f"busy cores seen {r['busy_cores_seen']:.2f}, wait policy {r['wait_policy']}", file=sys.stderr, flush=True)  # fmt: skip
             finally:
                 for proc in procs:
                     proc.kill()
@@ -128,15 +138,20 @@ def main(argv=None) -> int:
           f"{cpu_name()}, {cores} cores; load average at the start {load_at_start[0]:.2f} (0 on an idle machine: "
           "anything else means these numbers are contended); median of "
           f"{args.repeats} round(s) of {args.steps} steps. Proportional: {cores / max(1, cores - args.spinners):.2f}x.", "",
-          "| path | threads | idle s/step | busy s/step | busy / idle | threads idle / busy |", "|---|---|---|---|---|---|"]  # fmt: skip
+          "| path | threads | idle s/step | busy s/step | busy / idle | threads idle / busy | wait policy idle / busy |",
+          "|---|---|---|---|---|---|---|"]  # fmt: skip
     for path in paths:
-        for policy in ("torch", "fastjepa"):
+        for policy in POLICIES:
             idle = statistics.median(r["step_s"] for r in rows[(path, policy, "idle")])
             busy = statistics.median(r["step_s"] for r in rows[(path, policy, "busy")])
-            t_idle, t_busy = rows[(path, policy, "idle")][0]["threads"], rows[(path, policy, "busy")][0]["threads"]
+            first_idle, first_busy = rows[(path, policy, "idle")][0], rows[(path, policy, "busy")][0]
+            t_idle, t_busy = first_idle["threads"], first_busy["threads"]
+            w_idle, w_busy = first_idle["wait_policy"], first_busy["wait_policy"]
             result["cases"].append({"path": path, "policy": policy, "idle_step_s": idle, "busy_step_s": busy, "ratio": busy / idle,
-                                    "threads_idle": t_idle, "threads_busy": t_busy})  # fmt: skip
-            md.append(f"| {path} | {policy} | {idle:.3f} | {busy:.3f} | {busy / idle:.2f}x | {t_idle} / {t_busy} |")
+                                    "threads_idle": t_idle, "threads_busy": t_busy, "wait_policy_idle": w_idle,
+                                    "wait_policy_busy": w_busy, "idle_rounds": [r["step_s"] for r in rows[(path, policy, "idle")]],
+                                    "busy_rounds": [r["step_s"] for r in rows[(path, policy, "busy")]]})  # fmt: skip
+            md.append(f"| {path} | {policy} | {idle:.3f} | {busy:.3f} | {busy / idle:.2f}x | {t_idle} / {t_busy} | {w_idle} / {w_busy} |")
     stem = args.stem or f"cpu-{result['date']}-contention"
     print("\n".join(md))
     print(f"wrote {write_report(args.out, stem, result, chr(10).join(md))}", file=sys.stderr)

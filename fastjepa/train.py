@@ -13,11 +13,6 @@ import sys
 import time
 from pathlib import Path
 
-# OpenMP threads that sleep while they wait, instead of spinning against other processes on
-# a shared machine (fastjepa.training.cpu). OpenMP reads it once, when torch loads it: this
-# runs first under `python -m fastjepa.train` (importing the package does not load torch).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 from .config import ConfigError, load_config, one_line, os_error_line
 
 
@@ -62,6 +57,7 @@ def default_output(cfg: dict) -> Path:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    plan = _plan_threads()
     try:
         cfg = load_config(args.config, [*args.overrides, *args.set])
     except ConfigError as exc:
@@ -91,8 +87,8 @@ def main(argv=None) -> int:
 
     try:
         device = pick_device(cfg["meta"]["device"])
-        if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ and int(os.environ.get("WORLD_SIZE", "1") or 1) == 1:
-            _threads_for_free_cores()  # (under torchrun the ranks starting beside each other would look busy)
+        if device.type == "cpu" and plan is not None:
+            _apply_threads(plan)
         dist = init_distributed(device.type)
         trainer = Trainer(
             cfg, out, resume=resume, quiet=args.quiet, dist=dist, trust_checkpoint=args.trust_checkpoint, overwrite=args.overwrite
@@ -145,15 +141,27 @@ def main(argv=None) -> int:
     return 0
 
 
-def _threads_for_free_cores() -> None:
-    """One torch thread per core other processes leave free (fastjepa.training.cpu)."""
+def _plan_threads():
+    """Threads and OpenMP's wait policy from the busy cores, measured before torch loads
+    OpenMP (fastjepa.training.cpu); None where the user set OMP_NUM_THREADS, torch is
+    already loaded (an in-process call), or under torchrun (ranks starting beside each
+    other would look busy)."""
+    if "torch" in sys.modules or int(os.environ.get("WORLD_SIZE", "1") or 1) != 1:
+        return None
+    from .training.cpu import plan_threads
+
+    plan = plan_threads()
+    return plan if plan.threads is not None else None
+
+
+def _apply_threads(plan) -> None:
+    """One torch thread per core other processes leave free."""
     import torch
 
     from .data import cores_per_process
-    from .training.cpu import busy_cores, threads_for_free_cores
 
     cores = min(torch.get_num_threads(), cores_per_process())
-    n = threads_for_free_cores(cores, busy_cores())
+    n = min(plan.threads, cores)
     if n < torch.get_num_threads():
         torch.set_num_threads(n)
         print(f"fastjepa: other processes keep {cores - n} of this process's {cores} cores busy: training with {n} thread(s) "

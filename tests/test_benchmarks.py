@@ -471,6 +471,9 @@ def test_contention_benchmark_runs_each_case_once(tmp_path):
     # one step per case, fastjepa's path only: the harness, not the numbers
     _run("benchmarks/bench_contention.py", "--steps", "1", "--paths", "fastjepa", "--out", str(tmp_path), "--stem", "c")
     result = json.loads((tmp_path / "c.json").read_text())
-    assert [(c["path"], c["policy"]) for c in result["cases"]] == [("fastjepa", "torch"), ("fastjepa", "fastjepa")]
+    assert [(c["path"], c["policy"]) for c in result["cases"]] == [("fastjepa", p) for p in ("torch", "passive", "fastjepa")]
     assert all(c["idle_step_s"] > 0 and c["busy_step_s"] > 0 for c in result["cases"])
+    policy = {c["policy"]: c for c in result["cases"]}
+    assert policy["torch"]["wait_policy_busy"] == "(default)" and policy["passive"]["wait_policy_idle"] == "PASSIVE"
+    assert policy["fastjepa"]["wait_policy_busy"] == "PASSIVE" and policy["fastjepa"]["threads_busy"] < policy["torch"]["threads_busy"]
     assert "| fastjepa | fastjepa |" in (tmp_path / "c.md").read_text()
