@@ -75,8 +75,12 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--stem", default="cpu-health-evidence-default")
     p.add_argument("--skip-training", action="store_true", help="evaluate an existing --run-dir again")
+    p.add_argument("--table", nargs="+", metavar="JSON", help="print one summary table of these reports (docs/eval.md) and exit")
     p.add_argument("overrides", nargs="*", metavar="SECTION.KEY=VALUE")
     args = p.parse_args(argv)
+    if args.table:
+        print(summary_table(args.table))
+        return 0
     overrides = [*args.overrides, "logging.checkpoint_freq=1", "logging.probe=false", "logging.plots=false"]
     cfg = load_config(args.config, overrides)
     run = Path(args.run_dir or f"runs/health-evidence-{args.stem}")
@@ -129,6 +133,30 @@ def main(argv=None) -> int:
     write_report(args.out, args.stem, result, markdown(result))
     print(f"wrote {Path(args.out) / args.stem}.md", flush=True)
     return 0
+
+
+def summary_table(paths: list[str]) -> str:
+    """One row per report: the kept (best-by-RankMe) checkpoint's probe against the last
+    epoch's, the best epoch's and random init's, and the rank correlations."""
+    import json
+
+    lines = [
+        "| settings (changes to the default) | random init | kept: epoch, probe | last epoch | best epoch's probe | Spearman: live RankMe / held-out rank |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for path in paths:
+        r = json.loads(Path(path).read_text())
+        by_epoch = {e["epoch"]: e for e in r["epochs"]}
+        best, last, top = r["best"], r["last"], by_epoch.get(r["best_probe_epoch"])
+        name = " ".join(f"`{o}`" for o in r["overrides"] if o != "optimization.time_budget_s=null") or "none (the default)"
+        lines.append(
+            f"| {name} | {_pct(r['random_init']['linear_probe_top1'])} | "
+            f"{r['best_epoch']}: {_pct(best and best['linear_probe_top1'])} | "
+            f"{last and last['epoch']}: {_pct(last and last['linear_probe_top1'])} | "
+            f"{top and top['epoch']}: {_pct(top and top['linear_probe_top1'])} | "
+            f"{_num(r['spearman_probe_vs_live_rankme'])} / {_num(r['spearman_probe_vs_heldout_effective_rank'])} |"
+        )
+    return "\n".join(lines)
 
 
 def _pct(v) -> str:
