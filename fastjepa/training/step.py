@@ -10,6 +10,7 @@ import torch
 from .. import health, ops
 from ..data import batch_to_device
 from ..distributed import DistInfo, all_reduce_sum, any_rank
+from ..models.ijepa import local_shard
 from ..ops import use_attention, use_backend
 from ..schedulers import CosineWD, LinearMomentum, WarmupCosineLR
 
@@ -18,9 +19,7 @@ def finite_on_every_rank(tensors: list[torch.Tensor], dist: DistInfo, device: to
     """True on every rank iff every element of ``tensors`` is finite on every rank (FSDP2
     shards are checked locally; one host sync, plus one all-reduce under torchrun)."""
     if fsdp:
-        from ..fsdp import local
-
-        tensors = local(tensors)
+        tensors = [local_shard(t) for t in tensors]
     finite = bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
     if dist.enabled:
         finite = not any_rank(not finite, dist, device)
@@ -241,9 +240,7 @@ class Step:
         non-finite on any rank, else 0.0 — computed without a host sync (one multi-tensor
         check per dtype, plus a one-element all-reduce under torchrun)."""
         if self.fsdp:
-            from ..fsdp import local
-
-            tensors = local(tensors)
+            tensors = [local_shard(t) for t in tensors]
         found = torch.zeros((), dtype=torch.float32, device=self.device)
         one = torch.ones((), dtype=torch.float32, device=self.device)
         groups: dict[tuple, list[torch.Tensor]] = {}
@@ -273,9 +270,7 @@ class Step:
         if not grads:
             return None
         if self.fsdp:
-            from ..fsdp import local
-
-            squares = torch.stack(torch._foreach_norm(local(grads))).float().square()
+            squares = torch.stack(torch._foreach_norm([local_shard(g) for g in grads])).float().square()
             norms = all_reduce_sum(squares, self.dist).sqrt()
         else:
             norms = torch.stack(torch._foreach_norm(grads)).float()
