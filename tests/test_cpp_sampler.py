@@ -204,7 +204,7 @@ def test_distribution_matches_python_default_mode(cfg, grid, allow_overlap, batc
 
 
 def test_opcheck_sample_masks():
-    from fastjepa.ops import _cpp  # noqa: F401 — registers the fake (data-dependent mask lengths)
+    from fastjepa.ops import cpp  # noqa: F401 — registers the fake (data-dependent mask lengths)
 
     args = (8, 16, 16, [0.85, 1.0], [0.15, 0.2], [0.75, 1.5], 1, 4, 10, False, new_seed())
     torch.library.opcheck(torch.ops.fastjepa.sample_masks, args)

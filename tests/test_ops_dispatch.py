@@ -117,7 +117,7 @@ def test_each_backend_takes_its_path(monkeypatch):
 
 
 def test_cpp_branch_calls_the_extension_wrappers(monkeypatch):
-    """With the extension selected, each op calls fastjepa.ops._cpp with stacked (M, B, K) indices."""
+    """With the extension selected, each op calls fastjepa.ops.cpp with stacked (M, B, K) indices."""
     t = small_inputs()
     seen = {}
 
@@ -134,8 +134,8 @@ def test_cpp_branch_calls_the_extension_wrappers(monkeypatch):
         return ops.target_tokens_reference(h, list(idx), nenc)
 
     fake = types.SimpleNamespace(gather_tokens=gather, predictor_tokens=predictor, target_tokens=target)
-    monkeypatch.setitem(sys.modules, "fastjepa.ops._cpp", fake)
-    monkeypatch.setattr(ops, "_cpp", fake, raising=False)
+    monkeypatch.setitem(sys.modules, "fastjepa.ops.cpp", fake)
+    monkeypatch.setattr(ops, "cpp", fake, raising=False)
     monkeypatch.setattr(_dispatch, "_why_not", lambda backend, device, dtype: None)
     with use_backend("cpp"):
         out = call_all(t)

@@ -78,7 +78,7 @@ def sample_reference_cpp(
 
     :returns: ``masks_enc`` (nenc × (B, Kc)), ``masks_pred`` (npred × (B, Kt)), int64.
     """
-    from .. import _C  # noqa: F401 — registers torch.ops.fastjepa
+    from ..ops import cpp  # noqa: F401 — loads fastjepa._C and registers the op's fake
 
     enc, pred = torch.ops.fastjepa.sample_masks_sized(
         B, H, W, [int(v) for v in pred_size], [int(v) for v in enc_size], nenc, npred, min_keep,
@@ -260,7 +260,7 @@ class MaskCollator:
         return collated, masks_enc, masks_pred
 
     def _sample_cpp(self, B: int, seed: int):
-        from .. import _C  # noqa: F401 — registers torch.ops.fastjepa
+        from ..ops import cpp  # noqa: F401 — loads fastjepa._C and registers the op's fake
 
         enc, pred = torch.ops.fastjepa.sample_masks(
             B, self.height, self.width, list(self.enc_mask_scale), list(self.pred_mask_scale),

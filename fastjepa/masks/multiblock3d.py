@@ -252,7 +252,7 @@ class MaskGenerator3D:
     def sample_cpp(self, B: int, seed: int, block_size: Sequence[int] | None = None):
         """fastjepa mode in C++ (same distribution as :meth:`sample`); ``block_size``
         ``(t, h, w)`` fixes the batch's block size instead of drawing it."""
-        from . import cpp_sampler3d  # noqa: F401 — loads fastjepa._C and registers the fake
+        from ..ops import cpp  # noqa: F401 — loads fastjepa._C and registers the op's fake
 
         enc, pred = torch.ops.fastjepa.sample_masks3d(
             B, self.duration, self.height, self.width, list(self.temporal_pred_mask_scale),
