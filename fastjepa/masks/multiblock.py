@@ -14,8 +14,13 @@ Two modes:
   counter seeds the block-size generator, corners come from the global torch RNG with
   an exclusive upper bound.
 
-``backend="cpp"`` samples a whole batch in the C++ extension (default when built);
-``backend="python"`` is the loop below. Both draw from the same distribution.
+Which masks is ``compat``'s choice; which implementation samples them is ``backend``'s:
+``"cpp"`` samples a whole batch in the C++ extension, ``"python"`` is the loop below (the
+sampler's reference); both draw from the same distribution (not the same indices).
+``backend=None`` (``mask.backend=auto``) follows the ops backend setting when the
+collator is built: the Python loop under ``FASTJEPA_BACKEND=reference`` (or inside
+``use_backend("reference")``), else the C++ sampler where it can run. The reference mode
+has the Python loop only.
 """
 
 from __future__ import annotations
@@ -176,9 +181,11 @@ class MaskCollator:
     # -- configuration checks
 
     def _pick_backend(self, backend: str | None) -> str:
-        from ..ops import available
+        from ..ops import available, current_backend
 
         if backend is None:
+            if current_backend() == "reference":  # every implementation its reference, the sampler's included
+                return "python"
             return "cpp" if self.compat == "fastjepa" and self.generator is None and available()["cpp"] else "python"
         if backend not in ("cpp", "python"):
             raise ValueError(f"backend={backend!r}: expected 'cpp' or 'python'")
