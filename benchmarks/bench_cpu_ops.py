@@ -49,7 +49,7 @@ def timed(fn, seconds: float) -> float:
 
 def cases(B: int, dtype: torch.dtype):
     """op -> (inputs factory, reference fn, cpp fn, which inputs get gradients)."""
-    from fastjepa.ops import _cpp
+    from fastjepa.ops import cpp
 
     N, D, P = 196, 384, 192
     col = MaskCollator(input_size=224, patch_size=16, seed=0, backend="cpp", **PUBLISHED)
@@ -60,14 +60,14 @@ def cases(B: int, dtype: torch.dtype):
     ctx = torch.randn(B, idx_x.size(2), P, dtype=dtype)
     ppos, mt = torch.randn(1, N, P, dtype=dtype), torch.randn(1, 1, P, dtype=dtype)
     return {
-        "gather_tokens": ((x, pos), lambda x, p: gather_tokens_reference(x, enc, p), lambda x, p: _cpp.gather_tokens(x, idx_x, p), (0,)),
+        "gather_tokens": ((x, pos), lambda x, p: gather_tokens_reference(x, enc, p), lambda x, p: cpp.gather_tokens(x, idx_x, p), (0,)),
         "predictor_tokens": (
             (ctx, ppos, mt),
             lambda c, p, m: predictor_tokens_reference(c, enc, pred, p, m),
-            lambda c, p, m: _cpp.predictor_tokens(c, idx_x, idx, p, m),
+            lambda c, p, m: cpp.predictor_tokens(c, idx_x, idx, p, m),
             (0, 2),
         ),
-        "target_tokens": ((x,), lambda h: target_tokens_reference(h, pred, 1), lambda h: _cpp.target_tokens(h, idx, 1), ()),
+        "target_tokens": ((x,), lambda h: target_tokens_reference(h, pred, 1), lambda h: cpp.target_tokens(h, idx, 1), ()),
     }
 
 

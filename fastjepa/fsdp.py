@@ -23,7 +23,6 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
-from torch.distributed.tensor import DTensor
 
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
@@ -50,11 +49,6 @@ def shard_ijepa(model: nn.Module, device: torch.device) -> None:
 
 def is_sharded(model: nn.Module) -> bool:
     return bool(getattr(model, "_fsdp", False))
-
-
-def local(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Local shards of DTensors (the tensors themselves otherwise)."""
-    return [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
 
 
 def full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict:

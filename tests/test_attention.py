@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from fastjepa.ops import attention, attention_available, attention_reference, current_attention, use_attention
+from fastjepa.ops import attention, attention_available, attention_reference, current_attention, reread_environment, use_attention
 
 from ._tiny import tiny_ijepa_batch
 
@@ -21,6 +21,31 @@ attn_mod = sys.modules["fastjepa.ops.attention"]  # the package re-exports the f
 
 TOL = {torch.float32: dict(rtol=2e-5, atol=2e-5), torch.float64: dict(rtol=1e-10, atol=1e-10)}
 SHAPES = [(2, 3, 17, 24), (1, 2, 64, 32), (3, 1, 9, 80), (1, 1, 1, 32)]  # (B, H, N, hd): odd N, I-JEPA head dims
+
+
+class _Env:
+    """``setenv``/``delenv`` of the backend variables, re-read at once (the package reads
+    them once per process)."""
+
+    def __init__(self, mp: pytest.MonkeyPatch):
+        self.mp = mp
+
+    def setenv(self, name: str, value: str) -> None:
+        self.mp.setenv(name, value)
+        reread_environment()
+
+    def delenv(self, name: str) -> None:
+        self.mp.delenv(name, raising=False)
+        reread_environment()
+
+
+@pytest.fixture
+def env():
+    """An environment for one test; the original is restored and re-read afterwards, so
+    later tests never see a cached value of this one."""
+    with pytest.MonkeyPatch.context() as mp:
+        yield _Env(mp)
+    reread_environment()
 
 
 def _qkv(shape, dtype, device="cpu"):
@@ -67,13 +92,13 @@ def test_auto_picks_sdpa_on_cpu():
 
 
 @pytest.mark.parametrize("backend", ["flash", "xformers"])
-def test_forced_unavailable_backend_says_why(backend, monkeypatch):
+def test_forced_unavailable_backend_says_why(backend, env):
     q = torch.randn(1, 2, 5, 32)
     why = attn_mod.why_not(backend, q)
     assert why == f"{backend} needs CUDA tensors, got cpu"  # neither runs on CPU tensors, installed or not
     with pytest.raises(RuntimeError, match=f"{backend}.*cannot run.*needs CUDA tensors"):
         attention(q, q, q, backend=backend)
-    monkeypatch.setenv("FASTJEPA_ATTN", backend)
+    env.setenv("FASTJEPA_ATTN", backend)
     with pytest.raises(RuntimeError, match="was forced"):
         attention(q, q, q)
 
@@ -110,10 +135,10 @@ def test_flash_reasons_for_dtype_and_head_dim(monkeypatch):
     assert "compute capability" in attn_mod.why_not("flash", fake_cuda((1, 1, 4, 32), torch.float16))
 
 
-def test_env_and_context_manager(monkeypatch):
-    monkeypatch.delenv("FASTJEPA_ATTN", raising=False)
+def test_env_and_context_manager(env):
+    env.delenv("FASTJEPA_ATTN")
     assert current_attention() == "auto"
-    monkeypatch.setenv("FASTJEPA_ATTN", "MATH ")
+    env.setenv("FASTJEPA_ATTN", "MATH ")
     assert current_attention() == "math"
     with use_attention("sdpa"):
         assert current_attention() == "sdpa"  # the context manager wins over the environment
@@ -121,7 +146,7 @@ def test_env_and_context_manager(monkeypatch):
             assert current_attention() == "math"
         assert current_attention() == "sdpa"
     assert current_attention() == "math"
-    monkeypatch.setenv("FASTJEPA_ATTN", "flashy")
+    env.setenv("FASTJEPA_ATTN", "flashy")
     with pytest.raises(ValueError, match="FASTJEPA_ATTN='flashy'.*expected one of auto, flash, xformers, sdpa, math"):
         current_attention()
     with pytest.raises(ValueError, match="use_attention"):
@@ -129,18 +154,24 @@ def test_env_and_context_manager(monkeypatch):
             pass
 
 
-def test_env_reaches_the_op(monkeypatch):
+def test_env_reaches_the_op(monkeypatch, env):
     """``FASTJEPA_ATTN`` selects the function that runs (spied), not just the name."""
     calls = []
     real = attn_mod.attention_reference
     monkeypatch.setattr(attn_mod, "attention_reference", lambda *a: calls.append("math") or real(*a))
     q = torch.randn(1, 2, 6, 24)
-    monkeypatch.setenv("FASTJEPA_ATTN", "sdpa")
+    env.setenv("FASTJEPA_ATTN", "sdpa")
     attention(q, q, q)
     assert calls == []
-    monkeypatch.setenv("FASTJEPA_ATTN", "math")
+    env.setenv("FASTJEPA_ATTN", "math")
     attention(q, q, q)
     assert calls == ["math"]
+    env.mp.setenv("FASTJEPA_ATTN", "sdpa")  # read once: a change takes effect when re-read
+    attention(q, q, q)
+    assert calls == ["math", "math"]
+    reread_environment()
+    attention(q, q, q)
+    assert calls == ["math", "math"]
 
 
 def test_rejects_bad_shapes_and_names():

@@ -38,9 +38,9 @@ def test_extension_built_when_required():
 
 
 def _cpp():
-    from fastjepa.ops import _cpp
+    from fastjepa.ops import cpp
 
-    return _cpp
+    return cpp
 
 
 def assert_rule(out, ref32, ref_lp, atol):

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from fastjepa import IJEPA
 from fastjepa.masks import MaskCollator, apply_masks, repeat_interleave_batch
-from fastjepa.models import vit_predictor, vit_tiny
+from fastjepa.models import set_reference_numerics, vit_predictor, vit_tiny
 from fastjepa.ops import use_attention, use_backend
 from fastjepa.training.optim import make_optimizer, param_groups
 
@@ -99,8 +99,9 @@ def test_param_groups_exclude_bias_and_1d_from_wd():
 def test_bf16_autocast_reference_loss_keeps_fp32_targets():
     """Under bf16 autocast the reference computes smooth_l1(z, h) with bf16 predictions and
     fp32 targets (the layer norm's output): IJEPA's reference path must not round h to bf16
-    first. On the CPU the reference backend keeps the residual stream, hence h, in fp32."""
+    first. On the CPU the reference numerics keep the residual stream, hence h, in fp32."""
     model, col = tiny()
+    set_reference_numerics(model)
     with torch.no_grad():
         for p in model.target_encoder.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -118,6 +119,30 @@ def test_bf16_autocast_reference_loss_keeps_fp32_targets():
     # ~1e-4 relative, sometimes by only 1e-6: a tolerance could not tell the two apart)
     torch.testing.assert_close(loss.float(), expected, rtol=0, atol=0)
     assert rounded.item() != expected.item()
+
+
+def test_numerics_are_the_models_not_the_backends():
+    """Under bf16 autocast the residual stream is bf16 unless the model was set to the
+    reference numerics (fp32 pos-embed and mask token promote it to fp32), whichever ops
+    backend runs."""
+    model, col = tiny()
+    imgs, menc, mpred = col([torch.randn(3, 16, 16) for _ in range(2)])
+    seen = {}
+    for name, blk in (("encoder", model.encoder.blocks[0]), ("predictor", model.predictor.predictor_blocks[0])):
+        blk.register_forward_hook(lambda _m, _a, out, name=name: seen.__setitem__(name, out.dtype))
+
+    def stream(backend):
+        with use_backend(backend), use_attention("math"), torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+            model(imgs, menc, mpred)
+        return dict(seen)
+
+    both = lambda dtype: {"encoder": dtype, "predictor": dtype}  # noqa: E731
+    assert stream("reference") == stream("auto") == both(torch.bfloat16)
+    assert set_reference_numerics(model) is model
+    assert model.target_encoder.reference_numerics and model.predictor.reference_numerics
+    assert stream("reference") == stream("auto") == both(torch.float32)
+    set_reference_numerics(model, False)
+    assert stream("reference") == both(torch.bfloat16)
 
 
 @pytest.mark.parametrize("mode", ["foreach", "reference"])

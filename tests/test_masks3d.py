@@ -235,6 +235,18 @@ def test_one_block_is_a_whole_box_of_the_batch_size(compat, backend):
         assert enc.size(1) == T * H * W - pred.size(1)
 
 
+@needs_cpp
+def test_auto_backend_follows_the_ops_backend_setting():
+    """``backend=None``: the Python loop under ``use_backend("reference")``, else C++."""
+    from fastjepa.ops import use_backend
+
+    grid, cfg = CASES["mixed"]
+    assert make_gen(grid, cfg).backend == "cpp"
+    with use_backend("reference"):
+        assert make_gen(grid, cfg).backend == "python"
+        assert make_gen(grid, cfg, backend="cpp").backend == "cpp"
+
+
 @pytest.mark.parametrize("backend", ["python", pytest.param("cpp", marks=needs_cpp)])
 def test_deterministic_per_seed(backend):
     grid, cfg = CASES["mixed"]
@@ -274,7 +286,7 @@ def test_cpp_given_block_size_is_used():
 def test_cpp_cut_and_complements_are_of_the_same_draws():
     """The options change only the output assembly, not the draws: with one seed, the cut
     context / target of the plain call give every option's output exactly."""
-    from fastjepa.masks import cpp_sampler3d  # noqa: F401
+    from fastjepa.ops import cpp  # noqa: F401
 
     T, H, W = 4, 6, 6
     N = T * H * W
@@ -304,7 +316,7 @@ def test_cpp_cut_and_complements_are_of_the_same_draws():
 @needs_cpp
 @pytest.mark.slow
 def test_opcheck_sample_masks3d():
-    from fastjepa.masks import cpp_sampler3d  # noqa: F401 — registers the fake
+    from fastjepa.ops import cpp  # noqa: F401 — registers the fake
 
     args = (4, 4, 6, 6, [0.25, 1.0], [0.1, 0.5], [0.5, 2.0], 3, 3, 40, False, False, new_seed(), None)
     torch.library.opcheck(torch.ops.fastjepa.sample_masks3d, args)
@@ -370,7 +382,7 @@ def test_a_context_that_is_nearly_always_empty_raises_instead_of_hanging(compat,
     ],
 )
 def test_cpp_bad_arguments_raise(i, value, match):
-    from fastjepa.masks import cpp_sampler3d  # noqa: F401
+    from fastjepa.ops import cpp  # noqa: F401
 
     args = [4, 4, 6, 6, [0.25, 1.0], [0.1, 0.5], [0.5, 2.0], 3, 3, 40, False, False, 0, None]
     args[i] = value

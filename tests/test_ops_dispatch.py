@@ -10,9 +10,34 @@ import torch
 
 import fastjepa.ops as ops
 from fastjepa.ops import _dispatch
-from fastjepa.ops._dispatch import available, current_backend, select, use_backend
+from fastjepa.ops._dispatch import available, current_backend, reread_environment, select, use_backend
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+
+
+class _Env:
+    """``setenv``/``delenv`` of the backend variables, re-read at once (the package reads
+    them once per process)."""
+
+    def __init__(self, mp: pytest.MonkeyPatch):
+        self.mp = mp
+
+    def setenv(self, name: str, value: str) -> None:
+        self.mp.setenv(name, value)
+        reread_environment()
+
+    def delenv(self, name: str) -> None:
+        self.mp.delenv(name, raising=False)
+        reread_environment()
+
+
+@pytest.fixture
+def env():
+    """An environment for one test; the original is restored and re-read afterwards, so
+    later tests never see a cached value of this one."""
+    with pytest.MonkeyPatch.context() as mp:
+        yield _Env(mp)
+    reread_environment()
 
 
 def small_inputs():
@@ -79,17 +104,23 @@ def test_forced_triton_with_float64_raises():
         ops.gather_tokens(t["x"], t["masks_x"], t["pos"].double())  # promotes to float64
 
 
-def test_env_variable_and_context_manager(monkeypatch):
-    monkeypatch.setenv("FASTJEPA_BACKEND", "triton")
+def test_env_variable_and_context_manager(env):
+    env.setenv("FASTJEPA_BACKEND", "triton")
     assert current_backend() == "triton"
     assert select("target_tokens", CPU, torch.float32) == "triton"
     with use_backend("reference"):
         assert current_backend() == "reference"
         assert select("target_tokens", CPU, torch.float32) == "reference"
     assert current_backend() == "triton"
-    monkeypatch.setenv("FASTJEPA_BACKEND", "fast")
+    env.mp.setenv("FASTJEPA_BACKEND", "reference")  # read once per process: no effect until re-read
+    assert current_backend() == "triton"
+    reread_environment()
+    assert current_backend() == "reference"
+    env.setenv("FASTJEPA_BACKEND", "fast")
     with pytest.raises(ValueError, match="FASTJEPA_BACKEND='fast' is not a fastjepa backend"):
         current_backend()
+    with pytest.raises(ValueError, match="FASTJEPA_BACKEND='fast'"):
+        current_backend()  # a bad value raises at every call
 
 
 def test_each_backend_takes_its_path(monkeypatch):
@@ -117,7 +148,7 @@ def test_each_backend_takes_its_path(monkeypatch):
 
 
 def test_cpp_branch_calls_the_extension_wrappers(monkeypatch):
-    """With the extension selected, each op calls fastjepa.ops._cpp with stacked (M, B, K) indices."""
+    """With the extension selected, each op calls fastjepa.ops.cpp with stacked (M, B, K) indices."""
     t = small_inputs()
     seen = {}
 
@@ -134,8 +165,8 @@ def test_cpp_branch_calls_the_extension_wrappers(monkeypatch):
         return ops.target_tokens_reference(h, list(idx), nenc)
 
     fake = types.SimpleNamespace(gather_tokens=gather, predictor_tokens=predictor, target_tokens=target)
-    monkeypatch.setitem(sys.modules, "fastjepa.ops._cpp", fake)
-    monkeypatch.setattr(ops, "_cpp", fake, raising=False)
+    monkeypatch.setitem(sys.modules, "fastjepa.ops.cpp", fake)
+    monkeypatch.setattr(ops, "cpp", fake, raising=False)
     monkeypatch.setattr(_dispatch, "_why_not", lambda backend, device, dtype: None)
     with use_backend("cpp"):
         out = call_all(t)

@@ -155,7 +155,7 @@ def test_opcheck_triton():
 
 @needs_ext
 def test_opcheck_cpp():
-    from fastjepa.ops import _cpp_rope  # noqa: F401 — registers fake and autograd
+    from fastjepa.ops import cpp  # noqa: F401 — registers fake and autograd
 
     op = torch.ops.fastjepa.rope_fwd
     q, k = torch.randn(2, 2, 7, 33, requires_grad=True), torch.randn(2, 2, 7, 33, requires_grad=True)
@@ -239,7 +239,7 @@ def test_bad_inputs_raise(case, exc, match, backend):
 
 @needs_ext
 def test_cpp_kernel_errors_name_the_bad_value():
-    from fastjepa.ops import _cpp_rope  # noqa: F401
+    from fastjepa.ops import cpp  # noqa: F401
 
     op = torch.ops.fastjepa.rope_fwd
     q = torch.randn(2, 2, 9, 32)

@@ -199,7 +199,7 @@ def test_opcheck_triton(with_pos):
 @pytest.mark.skipif(not HAVE_CPP, reason="fastjepa._C is not built")
 @pytest.mark.parametrize("with_pos", [True, False])
 def test_opcheck_cpp(with_pos):
-    from fastjepa.ops import _cpp_sorted_predictor  # noqa: F401 — fakes and autograd
+    from fastjepa.ops import cpp  # noqa: F401 — fakes and autograd
 
     ops = torch.ops.fastjepa
     ctx, masks_x, masks_y, mask_token, pos = inputs((1, 2, 20, 24, 5, 7, "random"), torch.int32, True, with_pos)

@@ -117,6 +117,9 @@ def test_fastjepa_optimizer_is_fused_reference_is_per_parameter(tmp_path):
     ref = _trainer(tmp_path / "b", "meta.reference_step=true")
     assert fast.optimizer.defaults["fused"] is True
     assert not ref.optimizer.defaults.get("foreach") and not ref.optimizer.defaults.get("fused")
+    # the reference step runs the model with the reference numerics (fp32 pos-embed and mask token)
+    assert all(net.reference_numerics for net in (ref.model.encoder, ref.model.predictor, ref.model.target_encoder))
+    assert not any(net.reference_numerics for net in (fast.model.encoder, fast.model.predictor, fast.model.target_encoder))
 
 
 def test_fused_adamw_steps_match_the_per_parameter_optimizer():

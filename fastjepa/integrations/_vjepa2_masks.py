@@ -84,9 +84,9 @@ def _cpp_ready() -> bool:
 
     if not available()["cpp"]:
         return False
-    from ..masks import cpp_sampler3d  # noqa: F401 — loads the op and its fake
+    from ..ops import cpp  # loads the library and the op's fake
 
-    return hasattr(torch.ops.fastjepa, "sample_masks3d")
+    return cpp.has_op("sample_masks3d")
 
 
 def masks_patches(modules: dict[str, types.ModuleType]) -> list[tuple[object, str, object]]:

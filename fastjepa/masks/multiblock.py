@@ -14,8 +14,13 @@ Two modes:
   counter seeds the block-size generator, corners come from the global torch RNG with
   an exclusive upper bound.
 
-``backend="cpp"`` samples a whole batch in the C++ extension (default when built);
-``backend="python"`` is the loop below. Both draw from the same distribution.
+Which masks is ``compat``'s choice; which implementation samples them is ``backend``'s:
+``"cpp"`` samples a whole batch in the C++ extension, ``"python"`` is the loop below (the
+sampler's reference); both draw from the same distribution (not the same indices).
+``backend=None`` (``mask.backend=auto``) follows the ops backend setting when the
+collator is built: the Python loop under ``FASTJEPA_BACKEND=reference`` (or inside
+``use_backend("reference")``), else the C++ sampler where it can run. The reference mode
+has the Python loop only.
 """
 
 from __future__ import annotations
@@ -78,7 +83,7 @@ def sample_reference_cpp(
 
     :returns: ``masks_enc`` (nenc × (B, Kc)), ``masks_pred`` (npred × (B, Kt)), int64.
     """
-    from .. import _C  # noqa: F401 — registers torch.ops.fastjepa
+    from ..ops import cpp  # noqa: F401 — loads fastjepa._C and registers the op's fake
 
     enc, pred = torch.ops.fastjepa.sample_masks_sized(
         B, H, W, [int(v) for v in pred_size], [int(v) for v in enc_size], nenc, npred, min_keep,
@@ -176,9 +181,11 @@ class MaskCollator:
     # -- configuration checks
 
     def _pick_backend(self, backend: str | None) -> str:
-        from ..ops import available
+        from ..ops import available, current_backend
 
         if backend is None:
+            if current_backend() == "reference":  # every implementation its reference, the sampler's included
+                return "python"
             return "cpp" if self.compat == "fastjepa" and self.generator is None and available()["cpp"] else "python"
         if backend not in ("cpp", "python"):
             raise ValueError(f"backend={backend!r}: expected 'cpp' or 'python'")
@@ -260,7 +267,7 @@ class MaskCollator:
         return collated, masks_enc, masks_pred
 
     def _sample_cpp(self, B: int, seed: int):
-        from .. import _C  # noqa: F401 — registers torch.ops.fastjepa
+        from ..ops import cpp  # noqa: F401 — loads fastjepa._C and registers the op's fake
 
         enc, pred = torch.ops.fastjepa.sample_masks(
             B, self.height, self.width, list(self.enc_mask_scale), list(self.pred_mask_scale),

@@ -20,9 +20,10 @@ configuration and each batch:
 Two modes:
 
 * ``compat="fastjepa"`` (default): every draw of a batch from one generator seeded
-  with ``(seed, stream, batch counter)``; ``backend="cpp"`` (default when the extension
-  is built) samples the whole batch in C++ (``torch.ops.fastjepa.sample_masks3d``) from
-  the same distribution as the Python loop (``backend="python"``).
+  with ``(seed, stream, batch counter)``; ``backend="cpp"`` (``auto``'s choice when the
+  extension is built, unless ``FASTJEPA_BACKEND=reference``) samples the whole batch in C++
+  (``torch.ops.fastjepa.sample_masks3d``) from the same distribution as the Python loop
+  (``backend="python"``).
 * ``compat="reference"``: V-JEPA 2's draws call for call: the block size from a
   ``torch.Generator`` seeded with the batch counter (``torch.rand(1)`` three times),
   offsets from the global torch RNG (``torch.randint``), so with the same global seed the
@@ -93,12 +94,16 @@ def _complement(idx: torch.Tensor, N: int) -> torch.Tensor:
 
 
 def _pick_backend(backend: str | None, compat: str) -> str:
-    from ..ops import available
+    """``auto`` follows the ops backend setting as :class:`~fastjepa.masks.MaskCollator` does:
+    the Python loop under ``FASTJEPA_BACKEND=reference``, else C++ where it can run."""
+    from ..ops import available, current_backend
 
     backend = "auto" if backend is None else backend
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r}: expected one of {', '.join(BACKENDS)}")
     if backend == "auto":
+        if current_backend() == "reference":
+            return "python"
         return "cpp" if compat == "fastjepa" and available()["cpp"] else "python"
     if backend == "cpp":
         if compat != "fastjepa":
@@ -252,7 +257,7 @@ class MaskGenerator3D:
     def sample_cpp(self, B: int, seed: int, block_size: Sequence[int] | None = None):
         """fastjepa mode in C++ (same distribution as :meth:`sample`); ``block_size``
         ``(t, h, w)`` fixes the batch's block size instead of drawing it."""
-        from . import cpp_sampler3d  # noqa: F401 — loads fastjepa._C and registers the fake
+        from ..ops import cpp  # noqa: F401 — loads fastjepa._C and registers the op's fake
 
         enc, pred = torch.ops.fastjepa.sample_masks3d(
             B, self.duration, self.height, self.width, list(self.temporal_pred_mask_scale),

@@ -21,8 +21,9 @@ def _reshard(net: nn.Module) -> None:
         net.reshard()
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """The local shard of a DTensor (FSDP2), else the tensor itself."""
+def local_shard(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (FSDP2), else the tensor itself. Duck-typed, so that
+    importing the model does not import ``torch.distributed``."""
     return t.to_local() if hasattr(t, "to_local") else t
 
 
@@ -83,8 +84,8 @@ class IJEPA(nn.Module):
         # under FSDP2 both networks are sharded alike: lerp the matching local shards
         _reshard(self.encoder)
         _reshard(self.target_encoder)
-        q = [_local(p.detach()) for p in self.encoder.parameters()]
-        k = [_local(p.detach()) for p in self.target_encoder.parameters()]
+        q = [local_shard(p.detach()) for p in self.encoder.parameters()]
+        k = [local_shard(p.detach()) for p in self.target_encoder.parameters()]
         if len(q) != len(k):
             raise RuntimeError(f"update_target: encoder has {len(q)} parameters, target {len(k)}")
         if skip is not None:

@@ -3,8 +3,11 @@
 Parameter names equal the public reference implementation's, so its checkpoints load
 with ``load_state_dict(strict=True)`` (after stripping a leading ``module.``).
 The token-shuffling steps call :mod:`fastjepa.ops`, which picks the fused or the
-reference path; ``FASTJEPA_BACKEND=reference`` gives the reference computation exactly
-(including its dtype promotion by the fp32 pos-embed under autocast).
+reference implementation (``FASTJEPA_BACKEND`` / ``use_backend``). The numerics are a
+property of the model, not of that choice: ``reference_numerics`` (off unless set with
+:func:`set_reference_numerics`; the training step sets it for ``meta.reference_step``)
+keeps the pos-embed and the mask token fp32 under autocast, which promotes the residual
+stream to fp32 as the public reference code does.
 """
 
 from __future__ import annotations
@@ -19,7 +22,6 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from .. import ops
-from ..ops import current_backend
 from .pos_embed import sincos_2d
 
 LayerNorm6 = partial(nn.LayerNorm, eps=1e-6)  # the norm every reference model is built with
@@ -47,15 +49,31 @@ def _drop_path_rates(rate: float, depth: int) -> list[float]:
     return [float(r) for r in torch.linspace(0, rate, depth, device="cpu")]
 
 
-def _pos_for(pos: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def _pos_for(pos: torch.Tensor, x: torch.Tensor, reference_numerics: bool) -> torch.Tensor:
     """The fixed table in the compute dtype of ``x`` (bf16 stream under autocast).
 
-    The reference path keeps it fp32, which promotes the residual stream to fp32 under
-    autocast, as the public reference code does.
+    With ``reference_numerics`` it stays fp32, which promotes the residual stream to fp32
+    under autocast, as the public reference code does.
     """
-    if current_backend() == "reference":
+    if reference_numerics:
         return pos
     return pos.to(x.dtype)
+
+
+def set_reference_numerics(module: nn.Module, on: bool = True) -> nn.Module:
+    """Set the numerics of every encoder and predictor in ``module`` (an encoder, a
+    predictor, an :class:`~fastjepa.models.IJEPA`, wrapped or not); returns ``module``.
+
+    ``on``: the pos-embed tables and the mask token stay fp32 under autocast, so the
+    residual stream is promoted to fp32, as in the public reference code (what
+    ``meta.reference_step=true`` trains with). Off (the default of a built model): they
+    are cast to the compute dtype, so the stream stays bf16. Which implementation of the
+    ops runs is a separate choice (``FASTJEPA_BACKEND`` / :func:`fastjepa.ops.use_backend`).
+    """
+    for m in module.modules():
+        if isinstance(m, (VisionTransformer, VisionTransformerPredictor)):
+            m.reference_numerics = bool(on)
+    return module
 
 
 def drop_path(x: torch.Tensor, drop_prob: float = 0.0, training: bool = False) -> torch.Tensor:
@@ -257,6 +275,7 @@ class VisionTransformer(nn.Module):
         self.num_features = self.embed_dim = embed_dim
         self.num_heads = num_heads
         self.grad_checkpointing = False
+        self.reference_numerics = False  # see set_reference_numerics
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
         self.pos_embed = _fixed_pos_embed(self.patch_embed.num_patches, embed_dim)  # (1, N, D)
         dpr = _drop_path_rates(drop_path_rate, depth)
@@ -298,7 +317,7 @@ class VisionTransformer(nn.Module):
         p = self.patch_embed.patch_size
         grid = (x.shape[-2] // p, x.shape[-1] // p) if x.dim() == 4 else (0, 0)
         x = self.patch_embed(x)  # (B, N, D)
-        pos = _pos_for(self.pos_embed_for(*grid), x)  # (1, N, D)
+        pos = _pos_for(self.pos_embed_for(*grid), x, self.reference_numerics)  # (1, N, D)
         if masks is None:
             return x + pos, grid  # (B, N, D)
         return ops.gather_tokens(x, masks, pos), grid  # (M·B, K, D)
@@ -380,6 +399,7 @@ class VisionTransformerPredictor(nn.Module):
             num_patches = (_image_size(img_size) // patch_size) ** 2
         self.embed_dim, self.predictor_embed_dim, self.num_heads = embed_dim, predictor_embed_dim, num_heads
         self.grad_checkpointing = False
+        self.reference_numerics = False  # see set_reference_numerics
         self.predictor_embed = nn.Linear(embed_dim, predictor_embed_dim, bias=True)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, predictor_embed_dim))  # (1, 1, P)
         dpr = _drop_path_rates(drop_path_rate, depth)
@@ -409,8 +429,8 @@ class VisionTransformerPredictor(nn.Module):
         masks = [masks] if isinstance(masks, torch.Tensor) else masks
         x = self.predictor_embed(x)  # (nenc·B, Kc, P)
         Kc = x.size(1)
-        pos = _pos_for(self.predictor_pos_embed, x)  # (1, N, P)
-        mask_token = self.mask_token if current_backend() == "reference" else self.mask_token.to(x.dtype)
+        pos = _pos_for(self.predictor_pos_embed, x, self.reference_numerics)  # (1, N, P)
+        mask_token = self.mask_token if self.reference_numerics else self.mask_token.to(x.dtype)
         x = ops.predictor_tokens(x, masks_x, masks, pos, mask_token)  # (npred·nenc·B, Kc+Kt, P)
         x = _run_blocks(self.predictor_blocks, x, self.grad_checkpointing)
         x = self.predictor_norm(x)

@@ -2,7 +2,8 @@
 
 Each op lives in its own file holding the reference (``<op>_reference``), the
 autograd / custom-op wrapper and the dispatch. :func:`available` says which backends
-run here; ``FASTJEPA_BACKEND`` or :func:`use_backend` forces one.
+run here; ``FASTJEPA_BACKEND`` or :func:`use_backend` forces one (the environment
+variables are read once per process: :func:`reread_environment` reads them again).
 """
 
 from ._dispatch import (
@@ -14,6 +15,7 @@ from ._dispatch import (
     cpp_torch_mismatch,
     cpu_has_bf16,
     current_backend,
+    reread_environment,
     triton_interpret,
     use_backend,
 )
@@ -53,6 +55,7 @@ __all__ = [
     "linear_gelu_reference",
     "predictor_tokens",
     "predictor_tokens_reference",
+    "reread_environment",
     "rope_qk",
     "rope_qk_reference",
     "smooth_l1_loss",

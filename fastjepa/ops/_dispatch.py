@@ -1,9 +1,11 @@
-"""Backend selection for the fused ops.
+"""Backend selection for the fused ops (and the registry of every backend setting).
 
 Which implementation runs is decided per call from the inputs and one setting:
 
 * ``FASTJEPA_BACKEND`` (environment) or :func:`use_backend` (context manager, wins
   over the environment): ``auto`` (default), ``reference``, ``triton`` or ``cpp``.
+  The environment is read once, at the first call that needs it;
+  :func:`reread_environment` reads it again (after a change of ``os.environ``).
 * ``auto``: CUDA tensors -> Triton, CPU tensors -> the C++ extension when it is
   built, anything else (float64, a missing backend) -> the pure-PyTorch reference.
 * A forced backend that cannot run the given inputs raises ``RuntimeError`` saying
@@ -41,11 +43,13 @@ class Availability:
 
 class BackendSetting:
     """One backend choice (the fused ops', attention's): the innermost :meth:`use` block,
-    else the environment variable ``env``, else ``auto``."""
+    else the environment variable ``env`` (read once, at first use; :meth:`reread`), else
+    ``auto``. Every setting is listed in :data:`SETTINGS`."""
 
     def __init__(self, env: str, choices: tuple[str, ...], what: str):
         self.env, self.choices, self.what = env, choices, what
         self._override: contextvars.ContextVar[str | None] = contextvars.ContextVar(env.lower(), default=None)
+        self._from_env: str | None = None  # the variable's value, once read
 
     def check(self, name: str, source: str) -> str:
         """``name`` if it is one of the choices, else a ``ValueError`` naming ``source``."""
@@ -57,7 +61,13 @@ class BackendSetting:
         name = self._override.get()
         if name is not None:
             return name
-        return self.check(os.environ.get(self.env, "auto").strip().lower() or "auto", self.env)
+        if self._from_env is None:
+            self._from_env = os.environ.get(self.env, "auto").strip().lower() or "auto"
+        return self.check(self._from_env, self.env)  # a bad value raises at every call, not once
+
+    def reread(self) -> None:
+        """Forget the environment's value: the next :meth:`current` reads it again."""
+        self._from_env = None
 
     @contextlib.contextmanager
     def use(self, name: str, source: str):
@@ -68,7 +78,18 @@ class BackendSetting:
             self._override.reset(token)
 
 
+ATTN_BACKENDS = ("auto", "flash", "xformers", "sdpa", "math")
 OPS_BACKEND = BackendSetting("FASTJEPA_BACKEND", BACKENDS, "a fastjepa backend")
+ATTENTION_BACKEND = BackendSetting("FASTJEPA_ATTN", ATTN_BACKENDS, "an attention backend")  # fastjepa.ops.attention
+SETTINGS = (OPS_BACKEND, ATTENTION_BACKEND)
+
+
+def reread_environment() -> None:
+    """Read ``FASTJEPA_BACKEND`` and ``FASTJEPA_ATTN`` again at their next use (each is read
+    once per process otherwise). Code traced by ``torch.compile`` keeps the backend it was
+    traced with until ``torch._dynamo.reset()``."""
+    for setting in SETTINGS:
+        setting.reread()
 
 
 def assume_constant_result(fn):

@@ -14,8 +14,9 @@ Backends:
 
 ``auto`` (default) picks flash-attn when it can run the inputs, else SDPA.
 :func:`why_not` says why a backend cannot run given inputs (None when it can).
-``FASTJEPA_ATTN`` (environment) or :func:`use_attention` forces one; a forced backend
-that cannot run says why.
+``FASTJEPA_ATTN`` (environment, read once: :func:`fastjepa.ops.reread_environment`) or
+:func:`use_attention` forces one; a forced backend that cannot run says why. The setting
+sits beside the fused ops' in :mod:`fastjepa.ops._dispatch` (one registry).
 """
 
 from __future__ import annotations
@@ -25,11 +26,9 @@ import importlib
 import torch
 import torch.nn.functional as F
 
-from ._dispatch import Availability, BackendSetting, assume_constant_result
+from ._dispatch import ATTENTION_BACKEND, ATTN_BACKENDS, Availability, assume_constant_result
 
-ATTN_BACKENDS = ("auto", "flash", "xformers", "sdpa", "math")
 CPU_HALF_MATH_MAX_N = 256  # auto: CPU bf16/fp16 attention over at most this many tokens uses math (faster there: docs/performance.md)
-ATTENTION_BACKEND = BackendSetting("FASTJEPA_ATTN", ATTN_BACKENDS, "an attention backend")
 
 
 @assume_constant_result

@@ -154,9 +154,9 @@ def gather_tokens(
         if direct(x, pos_embed):
             return _GatherTokensDirect.apply(x, idx, pos_embed)
         return _gather_tokens_triton(x, idx, pos_embed)
-    from . import _cpp
+    from . import cpp
 
-    return _cpp.gather_tokens(x, idx, pos_embed)
+    return cpp.gather_tokens(x, idx, pos_embed)
 
 
 def apply_masks(

@@ -189,6 +189,6 @@ def predictor_tokens(
         if direct(ctx, pos_embed, mask_token):
             return _PredictorTokensDirect.apply(ctx, idx_x, idx, pos_embed, mask_token)
         return _predictor_tokens_triton(ctx, idx_x, idx, pos_embed, mask_token)
-    from . import _cpp
+    from . import cpp
 
-    return _cpp.predictor_tokens(ctx, idx_x, idx, pos_embed, mask_token)
+    return cpp.predictor_tokens(ctx, idx_x, idx, pos_embed, mask_token)

@@ -309,6 +309,6 @@ def rope_qk(
         if direct(q, k):
             return _RopeDirect.apply(q, k, ids, n_axes, tpf, tpr, interleaved, False)
         return _rope_triton(q, k, ids, n_axes, tpf, tpr, interleaved, False)
-    from . import _cpp_rope
+    from . import cpp
 
-    return _cpp_rope.rope_qk(q, k, ids, n_axes, tpf, tpr, interleaved)
+    return cpp.rope_qk(q, k, ids, n_axes, tpf, tpr, interleaved)

@@ -397,7 +397,7 @@ def sorted_predictor_tokens(
         fn = _TokensDirect.apply if direct(ctx, pos_embed, mask_token) else _tokens_triton
         x = fn(ctx, order, inverse, positions, pos_embed, mask_token, has_cls, chop_last_n)
     else:
-        from . import _cpp_sorted_predictor as cpp
+        from . import cpp
 
         x = cpp.sorted_predictor_tokens(ctx, order, inverse, positions, pos_embed, mask_token, has_cls, chop_last_n)
     L = order.size(1)
@@ -434,6 +434,6 @@ def sorted_predictor_take_targets(y: torch.Tensor, order: SortedOrder) -> torch.
     if backend == "triton":
         fn = _TakeDirect.apply if direct(y) else _take_triton
         return fn(y, order.order, order.inverse, order.n_ctxt, order.has_cls)
-    from . import _cpp_sorted_predictor as cpp
+    from . import cpp
 
     return cpp.sorted_predictor_take(y, order.order, order.inverse, order.n_ctxt, order.has_cls)

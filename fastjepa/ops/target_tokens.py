@@ -68,6 +68,6 @@ def target_tokens(
             if direct(h):  # no autograd to set up: the launcher itself
                 return kernels().target_tokens_fwd(h, idx, nenc)
             return _target_tokens_triton(h, idx, nenc)
-        from . import _cpp
+        from . import cpp
 
-        return _cpp.target_tokens(h, idx, nenc)
+        return cpp.target_tokens(h, idx, nenc)

@@ -10,6 +10,8 @@ import torch
 from .. import health, ops
 from ..data import batch_to_device
 from ..distributed import DistInfo, all_reduce_sum, any_rank
+from ..models import set_reference_numerics
+from ..models.ijepa import local_shard
 from ..ops import use_attention, use_backend
 from ..schedulers import CosineWD, LinearMomentum, WarmupCosineLR
 
@@ -18,9 +20,7 @@ def finite_on_every_rank(tensors: list[torch.Tensor], dist: DistInfo, device: to
     """True on every rank iff every element of ``tensors`` is finite on every rank (FSDP2
     shards are checked locally; one host sync, plus one all-reduce under torchrun)."""
     if fsdp:
-        from ..fsdp import local
-
-        tensors = local(tensors)
+        tensors = [local_shard(t) for t in tensors]
     finite = bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
     if dist.enabled:
         finite = not any_rank(not finite, dist, device)
@@ -50,7 +50,10 @@ class Step:
     ``model`` (an :class:`fastjepa.ijepa.IJEPA`, wrapped for DDP/FSDP2 as the run needs),
     ``optimizer`` and ``scaler`` (a GradScaler or None) are trained in place; ``cfg`` is the
     run's resolved config; ``ipe`` its iterations per epoch (for the schedules); ``dataset``
-    finishes uint8 crops on the device (:meth:`to_device`)."""
+    finishes uint8 crops on the device (:meth:`to_device`). ``reference_step``
+    (``meta.reference_step``): the reference ops and math attention in :meth:`backend`, the
+    model set to the reference numerics (:func:`fastjepa.models.set_reference_numerics`)
+    and the per-parameter EMA."""
 
     def __init__(
         self,
@@ -74,6 +77,8 @@ class Step:
         # step count) where its found_inf flag is set, the EMA lerps with weight 0 — no host
         # read. The reference step (per-parameter AdamW, GradScaler) decides on the host.
         self.skip_on_device = scaler is None and bool(optimizer.defaults.get("fused"))
+        if reference_step:  # the reference's numerics too: fp32 pos-embed and mask token under autocast
+            set_reference_numerics(model)
         self.build_schedules()
 
     def build_schedules(self) -> None:
@@ -107,7 +112,8 @@ class Step:
 
     def backend(self) -> ExitStack:
         """The ops context of a step: the reference step runs the reference ops and math
-        attention; fastjepa's, as set."""
+        attention (which implementations run; its numerics are the model's, set at
+        construction); fastjepa's, as set."""
         stack = ExitStack()
         if self.reference_step:
             stack.enter_context(use_backend("reference"))
@@ -241,9 +247,7 @@ class Step:
         non-finite on any rank, else 0.0 — computed without a host sync (one multi-tensor
         check per dtype, plus a one-element all-reduce under torchrun)."""
         if self.fsdp:
-            from ..fsdp import local
-
-            tensors = local(tensors)
+            tensors = [local_shard(t) for t in tensors]
         found = torch.zeros((), dtype=torch.float32, device=self.device)
         one = torch.ones((), dtype=torch.float32, device=self.device)
         groups: dict[tuple, list[torch.Tensor]] = {}
@@ -273,9 +277,7 @@ class Step:
         if not grads:
             return None
         if self.fsdp:
-            from ..fsdp import local
-
-            squares = torch.stack(torch._foreach_norm(local(grads))).float().square()
+            squares = torch.stack(torch._foreach_norm([local_shard(g) for g in grads])).float().square()
             norms = all_reduce_sum(squares, self.dist).sqrt()
         else:
             norms = torch.stack(torch._foreach_norm(grads)).float()

@@ -16,6 +16,7 @@ import torch
 
 from ..distributed import DistInfo
 from ..health import CollapseDetector
+from ..models.ijepa import local_shard
 from .checkpointing import NonFiniteLoss
 from .logs import Readout
 
@@ -122,9 +123,7 @@ def check_ranks_agree(model: torch.nn.Module, dist: DistInfo, say, *, fsdp: bool
     """Every rank must hold the same weights after data-parallel training."""
     import torch.distributed as tdist
 
-    from ..fsdp import local
-
-    params = local([p.detach().float() for p in model.parameters()])
+    params = [local_shard(p.detach().float()) for p in model.parameters()]
     digest = torch.stack([p.double().sum() for p in params] + [p.double().abs().sum() for p in params])
     gathered = [torch.zeros_like(digest) for _ in range(dist.world_size)]
     tdist.all_gather(gathered, digest)
