@@ -107,22 +107,6 @@ def test_collator_defaults_to_cpp_and_is_reproducible():
     assert torch.equal(torch.stack([r0[2][0], r1[2][0]], 1).reshape(8, -1), p1[0])
 
 
-def test_auto_follows_the_ops_backend_setting():
-    """``backend=None`` (``mask.backend=auto``): the Python loop (the sampler's reference)
-    under ``use_backend("reference")`` / ``FASTJEPA_BACKEND=reference``, else C++; an
-    explicit backend is kept."""
-    from fastjepa.ops import use_backend
-
-    kw = dict(input_size=224, patch_size=14, seed=new_seed(), **PUBLISHED)
-    with use_backend("reference"):
-        assert MaskCollator(**kw).backend == "python"
-        assert MaskCollator(**kw, backend="cpp").backend == "cpp"
-    for name in ("auto", "cpp", "triton"):
-        with use_backend(name):
-            assert MaskCollator(**kw).backend == "cpp", name
-    assert MaskCollator(**kw, backend="python").backend == "python"
-
-
 @pytest.mark.parametrize(
     "kw,match",
     [

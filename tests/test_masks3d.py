@@ -235,18 +235,6 @@ def test_one_block_is_a_whole_box_of_the_batch_size(compat, backend):
         assert enc.size(1) == T * H * W - pred.size(1)
 
 
-@needs_cpp
-def test_auto_backend_follows_the_ops_backend_setting():
-    """``backend=None``: the Python loop under ``use_backend("reference")``, else C++."""
-    from fastjepa.ops import use_backend
-
-    grid, cfg = CASES["mixed"]
-    assert make_gen(grid, cfg).backend == "cpp"
-    with use_backend("reference"):
-        assert make_gen(grid, cfg).backend == "python"
-        assert make_gen(grid, cfg, backend="cpp").backend == "cpp"
-
-
 @pytest.mark.parametrize("backend", ["python", pytest.param("cpp", marks=needs_cpp)])
 def test_deterministic_per_seed(backend):
     grid, cfg = CASES["mixed"]

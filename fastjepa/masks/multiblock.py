@@ -14,13 +14,8 @@ Two modes:
   counter seeds the block-size generator, corners come from the global torch RNG with
   an exclusive upper bound.
 
-Which masks is ``compat``'s choice; which implementation samples them is ``backend``'s:
-``"cpp"`` samples a whole batch in the C++ extension, ``"python"`` is the loop below (the
-sampler's reference); both draw from the same distribution (not the same indices).
-``backend=None`` (``mask.backend=auto``) follows the ops backend setting when the
-collator is built: the Python loop under ``FASTJEPA_BACKEND=reference`` (or inside
-``use_backend("reference")``), else the C++ sampler where it can run. The reference mode
-has the Python loop only.
+``backend="cpp"`` samples a whole batch in the C++ extension (default when built);
+``backend="python"`` is the loop below. Both draw from the same distribution.
 """
 
 from __future__ import annotations
@@ -181,11 +176,9 @@ class MaskCollator:
     # -- configuration checks
 
     def _pick_backend(self, backend: str | None) -> str:
-        from ..ops import available, current_backend
+        from ..ops import available
 
         if backend is None:
-            if current_backend() == "reference":  # every implementation its reference, the sampler's included
-                return "python"
             return "cpp" if self.compat == "fastjepa" and self.generator is None and available()["cpp"] else "python"
         if backend not in ("cpp", "python"):
             raise ValueError(f"backend={backend!r}: expected 'cpp' or 'python'")

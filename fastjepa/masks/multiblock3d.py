@@ -20,10 +20,9 @@ configuration and each batch:
 Two modes:
 
 * ``compat="fastjepa"`` (default): every draw of a batch from one generator seeded
-  with ``(seed, stream, batch counter)``; ``backend="cpp"`` (``auto``'s choice when the
-  extension is built, unless ``FASTJEPA_BACKEND=reference``) samples the whole batch in C++
-  (``torch.ops.fastjepa.sample_masks3d``) from the same distribution as the Python loop
-  (``backend="python"``).
+  with ``(seed, stream, batch counter)``; ``backend="cpp"`` (default when the extension
+  is built) samples the whole batch in C++ (``torch.ops.fastjepa.sample_masks3d``) from
+  the same distribution as the Python loop (``backend="python"``).
 * ``compat="reference"``: V-JEPA 2's draws call for call: the block size from a
   ``torch.Generator`` seeded with the batch counter (``torch.rand(1)`` three times),
   offsets from the global torch RNG (``torch.randint``), so with the same global seed the
@@ -94,16 +93,12 @@ def _complement(idx: torch.Tensor, N: int) -> torch.Tensor:
 
 
 def _pick_backend(backend: str | None, compat: str) -> str:
-    """``auto`` follows the ops backend setting as :class:`~fastjepa.masks.MaskCollator` does:
-    the Python loop under ``FASTJEPA_BACKEND=reference``, else C++ where it can run."""
-    from ..ops import available, current_backend
+    from ..ops import available
 
     backend = "auto" if backend is None else backend
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r}: expected one of {', '.join(BACKENDS)}")
     if backend == "auto":
-        if current_backend() == "reference":
-            return "python"
         return "cpp" if compat == "fastjepa" and available()["cpp"] else "python"
     if backend == "cpp":
         if compat != "fastjepa":
