@@ -108,9 +108,9 @@ def ijepa_step(train, enc, tgt, pred, imgs, masks_enc, masks_pred):
 def test_ijepa_step_matches_and_patched_list():
     with codebase("ijepa", *IJEPA_MODULES) as (utils, tensors, vit, multiblock, train):
         enc, tgt, pred = ijepa_models(vit)
-        B, nenc, npred = 3, 2, 3
+        B = 3
         imgs = torch.randn(B, 3, 32, 32)
-        ctx, *targets = disjoint_masks(B, 16, [5, 3, 3, 3])
+        ctx, *targets = disjoint_masks(B, 16, [5, 3, 3, 3])  # three target masks (npred = 3)
         masks_enc = [ctx, ctx.flip(1).sort(1).values[:, :5]]  # two context masks (nenc = 2)
         ref = ijepa_step(train, enc, tgt, pred, imgs, masks_enc, targets)
         x_probe = torch.randn(2, 5, 24)
