@@ -1,6 +1,7 @@
 """torchrun on CPU (gloo): DDP and FSDP2 equal a single process over the same global batch."""
 
 import csv
+import math
 import os
 import re
 import signal
@@ -259,3 +260,26 @@ def test_sigterm_to_one_rank_stops_every_rank_with_a_checkpoint(tmp_path):
     r = torchrun(run, "optimization.epochs=40", "meta.max_steps=200", "--resume", timeout=240)
     assert r.returncode == 0, r.stderr[-3000:]
     assert [s for s, _ in losses(run)] == list(range(160))  # 40 epochs of 4 global batches, each step once
+
+
+# -- two processes on two GPUs over NCCL
+
+
+def _gpus() -> int:
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(_gpus() < 2, reason=f"needs two CUDA GPUs (one process on each, over NCCL); this machine has {_gpus()}")
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_two_processes_on_two_gpus_over_nccl(tmp_path, mode):
+    """torchrun --nproc_per_node=2 with meta.device=cuda: rank r trains on cuda:r (two ranks
+    on one GPU would stop NCCL with 'Duplicate GPU detected'); the run finishes with finite
+    losses and, under DDP, identical weights on both ranks."""
+    extra = ["meta.fsdp=true"] if mode == "fsdp" else []
+    r = torchrun(tmp_path / mode, "meta.device=cuda", "meta.use_bfloat16=true", *extra, timeout=300)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    assert "vit_tiny on cuda:0 (2 process(es))" in r.stderr, r.stderr[-3000:]
+    assert ("parameters identical across 2 ranks" if mode == "ddp" else "FSDP2 run finished on 2 ranks") in r.stderr
+    rows = losses(tmp_path / mode)
+    assert len(rows) == 8 and all(math.isfinite(v) for _, v in rows)

@@ -8,6 +8,8 @@ from fastjepa.ops import apply_masks, gather_tokens, gather_tokens_reference, us
 from fastjepa.ops._dispatch import kernels
 from fastjepa.ops.gather_tokens import _gather_tokens_triton, _gather_tokens_triton_backward
 
+from ._cuda import CUDA, DTYPES, check, leaf, tokens
+
 pytestmark = pytest.mark.triton  # the interpreter on the CPU: skipped where this Triton's cannot run
 
 # (B, N, D, M, K): B=1; D not a power of two with a prime K; K > N forces repeated indices
@@ -249,3 +251,71 @@ def test_mae_drop_in_with_the_class_token_sliced_off(backend):
     torch.testing.assert_close(gx, rx)
     torch.testing.assert_close(gp, rp)
     assert gp[0, 0].abs().max() == 0  # the class token's row gets no gradient
+
+
+# -- compiled on a GPU: a pos table that requires grad, int32 and int64 indices, strided inputs
+
+
+def _run_gather(backend, x, masks, pos, grad):
+    x, pos = leaf(x), leaf(pos)
+    with use_backend(backend):
+        out = gather_tokens(x, masks, pos)
+    out.backward(grad.to(out.dtype))
+    return out.detach(), x.grad, pos.grad
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("idx_dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_gather_tokens_on_cuda_with_a_trainable_pos_table(dtype, idx_dtype, contiguous):
+    """ViT-B/16's context gather (N=196, D=768), two masks of 71 drawn with replacement
+    (repeated indices within and across masks) and a pos table that requires grad."""
+    B, N, D, M, K = 16, 196, 768, 2, 71
+    x, pos = tokens((B, N, D), torch.float32, contiguous), tokens((1, N, D), torch.float32, contiguous)
+    masks = [torch.randint(0, N, (B, K), device=CUDA, dtype=idx_dtype) for _ in range(M)]
+    grad = torch.randn(M * B, K, D, device=CUDA)
+    exact = _run_gather("reference", x, masks, pos, grad)
+    low = (x.to(dtype), masks, pos.to(dtype), grad)
+    assert low[0].is_contiguous() == contiguous
+    with_torch = _run_gather("reference", *low)
+    with_kernel = _run_gather("triton", *low)
+    # the pos gradient sums up to M·B·K / N · (repeats) rows per entry in another order
+    for k, t, e, atol in zip(with_kernel, with_torch, exact, (1e-5, 1e-5, 1e-4)):
+        check(k, t, e, dtype, atol)
+
+
+@pytest.mark.gpu
+def test_gather_tokens_past_2_31_elements():
+    """x of 2048 × 1025 × 1024 bf16 elements (2.15e9 > 2³¹, 4.3 GB): the images past
+    the first 1024 sit beyond any 32-bit element offset. int32 indices; the forward equals
+    PyTorch's gather, the backward writes every element of grad_x (the rows no mask picked
+    zero) and the pos gradient sums over the batch. Peak memory about 10 GB."""
+    if torch.cuda.get_device_properties(0).total_memory < 24 * 2**30:
+        pytest.skip("needs a GPU with at least 24 GiB")
+    B, N, D, K = 2048, 1025, 1024, 4
+    assert B * N * D > 2**31
+    x = torch.randn(B, N, D, device=CUDA, dtype=torch.bfloat16)
+    pos = torch.randn(1, N, D, device=CUDA, dtype=torch.bfloat16, requires_grad=True)
+    idx = torch.rand(B, N, device=CUDA).argsort(dim=1)[:, :K].contiguous()  # (B, K) distinct per image
+    idx[-1, 0] = N - 1  # the very last row of x
+    masks = [idx.to(torch.int32)]
+    with use_backend("triton"):
+        out = gather_tokens(x, masks, pos)
+    sel = idx.unsqueeze(-1).expand(-1, -1, D)
+    expected = torch.gather(x, 1, sel) + pos.detach()[0][idx]  # (B, K, D), PyTorch's 64-bit indexing
+    torch.testing.assert_close(out.detach(), expected)  # bf16 tolerance: a wrapped 32-bit offset reads garbage
+    grad = torch.randn(B, K, D, device=CUDA, dtype=torch.bfloat16)
+    # leave a NaN-filled block of grad_x's size in the allocator's cache: an element the
+    # backward forgets to write is then most likely NaN, counted as nonzero below
+    torch.full((B, N, D), float("nan"), device=CUDA, dtype=torch.bfloat16)
+    x.requires_grad_(True)
+    with use_backend("triton"):
+        gathered = gather_tokens(x, masks, pos)
+    gx, gpos = torch.autograd.grad(gathered, (x, pos), grad)
+    assert torch.equal(torch.gather(gx, 1, sel), grad)  # each picked row: its own gradient, once
+    assert torch.count_nonzero(gx).item() == torch.count_nonzero(grad).item()  # nothing else, and no NaN
+    want = torch.zeros(N, D, device=CUDA).index_add_(0, idx.reshape(-1), grad.reshape(-1, D).float())
+    torch.testing.assert_close(gpos[0].float(), want, rtol=1e-2, atol=1e-2)
+    del x, gx, gathered, out
+    torch.cuda.empty_cache()

@@ -7,6 +7,8 @@ from fastjepa.ops import predictor_tokens, predictor_tokens_reference, use_backe
 from fastjepa.ops._dispatch import kernels
 from fastjepa.ops.predictor_tokens import _predictor_tokens_triton, _predictor_tokens_triton_backward
 
+from ._cuda import CUDA, DTYPES, check, leaf, tokens
+
 pytestmark = pytest.mark.triton  # the interpreter on the CPU: skipped where this Triton's cannot run
 
 # (B, N, P, nenc, npred, Kc, Kt): B=1; P not a power of two with prime K; nenc=2, npred=4;
@@ -187,3 +189,37 @@ def test_low_precision_tolerance_rule(dtype, atol):
         err_k = (k.float() - e).abs().max().item()
         err_t = (t.float() - e).abs().max().item()
         assert err_k <= 2 * err_t + atol, (err_k, err_t)
+
+
+# -- compiled on a GPU: a pos table that requires grad (atomics), int32 and int64 indices, strided inputs
+
+
+def _run_predictor(backend, ctx, masks_x, masks, pos, mask_token, grad):
+    ctx, pos, mask_token = leaf(ctx), leaf(pos), leaf(mask_token)
+    with use_backend(backend):
+        out = predictor_tokens(ctx, masks_x, masks, pos, mask_token)
+    out.backward(grad.to(out.dtype))
+    return out.detach(), ctx.grad, mask_token.grad, pos.grad
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("idx_dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_predictor_tokens_on_cuda_with_a_trainable_pos_table(dtype, idx_dtype, contiguous):
+    """ViT-B's predictor input (P=384), nenc=2, npred=4, Kc=54, Kt=34; the pos table
+    requires grad (its rows accumulate with atomics)."""
+    B, N, P, nenc, npred, Kc, Kt = 8, 196, 384, 2, 4, 54, 34
+    ctx = tokens((nenc * B, Kc, P), torch.float32, contiguous)
+    pos = tokens((1, N, P), torch.float32, contiguous)
+    mask_token = torch.randn(1, 1, P, device=CUDA)
+    masks_x = [torch.randint(0, N, (B, Kc), device=CUDA, dtype=idx_dtype) for _ in range(nenc)]
+    masks = [torch.randint(0, N, (B, Kt), device=CUDA, dtype=idx_dtype) for _ in range(npred)]
+    grad = torch.randn(npred * nenc * B, Kc + Kt, P, device=CUDA)
+    exact = _run_predictor("reference", ctx, masks_x, masks, pos, mask_token, grad)
+    low = (ctx.to(dtype), masks_x, masks, pos.to(dtype), mask_token.to(dtype), grad)
+    with_torch = _run_predictor("reference", *low)
+    with_kernel = _run_predictor("triton", *low)
+    R = npred * nenc * B  # the mask token's gradient sums R·Kt rows, each pos row up to R·(Kc+Kt)/N·(repeats)
+    for k, t, e, atol in zip(with_kernel, with_torch, exact, (1e-5, 1e-5, 2e-7 * R * Kt, 2e-7 * R * (Kc + Kt))):
+        check(k, t, e, dtype, max(atol, 1e-5))

@@ -6,6 +6,8 @@ import torch
 from fastjepa.ops import smooth_l1_loss, smooth_l1_loss_reference, use_backend
 from fastjepa.ops.smooth_l1_loss import _smooth_l1_loss_triton, _smooth_l1_loss_triton_backward
 
+from ._cuda import CUDA, DTYPES, check, leaf, tokens
+
 pytestmark = pytest.mark.triton  # the interpreter on the CPU: skipped where this Triton's cannot run
 
 SHAPES = [(1, 1, 1), (3, 7, 200), (8, 13, 61)]  # (rows, K, D); 8·13·61 spans several blocks
@@ -98,3 +100,30 @@ def test_low_precision_tolerance_rule(dtype, atol):
         err_k = (k.float() - e).abs().max().item()
         err_t = (t.float() - e).abs().max().item()
         assert err_k <= 2 * err_t + atol, (err_k, err_t)
+
+
+# -- compiled on a GPU: ViT-H-sized targets, strided inputs, both inputs' gradients
+
+
+def _run_loss(backend, z, h, g):
+    z, h = leaf(z), leaf(h)
+    with use_backend(backend):
+        loss = smooth_l1_loss(z, h)
+    loss.backward(g)
+    return loss.detach(), z.grad, h.grad
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_smooth_l1_loss_on_cuda(dtype, contiguous):
+    """The forced Triton loss (fwd + bwd, both inputs' gradients) on ViT-H-sized targets."""
+    z = 2 * tokens((256, 44, 1280), torch.float32, contiguous)
+    h = tokens((256, 44, 1280), torch.float32, contiguous)
+    g = torch.tensor(float(z.numel()), device=CUDA)  # per-element gradients O(1), not 1/n
+    exact = _run_loss("reference", z, h, g)
+    with_torch = _run_loss("reference", z.to(dtype), h.to(dtype), g)
+    with_kernel = _run_loss("triton", z.to(dtype), h.to(dtype), g)
+    assert exact[1].abs().max().item() > 0.5  # the gradient check has something to check
+    for k, t, e in zip(with_kernel, with_torch, exact):
+        check(k, t, e, dtype, 1e-5)

@@ -9,6 +9,8 @@ from fastjepa.ops import target_tokens, target_tokens_reference, use_backend
 from fastjepa.ops._dispatch import kernels
 from fastjepa.ops.target_tokens import _target_tokens_triton
 
+from ._cuda import CUDA, DTYPES, check, tokens
+
 pytestmark = pytest.mark.triton  # the interpreter on the CPU: skipped where this Triton's cannot run
 
 # (B, N, D, npred, nenc, Kt): B=1; D not a power of two; prime Kt; Kt > N repeats indices
@@ -112,3 +114,24 @@ def test_low_precision_tolerance_rule(dtype, atol):
     err_k = (with_kernel.float() - exact).abs().max().item()
     err_t = (with_torch.float() - exact).abs().max().item()
     assert err_k <= 2 * err_t + atol, (err_k, err_t)
+
+
+# -- compiled on a GPU: ViT-B's targets, int32 and int64 indices, strided inputs
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("idx_dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_target_tokens_on_cuda(dtype, idx_dtype, contiguous):
+    """ViT-B's targets (N=196, D=768), npred=4 masks of 34, nenc=2."""
+    B, N, D, npred, nenc, Kt = 16, 196, 768, 4, 2, 34
+    h = 3 * tokens((B, N, D), torch.float32, contiguous) + 1  # not already normalised
+    masks = [torch.randint(0, N, (B, Kt), device=CUDA, dtype=idx_dtype) for _ in range(npred)]
+    exact = target_tokens_reference(h, masks, nenc)
+    with use_backend("reference"):
+        with_torch = target_tokens(h.to(dtype), masks, nenc)
+    with use_backend("triton"):
+        with_kernel = target_tokens(h.to(dtype), masks, nenc)
+    assert with_kernel.shape == (npred * nenc * B, Kt, D) and with_kernel.dtype == dtype
+    check(with_kernel, with_torch, exact, dtype, 1e-5)

@@ -5,7 +5,8 @@ all at once.
 On a GPU every tensor-to-host read (``.item()``, ``.tolist()``, ``bool()``, ``float()``,
 ``.cpu()``, ...) waits for the device's queue to drain. Here, on the CPU, a
 ``TorchFunctionMode`` records each such call together with the trainer method it came from;
-``tests/test_gpu.py`` checks the same on CUDA with ``torch.cuda.set_sync_debug_mode``.
+``test_no_cuda_synchronisation_inside_a_step`` (at the end, ``gpu`` mark) checks the same on
+CUDA with ``torch.cuda.set_sync_debug_mode``.
 """
 
 import csv
@@ -20,6 +21,7 @@ from fastjepa.health import HEALTH_COLUMNS
 from fastjepa.trainer import Trainer
 
 from .._tiny import TINY
+from ._cuda import cuda_batch, cuda_trainer
 
 READS = {"item", "tolist", "__bool__", "__float__", "__int__", "__index__", "__format__", "cpu", "numpy", "__array__"}
 # the batch is made on the host, by the loader and the mask collator: not device reads
@@ -152,3 +154,35 @@ def test_the_counter_sees_a_read_in_the_step(tmp_path, monkeypatch):
     with mode:
         t.fit()
     assert ("step", 0, "__float__") in mode.reads
+
+
+# -- on CUDA: the same, with torch.cuda.set_sync_debug_mode
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_no_cuda_synchronisation_inside_a_step(tmp_path, policy):
+    """fastjepa's step (bf16, fused AdamW, nan_policy stop or skip) runs under
+    ``set_sync_debug_mode("error")``: any host sync inside it — a read of a loss, a flag or a
+    gradient norm — would raise. The log step's gradient norms stay on the device too."""
+    t = cuda_trainer(tmp_path, f"optimization.nan_policy={policy}")
+    assert t.device == torch.device("cuda", 0) and t.amp_dtype is torch.bfloat16 and t.skip_on_device
+    batch = cuda_batch(t)  # one batch throughout: Triton compiles (and any autotuning runs) in the warm-up only
+    for i in range(2):
+        t.stepper.step(*batch, index=i, want_grads=True)
+    torch.cuda.synchronize()
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with pytest.raises(RuntimeError, match="synchroniz"):  # the mode is on: a host read raises
+            torch.ones(1, device=t.device).item()
+        outs = []
+        for i in range(3):
+            outs.append(t.stepper.step(*batch, index=2 + i, want_grads=i == 2))
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+    assert torch.isfinite(torch.stack([r.loss for r in outs])).all()
+    grads = outs[-1].grads
+    assert grads is not None and grads.device == t.device and torch.isfinite(grads).all()
+    if policy == "skip":
+        assert outs[-1].skipped.item() == 0.0
