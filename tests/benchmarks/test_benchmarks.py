@@ -448,7 +448,7 @@ def test_gpu_check_parts_survive_each_others_failures(tmp_path, case):
     for step in ("preflight",):
         assert f"| {step} | ok |" in summary
     # pytest: one line per test as it ends, so the tests before a kill are on record; a raise costs one test
-    assert "tests/test_cuda_ext.py::" in pytest_log and " SKIPPED" in pytest_log, pytest_log[-2000:]
+    assert "tests/ops/test_cuda_ext.py::" in pytest_log and " SKIPPED" in pytest_log, pytest_log[-2000:]
     if case == "raise":
         assert pytest_log.count(" ERROR") >= 1 and "GPU tests: 0 passed, 0 failed, 1 errors" in summary, summary
     ops = json.loads((out / "ops_table.json").read_text())
