@@ -187,7 +187,7 @@ correctness() {
     if [ "$DRY" != 1 ]; then
         while IFS= read -r f; do
             [ "$f" = tests/ops/test_cuda_ext.py ] || rest+=("$f")
-        done < <(find tests/ops tests/kernels tests/training -name 'test_*.py' | sort
+        done < <(for d in ops kernels training; do find "tests/$d" -name 'test_*.py' | sort; done
                  find tests -name 'test_*.py' -not -path 'tests/ops/*' -not -path 'tests/kernels/*' -not -path 'tests/training/*' | sort)
     fi
     local args=(-m gpu -v -rfE -p no:cacheprovider --continue-on-collection-errors "${first[@]}" "${rest[@]}")
