@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build fastjepa._C as a CUDAExtension against a CUDA build of torch — no GPU needed — and
-# check what came out. For developers; tests/test_cuda_build.py runs it where a CUDA torch is.
+# check what came out. For developers; tests/ops/test_cuda_ext.py runs it where a CUDA torch is.
 #
 #   PYTHON=/path/to/cuda-venv/bin/python bash benchmarks/cuda_build_check.sh [BUILD_DIR]
 #

@@ -4,7 +4,7 @@
 #   bash benchmarks/gpu_check.sh correctness   # preflight, the CUDA extension build, the GPU tests   (<= 5 min)
 #   bash benchmarks/gpu_check.sh speed         # preflight, the op table, the training-step table, data (<= 5 min)
 #   bash benchmarks/gpu_check.sh               # both, one after the other
-#   GPU_CHECK_DRY=1 OUT=DIR bash benchmarks/gpu_check.sh  # a CPU dry run: tiny sizes, no build (tests/test_benchmarks.py)
+#   GPU_CHECK_DRY=1 OUT=DIR bash benchmarks/gpu_check.sh  # a CPU dry run: tiny sizes, no build (tests/benchmarks/test_benchmarks.py)
 #
 # Results go to $OUT (else benchmarks/results/gpu_check/). Offline: installs nothing, uses the
 # machine's own torch and Triton. Each part runs its steps in time boxes that add up to at most
@@ -179,14 +179,16 @@ correctness() {
     else
         echo "| build extension | skipped (GPU_CHECK_BUILD=0 or dry run) | 0 s |" >>"$SUMMARY"
     fi
-    # the CUDA extension's and test_gpu.py's cases first, then every other file; one line per
-    # test as it ends (-v), so a run cut short still shows what passed; a file that fails to
-    # collect costs only its own tests
-    local first=(tests/test_cuda_ext.py tests/test_gpu.py) rest=() f
+    # the CUDA extension's cases first, then the ops' compiled kernels (tests/ops), the
+    # launchers (tests/kernels) and the training step (tests/training), then every other file;
+    # one line per test as it ends (-v), so a run cut short still shows what passed; a file
+    # that fails to collect costs only its own tests
+    local first=(tests/ops/test_cuda_ext.py) rest=() f
     if [ "$DRY" != 1 ]; then
-        for f in tests/test_*.py; do
-            case "$f" in tests/test_cuda_ext.py | tests/test_gpu.py) ;; *) rest+=("$f") ;; esac
-        done
+        while IFS= read -r f; do
+            [ "$f" = tests/ops/test_cuda_ext.py ] || rest+=("$f")
+        done < <(for d in ops kernels training; do find "tests/$d" -name 'test_*.py' | sort; done
+                 find tests -name 'test_*.py' -not -path 'tests/ops/*' -not -path 'tests/kernels/*' -not -path 'tests/training/*' | sort)
     fi
     local args=(-m gpu -v -rfE -p no:cacheprovider --continue-on-collection-errors "${first[@]}" "${rest[@]}")
     if "$PY" -c "import pytest_timeout" 2>/dev/null; then
@@ -196,8 +198,8 @@ correctness() {
     fi
     step "pytest -m gpu" "$(box "${GPU_CHECK_BOX_PYTEST:-$(left)}")" pytest_gpu.log env TRITON_INTERPRET="$TRITON_INTERPRET" "$PY" -m pytest "${args[@]}"
     local log="$LOGS/pytest_gpu.log" p fl e s
-    grep -qE "^tests/test_cuda_ext.py::\S+ PASSED" "$log" && CUDA_TESTED="tested"
-    grep -qE "^tests/test_cuda_ext.py::\S+ (FAILED|ERROR)" "$log" && CUDA_TESTED="FAILED its tests"
+    grep -qE "^tests/ops/test_cuda_ext.py::\S+ PASSED" "$log" && CUDA_TESTED="tested"
+    grep -qE "^tests/ops/test_cuda_ext.py::\S+ (FAILED|ERROR)" "$log" && CUDA_TESTED="FAILED its tests"
     p=$(grep -cE "^tests/\S+ PASSED" "$log")
     fl=$(grep -cE "^tests/\S+ FAILED" "$log")
     e=$(grep -cE "^tests/\S+ ERROR" "$log")

@@ -297,7 +297,7 @@ def test_health_scalars_reach_tensorboard_and_wandb(tmp_path, monkeypatch):
 def test_every_rank_stops_together_on_collapse(tmp_path, mode):
     """Under torchrun the detector judges the all-reduced values: every rank fires at the
     same log step and stops (a rank left behind would hang in the next collective)."""
-    from .test_distributed import torchrun
+    from .e2e.test_distributed import torchrun
 
     extra = ["meta.fsdp=true"] if mode == "fsdp" else []
     r = torchrun(tmp_path / mode, *extra, "health.std_floor=1000.0", "health.patience=2", "meta.on_collapse=stop")

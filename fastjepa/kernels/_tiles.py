@@ -10,9 +10,9 @@ Two regimes, chosen per launch by :func:`interpreting`:
   ViT widths 384, 768, 1024, 1280), :data:`GPU_TILE_ELEMS` elements per program (several
   independent 16-byte loads in flight per thread) and ``num_warps`` set explicitly.
 
-``tests/test_kernels_compile.py`` compiles the GPU choices for sm_80 and sm_90 ahead of
+``tests/kernels/test_compile.py`` compiles the GPU choices for sm_80 and sm_90 ahead of
 time and reads their resource use (no register spills, 64/128-bit global accesses on
-the bf16 row copies); the interpreter tests run them too (``tests/test_gpu_tiles.py``).
+the bf16 row copies); the interpreter tests run them too (``tests/kernels/test_tiles.py``).
 """
 
 from __future__ import annotations
