@@ -20,6 +20,7 @@ from .core import (
     MODEL_KEYS,
     OLD_NUMPY_GLOBALS,
     REFERENCE_KEYS,
+    RUN_KINDS,
     RUN_PREFERENCES,
     SAFETENSORS_SUFFIX,
     CheckpointError,
@@ -36,8 +37,8 @@ from .core import (
     plain,
     read_checkpoint,
     resolve_run_checkpoint,
+    run_checkpoint_kind,
     save_checkpoint,
-    save_states,
     strip_module_prefix,
     tensors_digest,
     verify_zip_checksums,
@@ -47,7 +48,6 @@ from .tools import (
     ENCODER_FLAG,
     check_architecture,
     convert_checkpoint,
-    encoder_architecture,
     encoder_metadata,
     int_or_none,
     load_encoder,
@@ -56,8 +56,10 @@ from .tools import (
 )
 
 __all__ = [
+    "RUN_KINDS",
     "RUN_PREFERENCES",
     "resolve_run_checkpoint",
+    "run_checkpoint_kind",
     "keep_as_copy",
     "UnverifiedCheckpointWarning",
     "verify_zip_checksums",
@@ -87,7 +89,6 @@ __all__ = [
     "atomic_write_text",
     "check_architecture",
     "convert_checkpoint",
-    "encoder_architecture",
     "encoder_metadata",
     "fsync_dir",
     "int_or_none",
@@ -100,6 +101,5 @@ __all__ = [
     "read_safetensors",
     "save_checkpoint",
     "save_safetensors",
-    "save_states",
     "strip_module_prefix",
 ]
