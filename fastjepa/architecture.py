@@ -12,6 +12,8 @@ named as the config names them, the predictor's included) and an *encoder archit
 * encoder architecture from a config (:func:`arch_from_config`), from a built encoder
   (:func:`arch_from_module`), from a state dict's shapes (:func:`arch_from_state`); back to
   a config's names (:func:`config_names`) and to a whole config (:func:`config_for_architecture`).
+* :func:`checkpoint_config`: the config that describes a training checkpoint (``--config``,
+  else the one it stores, else the packaged one with overrides).
 * :func:`describe_model`: the encoder a config builds, in one phrase.
 * :func:`check_same_architecture`: ``--resume`` refuses a config whose architecture differs
   from the one stored in the checkpoint (a head count changes what the weights mean
@@ -49,6 +51,7 @@ __all__ = [
     "check_encoder_shapes",
     "check_model_fits",
     "check_same_architecture",
+    "checkpoint_config",
     "config_for_architecture",
     "config_names",
     "describe_model",
@@ -141,6 +144,27 @@ def config_for_architecture(names: Mapping[str, Any], overrides: Sequence[str] =
     merge(cfg, {"meta": {"model_name": names["model_name"], "model_kwargs": names["model_kwargs"]}}, "the architecture")
     merge(cfg, {"data": {"crop_size": names["crop_size"]}, "mask": {"patch_size": names["patch_size"], "min_keep": 0}}, "the architecture")
     return apply_overrides(cfg, overrides)
+
+
+def checkpoint_config(
+    stored: Mapping[str, Any] | None,
+    config: str | os.PathLike | None,
+    overrides: Sequence[str] = (),
+    *,
+    where: str = "the checkpoint's config",
+) -> tuple[dict | None, str]:
+    """``(config, where it comes from)`` describing a training checkpoint's networks:
+    ``config`` (a YAML file) with ``overrides``; else ``stored`` (the resolved config a
+    fastjepa checkpoint holds; ``where`` names it in errors) with them; else the packaged
+    config with the overrides; ``(None, "")`` without any of these (the weights' shapes
+    must tell). A config that does not validate is a :class:`ConfigError`."""
+    if config is not None:
+        return load_config(config, overrides), f"--config {config}"
+    if isinstance(stored, Mapping):
+        return apply_overrides(merge(load_config(None, []), dict(stored), where), overrides), "the checkpoint's config"
+    if overrides:
+        return load_config(None, overrides), "the packaged config + overrides"
+    return None, ""
 
 
 def check_same_architecture(path: str | os.PathLike, stored: Mapping[str, Any], cfg: Mapping[str, Any]) -> None:

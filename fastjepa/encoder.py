@@ -19,6 +19,7 @@ from .architecture import (
     arch_from_state,
     architecture,
     check_encoder_shapes,
+    checkpoint_config,
     config_for_architecture,
     config_names,
     describe_model,
@@ -39,7 +40,7 @@ from .checkpoint import (
     strip_module_prefix,
 )
 from .checkpoint.formats import FormatError
-from .config import ConfigError, apply_overrides, load_config, merge
+from .config import ConfigError, load_config
 
 
 class EvalError(RuntimeError):
@@ -120,17 +121,13 @@ def load_target_encoder(
     state = strip_module_prefix(state)
     extra = ckpt.get("fastjepa")
     stored = extra.get("config") if isinstance(extra, dict) else None
-    if config is not None:
-        cfg, source = load_config(config, overrides), f"--config {config}"
-    elif isinstance(stored, dict):
-        try:
-            cfg = apply_overrides(merge(load_config(None, []), stored, f"config stored in {path}"), overrides)
-        except ConfigError as exc:
-            raise CheckpointError(f"checkpoint {path}: its stored config does not validate ({exc}); pass --config FILE") from None
-        source = "the checkpoint's config"
-    elif overrides:
-        cfg, source = load_config(None, overrides), "the packaged config + overrides"
-    else:
+    try:
+        cfg, source = checkpoint_config(stored, config, overrides, where=f"config stored in {path}")
+    except ConfigError as exc:
+        if config is not None or not isinstance(stored, dict):
+            raise
+        raise CheckpointError(f"checkpoint {path}: its stored config does not validate ({exc}); pass --config FILE") from None
+    if cfg is None:
         cfg, source = _inferred_config(state, overrides), "the checkpoint's weight shapes"
     _check_before_build(path, key, cfg, state, source)
     encoder = config_encoder(cfg)

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from . import models
-from .architecture import arch_from_config
+from .architecture import arch_from_config, checkpoint_config
 from .build import build_encoder
 from .models.pos_embed import sincos_2d
 from .checkpoint import (
@@ -57,7 +57,7 @@ from .checkpoint.formats import (
     layout_of,
     timm_config,
 )
-from .config import ConfigError, load_config, merge, parse_override, validate
+from .config import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -92,20 +92,6 @@ def _describe_keys(state: Mapping[str, Any]) -> str:
     keys = list(state)
     shown = ", ".join(repr(k) for k in keys[:6])
     return f"{len(keys)} keys ({shown}{', …' if len(keys) > 6 else ''})"
-
-
-def _config_with(stored: Mapping[str, Any] | None, config: str | os.PathLike | None, overrides: Sequence[str]) -> tuple[dict | None, str]:
-    """The config that describes a training checkpoint: ``config`` (a YAML file), else the
-    stored one, with ``overrides`` applied; (None, "") when there is neither."""
-    if config is not None:
-        return load_config(config, overrides), f"--config {config}"
-    if stored is None:
-        return (load_config(None, overrides), "the packaged config + overrides") if overrides else (None, "")
-    cfg = merge(load_config(None, []), dict(stored), "the checkpoint's config")
-    for text in overrides:
-        sec, key, value = parse_override(text)
-        merge(cfg, {sec: {key: value}}, f"override {text!r}")
-    return validate(cfg), "the checkpoint's config"
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -229,7 +215,7 @@ def _read_weights_file(
         extra = obj.get("fastjepa") if isinstance(obj.get("fastjepa"), Mapping) else None
         stored = extra.get("config") if extra and isinstance(extra.get("config"), Mapping) else None
         try:
-            cfg, source = _config_with(stored, config, overrides)
+            cfg, source = checkpoint_config(stored, config, overrides)
         except ConfigError as exc:
             raise CheckpointError(f"checkpoint {path}: the config does not validate ({exc}); pass --config FILE") from None
         try:
