@@ -26,7 +26,9 @@ from .architecture import (
 )
 from .build import build_encoder, config_encoder
 from .checkpoint import (
+    ENCODER_FLAG,
     ENCODER_FORMAT,
+    ENCODER_KEYS,
     SAFETENSORS_SUFFIX,
     CheckpointError,
     check_architecture,
@@ -66,8 +68,6 @@ def _check_before_build(path: Path, key: str, cfg: dict, state: dict, source: st
     except CheckpointError as exc:
         raise CheckpointError(f"{exc} (architecture from {source}; pass the --config it was trained with, or fix the overrides)") from None
 
-
-ENCODER_KEYS = {"target": "target_encoder", "context": "encoder"}  # --encoder -> checkpoint key
 
 
 def load_target_encoder(
@@ -196,8 +196,7 @@ def _load_safetensors_encoder(
         return _load_foreign(path, read_encoder(path, which=which, trust=trust), config, overrides, which)
     stored = meta.get("network")
     if stored and stored != key:
-        flag = {v: k for k, v in ENCODER_KEYS.items()}
-        raise CheckpointError(f"{path} holds the {stored}, not the {key}: evaluate it with --encoder {flag.get(stored, 'target')}")
+        raise CheckpointError(f"{path} holds the {stored}, not the {key}: evaluate it with --encoder {ENCODER_FLAG.get(stored, 'target')}")
     ours = meta.get("format") == ENCODER_FORMAT
     if config is not None:
         cfg, source = load_config(config, overrides), f"--config {config}"
@@ -238,7 +237,7 @@ def _load_safetensors_encoder(
         "architecture_from": source,
         "epoch": int(meta["epoch"]) if meta.get("epoch", "").isdigit() else None,
         "format": "safetensors",
-        "encoder": {v: k for k, v in ENCODER_KEYS.items()}[key],
+        "encoder": ENCODER_FLAG[key],
     }
     return encoder, cfg, info
 

@@ -33,7 +33,9 @@ from .models.pos_embed import sincos_2d
 from .checkpoint import (
     resolve_run_checkpoint,
     run_checkpoint_kind,
+    ENCODER_FLAG,
     ENCODER_FORMAT,
+    ENCODER_KEYS,
     SAFETENSORS_SUFFIX,
     CheckpointError,
     atomic_write_text,
@@ -61,7 +63,6 @@ from .config import ConfigError
 
 log = logging.getLogger(__name__)
 
-WHICH = {"target": "target_encoder", "context": "encoder"}  # which network -> training checkpoint key
 LAYOUTS = (
     "a fastjepa run folder (its <tag>-best.pth.tar, else <tag>-latest.pth.tar)",
     "a fastjepa or reference I-JEPA training checkpoint (.pth.tar: encoder / target_encoder state dicts)",
@@ -157,12 +158,12 @@ def read_encoder(
     """Read one encoder from any layout in :data:`LAYOUTS` (see :func:`load_encoder`).
     ``config`` / ``overrides`` give the architecture of a training checkpoint instead of
     its stored config (or of a reference checkpoint instead of its weights' shapes)."""
-    if which not in WHICH:
-        raise ValueError(f"which={which!r}: expected one of {', '.join(WHICH)}")
+    if which not in ENCODER_KEYS:
+        raise ValueError(f"which={which!r}: expected one of {', '.join(ENCODER_KEYS)}")
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path} does not exist")
-    info: dict[str, Any] = {"path": str(path), "network": WHICH[which], "epoch": None, "config": None}
+    info: dict[str, Any] = {"path": str(path), "network": ENCODER_KEYS[which], "epoch": None, "config": None}
     if path.is_dir():
         cfg_file, weights = path / CONFIG_NAME, _weights_in(path)
         if cfg_file.is_file() and weights is not None:
@@ -192,11 +193,11 @@ def _read_weights_file(
     overrides: Sequence[str] = (),
 ) -> EncoderFile:
     obj, meta = _load_tensors(path, trust)
-    key = WHICH[which]
+    key = ENCODER_KEYS[which]
     if meta.get("format") == ENCODER_FORMAT:  # fastjepa's own safetensors export
         stored = meta.get("network")
         if stored and stored != key:
-            flag = {v: k for k, v in WHICH.items()}.get(stored, stored)
+            flag = ENCODER_FLAG.get(stored, stored)
             raise CheckpointError(f"{path} holds the {stored}, not the {key} (ask for which={flag!r})")
         try:
             arch = arch_from_state(obj)

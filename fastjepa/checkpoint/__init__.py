@@ -14,6 +14,8 @@ from .checks import (
     restore_checkpoint,
 )
 from .core import (
+    ENCODER_FLAG,
+    ENCODER_KEYS,
     ENCODER_FORMAT,
     ENCODER_FORMAT_VERSION,
     FORMAT_VERSION,
@@ -45,7 +47,6 @@ from .core import (
 )
 from .tools import (
     ARCH_FIELDS,
-    ENCODER_FLAG,
     check_architecture,
     convert_checkpoint,
     encoder_metadata,
@@ -75,6 +76,7 @@ __all__ = [
     "ARCH_FIELDS",
     "CheckpointError",
     "ENCODER_FLAG",
+    "ENCODER_KEYS",
     "ENCODER_FORMAT",
     "ENCODER_FORMAT_VERSION",
     "FORMAT_VERSION",

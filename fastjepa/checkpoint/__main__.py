@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..config import ConfigError
 from ..encoder import EXPORT_FORMATS, EvalError, export_encoder
-from .core import CheckpointError, resolve_run_checkpoint
+from .core import ENCODER_KEYS, CheckpointError, resolve_run_checkpoint
 from .tools import ARCH_FIELDS, convert_checkpoint
 
 
@@ -41,7 +41,7 @@ def _parse_args(argv=None) -> argparse.Namespace:
         help="safetensors (default for OUT.safetensors), hf (transformers IJepaModel folder) or timm (timm model folder)",
     )
     ex.add_argument(
-        "--which", "--encoder", dest="encoder", choices=("target", "context"), default="target", help="which network (default: target)"
+        "--which", "--encoder", dest="encoder", choices=tuple(ENCODER_KEYS), default="target", help="which network (default: target)"
     )
     ex.add_argument("--config", help="YAML config for the architecture of a reference checkpoint (default: its weight shapes)")
     ex.add_argument("--trust-checkpoint", action="store_true", help="open a checkpoint that needs more than weights-only (it may run code)")

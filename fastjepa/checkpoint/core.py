@@ -40,6 +40,8 @@ import torch.nn as nn
 
 REFERENCE_KEYS = ("encoder", "predictor", "target_encoder", "opt", "scaler", "epoch", "loss", "batch_size", "world_size", "lr")
 MODEL_KEYS = ("encoder", "predictor", "target_encoder")
+ENCODER_KEYS = {"target": "target_encoder", "context": "encoder"}  # which encoder (--encoder, which=) -> its checkpoint key
+ENCODER_FLAG = {key: flag for flag, key in ENCODER_KEYS.items()}  # and back
 FORMAT_VERSION = 2  # 2: everything under "fastjepa" loads weights-only (1 pickled NumPy's RNG state as an array)
 ENCODER_FORMAT = "fastjepa.encoder"  # the safetensors metadata's "format"
 ENCODER_FORMAT_VERSION = 2  # 2: the metadata's "sha256" is the tensors' content hash (tensors_digest)

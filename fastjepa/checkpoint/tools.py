@@ -28,6 +28,7 @@ from ..rng import numpy_rng_to_plain
 from .checks import _load_module
 from .formats import FormatError, arch_from_module
 from .core import (
+    ENCODER_FLAG,
     ENCODER_FORMAT,
     ENCODER_FORMAT_VERSION,
     FORMAT_VERSION,
@@ -48,7 +49,6 @@ from .core import (
 
 # -- safetensors: one encoder with its architecture, for sharing
 
-ENCODER_FLAG = {"target_encoder": "target", "encoder": "context"}
 ARCH_FIELDS = ("embed_dim", "depth", "num_heads", "mlp_ratio", "patch_size", "img_size", "in_chans")
 
 
