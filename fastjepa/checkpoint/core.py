@@ -16,7 +16,8 @@ Sharing an encoder: ``python -m fastjepa.checkpoint export RUN_OR_FILE OUT.safet
 writes one network (the target encoder by default) with its architecture in the
 safetensors metadata; :func:`load_encoder` and ``python -m fastjepa.eval`` read it.
 ``--format hf`` / ``--format timm`` write a transformers ``IJepaModel`` or timm folder
-instead (:mod:`fastjepa.interop`, which also reads every such layout).
+instead (both through :func:`fastjepa.encoder.export_encoder`; :mod:`fastjepa.interop`
+reads every such layout).
 ``python -m fastjepa.checkpoint convert OLD NEW`` rewrites a checkpoint of an earlier
 fastjepa (NumPy RNG state pickled as an array) as a weights-only one.
 """
