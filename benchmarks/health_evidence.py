@@ -36,9 +36,10 @@ if importlib.util.find_spec("fastjepa") is None:  # a source checkout run as `py
 from _report import cpu_name, write_report  # noqa: E402
 from torch.utils.data import Subset  # noqa: E402
 
+from fastjepa.build import random_init_encoder  # noqa: E402
 from fastjepa.checkpoint import read_checkpoint  # noqa: E402
 from fastjepa.config import load_config  # noqa: E402
-from fastjepa.encoder import load_target_encoder, random_init_encoder  # noqa: E402
+from fastjepa.encoder import load_target_encoder  # noqa: E402
 from fastjepa.evaluation.classifiers import evaluate_encoder  # noqa: E402
 from fastjepa.evaluation.features import eval_datasets  # noqa: E402
 from fastjepa.trainer import Trainer  # noqa: E402

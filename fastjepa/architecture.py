@@ -1,8 +1,20 @@
-"""What a config builds, as numbers, checked before anything is built.
+"""Config ↔ architecture: the one place that says what a config, a built encoder or a state
+dict describes, as numbers, checked before anything is built (:mod:`fastjepa.build` turns
+them into modules).
+
+Two kinds of dict: a config's *effective architecture* (:func:`architecture`, its fields
+named as the config names them, the predictor's included) and an *encoder architecture*
+(:data:`ARCH_KEYS`: what rebuilding one encoder takes, as every file layout records it).
 
 * :func:`architecture`: the effective architecture of a config (the named ViT size with
   ``meta.model_kwargs`` applied, the predictor's resolved head count, patch and crop size):
   the values that decide what each weight means.
+* encoder architecture from a config (:func:`arch_from_config`), from a built encoder
+  (:func:`arch_from_module`), from a state dict's shapes (:func:`arch_from_state`); back to
+  a config's names (:func:`config_names`) and to a whole config (:func:`config_for_architecture`).
+* :func:`checkpoint_config`: the config that describes a training checkpoint (``--config``,
+  else the one it stores, else the packaged one with overrides).
+* :func:`describe_model`: the encoder a config builds, in one phrase.
 * :func:`check_same_architecture`: ``--resume`` refuses a config whose architecture differs
   from the one stored in the checkpoint (a head count changes what the weights mean
   without changing a single shape).
@@ -16,13 +28,36 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from . import models
 from .checkpoint import CheckpointError
-from .config import ConfigError
+from .checkpoint.formats import ARCH_KEYS, arch_from_module, arch_from_state
+from .config import ConfigError, apply_overrides, load_config, merge
 from .models import VIT_SIZES
+
+__all__ = [
+    "ARCH_KEYS",
+    "ENCODER_WEIGHT_KEYS",
+    "FIELD_SOURCE",
+    "arch_from_config",
+    "arch_from_module",
+    "arch_from_state",
+    "architecture",
+    "check_encoder_shapes",
+    "check_model_fits",
+    "check_same_architecture",
+    "checkpoint_config",
+    "config_for_architecture",
+    "config_names",
+    "describe_model",
+    "memory_limit_bytes",
+    "parameter_count",
+]
 
 # model_kwargs that change what the encoder's weights mean (the others — drop rates,
 # init_std — change training, not the meaning of a stored weight)
@@ -65,6 +100,71 @@ def architecture(cfg: Mapping[str, Any]) -> dict[str, Any]:
         "pred_emb_dim": meta["pred_emb_dim"],
         "pred_num_heads": meta.get("pred_num_heads") or enc["num_heads"],
     }
+
+
+def describe_model(cfg: Mapping[str, Any]) -> str:
+    """``vit_tiny {'depth': 6}, patch 4, 32 px``: the encoder a config builds, in one phrase."""
+    kw = cfg["meta"]["model_kwargs"]
+    extra = f" {kw}" if kw else ""
+    return f"{cfg['meta']['model_name']}{extra}, patch {cfg['mask']['patch_size']}, {cfg['data']['crop_size']} px"
+
+
+def arch_from_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """The encoder architecture (:data:`ARCH_KEYS`) a config builds: its factory run on the
+    meta device (nothing is allocated) and read back with :func:`arch_from_module`."""
+    meta = cfg["meta"]
+    factory = getattr(models, str(meta["model_name"]), None)
+    if factory is None or not callable(factory):
+        raise ConfigError(f"meta.model_name={meta['model_name']!r} is not a fastjepa model")
+    with torch.device("meta"):
+        enc = factory(patch_size=int(cfg["mask"]["patch_size"]), img_size=int(cfg["data"]["crop_size"]), **(meta["model_kwargs"] or {}))
+    return arch_from_module(enc)
+
+
+def config_names(arch: Mapping[str, Any]) -> dict[str, Any]:
+    """An encoder architecture as a config's names: ``{model_name, model_kwargs, patch_size,
+    crop_size}`` (the factory of that width, else ``vit_base``; kwargs for what differs from
+    it). The LayerNorm eps is not a config setting: build with
+    :func:`fastjepa.build.build_encoder` to keep it."""
+    D = int(arch["embed_dim"])
+    name = next((n for n, s in VIT_SIZES.items() if s["embed_dim"] == D), "vit_base")
+    base = dict(VIT_SIZES[name], qkv_bias=True, in_chans=3)
+    kwargs = {k: arch[k] for k in ("embed_dim", "depth", "num_heads", "qkv_bias", "in_chans") if arch[k] != base[k]}
+    if abs(float(arch["mlp_ratio"]) - float(base["mlp_ratio"])) > 1e-9:
+        kwargs["mlp_ratio"] = float(arch["mlp_ratio"])
+    return {"model_name": name, "model_kwargs": kwargs, "patch_size": int(arch["patch_size"]), "crop_size": int(arch["img_size"])}
+
+
+def config_for_architecture(names: Mapping[str, Any], overrides: Sequence[str] = ()) -> dict:
+    """The packaged config with ``names`` (:func:`config_names`' dict) and ``overrides``
+    applied, through the schema: an unknown model_name or a model_kwargs that is not a
+    mapping is a :class:`ConfigError` naming it. ``mask.min_keep`` is 0: evaluation samples
+    no masks, and any grid size stays valid."""
+    cfg = load_config(None, [])
+    merge(cfg, {"meta": {"model_name": names["model_name"], "model_kwargs": names["model_kwargs"]}}, "the architecture")
+    merge(cfg, {"data": {"crop_size": names["crop_size"]}, "mask": {"patch_size": names["patch_size"], "min_keep": 0}}, "the architecture")
+    return apply_overrides(cfg, overrides)
+
+
+def checkpoint_config(
+    stored: Mapping[str, Any] | None,
+    config: str | os.PathLike | None,
+    overrides: Sequence[str] = (),
+    *,
+    where: str = "the checkpoint's config",
+) -> tuple[dict | None, str]:
+    """``(config, where it comes from)`` describing a training checkpoint's networks:
+    ``config`` (a YAML file) with ``overrides``; else ``stored`` (the resolved config a
+    fastjepa checkpoint holds; ``where`` names it in errors) with them; else the packaged
+    config with the overrides; ``(None, "")`` without any of these (the weights' shapes
+    must tell). A config that does not validate is a :class:`ConfigError`."""
+    if config is not None:
+        return load_config(config, overrides), f"--config {config}"
+    if isinstance(stored, Mapping):
+        return apply_overrides(merge(load_config(None, []), dict(stored), where), overrides), "the checkpoint's config"
+    if overrides:
+        return load_config(None, overrides), "the packaged config + overrides"
+    return None, ""
 
 
 def check_same_architecture(path: str | os.PathLike, stored: Mapping[str, Any], cfg: Mapping[str, Any]) -> None:

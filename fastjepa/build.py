@@ -1,11 +1,19 @@
-"""From a config to a model on a device: the one place that turns the ``meta``/``mask``/``data``
-settings into the I-JEPA networks, and ``meta.device`` into a torch device."""
+"""From a config or an architecture to modules on a device: the one place that builds the
+I-JEPA networks from the ``meta``/``mask``/``data`` settings (:func:`build_model`), one
+encoder from a config or from an encoder architecture (:func:`config_encoder`,
+:func:`random_init_encoder`, :func:`build_encoder`), and turns ``meta.device`` into a torch
+device. What a config, an encoder or a file describes, as numbers, is :mod:`fastjepa.architecture`."""
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+from collections.abc import Mapping
+from functools import partial
+from typing import Any
 
 import torch
+import torch.nn as nn
 
 from . import models
 from .architecture import check_model_fits
@@ -56,3 +64,35 @@ def build_model(cfg: dict) -> IJEPA:
         num_heads=heads,
     )
     return IJEPA(encoder, predictor)
+
+
+def config_encoder(cfg: dict) -> models.VisionTransformer:
+    """The target encoder that ``cfg`` builds, as :func:`build_model` builds it (initialised
+    from the global RNG; every ``meta.model_kwargs`` setting applies)."""
+    return build_model(cfg).target_encoder
+
+
+def random_init_encoder(cfg: dict) -> models.VisionTransformer:
+    """The target encoder exactly as training initialises it (``meta.seed``), without
+    touching the global RNG."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg["meta"]["seed"])
+        return config_encoder(cfg)
+
+
+def build_encoder(arch: Mapping[str, Any], *, device: torch.device | str | None = None) -> models.VisionTransformer:
+    """A randomly initialised encoder of the encoder architecture ``arch``
+    (:data:`fastjepa.architecture.ARCH_KEYS`; its LayerNorms with ``norm_eps``), on
+    ``device`` (``"meta"``: nothing is allocated)."""
+    with torch.device(device) if device is not None else contextlib.nullcontext():
+        return models.VisionTransformer(
+            img_size=int(arch["img_size"]),
+            patch_size=int(arch["patch_size"]),
+            in_chans=int(arch["in_chans"]),
+            embed_dim=int(arch["embed_dim"]),
+            depth=int(arch["depth"]),
+            num_heads=int(arch["num_heads"]),
+            mlp_ratio=float(arch["mlp_ratio"]),
+            qkv_bias=bool(arch["qkv_bias"]),
+            norm_layer=partial(nn.LayerNorm, eps=float(arch["norm_eps"])),
+        )

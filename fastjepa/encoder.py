@@ -1,97 +1,62 @@
 """An encoder from anything: a training checkpoint (fastjepa's or the reference's), an
-exported ``.safetensors`` file, or a config at random initialisation; and the export of
-one network to ``.safetensors`` (docs/eval.md, docs/design.md#6-checkpoints)."""
+exported ``.safetensors`` file, a Hugging Face or timm file or folder; and the export of one
+network to ``.safetensors`` or to a Hugging Face / timm folder (:func:`export_encoder`;
+docs/eval.md, docs/interop.md, docs/design.md#6-checkpoints). What the files' architectures
+mean and how an encoder is built from them: :mod:`fastjepa.architecture`, :mod:`fastjepa.build`."""
 
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 import torch.nn as nn
 
-from .architecture import architecture, check_encoder_shapes
-from .build import build_model
+from .architecture import (
+    arch_from_module,
+    arch_from_state,
+    architecture,
+    check_encoder_shapes,
+    checkpoint_config,
+    config_for_architecture,
+    config_names,
+    describe_model,
+)
+from .build import build_encoder, config_encoder
 from .checkpoint import (
+    ENCODER_FLAG,
     ENCODER_FORMAT,
+    ENCODER_KEYS,
     SAFETENSORS_SUFFIX,
     CheckpointError,
     check_architecture,
     check_module_state,
     encoder_metadata,
     read_checkpoint,
-    resolve_run_checkpoint,
     read_safetensors,
+    resolve_run_checkpoint,
+    run_checkpoint_kind,
     save_safetensors,
     strip_module_prefix,
 )
-from .config import ConfigError, apply_overrides, load_config, merge
-
-
-def describe_model(cfg: dict) -> str:
-    """``vit_tiny {'depth': 6}, patch 4, 32 px``: the encoder a config builds, in one phrase."""
-    kw = cfg["meta"]["model_kwargs"]
-    extra = f" {kw}" if kw else ""
-    return f"{cfg['meta']['model_name']}{extra}, patch {cfg['mask']['patch_size']}, {cfg['data']['crop_size']} px"
+from .checkpoint.formats import FormatError
+from .config import ConfigError, load_config
 
 
 class EvalError(RuntimeError):
     """A problem with the evaluation's inputs, with what to do about it."""
 
 
-# -- models
-
-
-def random_init_encoder(cfg: dict) -> nn.Module:
-    """The target encoder exactly as training initialises it (``meta.seed``), without
-    touching the global RNG."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg["meta"]["seed"])
-        return build_model(cfg).target_encoder
-
-
-def build_encoder(cfg: dict) -> nn.Module:
-    """The target encoder that ``cfg`` builds (initialised from the global RNG)."""
-    return build_model(cfg).target_encoder
-
-
-def infer_architecture(state: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """Encoder settings read off a state dict's shapes: ``{model_name, model_kwargs,
-    patch_size, crop_size}``. The head count cannot be read from weights; the standard
-    one for the width is used."""
-    from .models import VIT_SIZES
-
-    need = ("pos_embed", "patch_embed.proj.weight", "blocks.0.mlp.fc1.weight")
-    missing = [k for k in need if k not in state]
-    if missing:
-        raise EvalError(f"cannot infer the architecture: the encoder state has no {', '.join(missing)}; pass --config FILE")
-    _, N, D = state["pos_embed"].shape
-    patch = int(state["patch_embed.proj.weight"].shape[-1])
-    grid = math.isqrt(int(N))
-    depth = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
-    mlp_ratio = state["blocks.0.mlp.fc1.weight"].shape[0] / D
-    name = next((n for n, s in VIT_SIZES.items() if s["embed_dim"] == D), None)
-    kwargs: dict[str, Any] = {}
-    if name is None:
-        name, kwargs = "vit_base", {"embed_dim": int(D), "num_heads": max(1, int(D) // 64)}
-    if depth != VIT_SIZES[name]["depth"]:
-        kwargs["depth"] = depth
-    if not math.isclose(mlp_ratio, VIT_SIZES[name]["mlp_ratio"], rel_tol=1e-6):
-        kwargs["mlp_ratio"] = float(mlp_ratio)
-    return {"model_name": name, "model_kwargs": kwargs, "patch_size": patch, "crop_size": grid * patch}
-
-
-def _config_for_architecture(arch: dict[str, Any], overrides: Sequence[str]) -> dict:
-    cfg = load_config(None, [])
-    # through the schema: an unknown model_name or a model_kwargs that is not a mapping is a
-    # ConfigError naming it, not an AttributeError later
-    merge(cfg, {"meta": {"model_name": arch["model_name"], "model_kwargs": arch["model_kwargs"]}}, "the architecture")
-    merge(cfg, {"data": {"crop_size": arch["crop_size"]}, "mask": {"patch_size": arch["patch_size"], "min_keep": 0}}, "the architecture")
-    return apply_overrides(cfg, overrides)  # min_keep 0: evaluation samples no masks; keep any grid size valid
+def _inferred_config(state: dict[str, Any], overrides: Sequence[str]) -> dict:
+    """The config of the encoder a state dict's shapes describe (the head count: the
+    standard one for the width)."""
+    try:
+        arch = arch_from_state(state)
+    except FormatError as exc:
+        raise EvalError(f"cannot infer the architecture from the encoder state ({exc}); pass --config FILE") from None
+    return config_for_architecture(config_names(arch), overrides)
 
 
 def _check_before_build(path: Path, key: str, cfg: dict, state: dict, source: str) -> None:
@@ -103,8 +68,6 @@ def _check_before_build(path: Path, key: str, cfg: dict, state: dict, source: st
     except CheckpointError as exc:
         raise CheckpointError(f"{exc} (architecture from {source}; pass the --config it was trained with, or fix the overrides)") from None
 
-
-ENCODER_KEYS = {"target": "target_encoder", "context": "encoder"}  # --encoder -> checkpoint key
 
 
 def load_target_encoder(
@@ -131,18 +94,18 @@ def load_target_encoder(
     Returns ``(encoder, cfg, info)``; ``info`` says where the architecture came from, the
     checkpoint's epoch and which encoder was loaded.
     """
-    from .interop import read_encoder, run_folder_checkpoint
+    from .interop import read_encoder
 
     if which not in ENCODER_KEYS:
         raise ValueError(f"which={which!r}: expected one of {', '.join(ENCODER_KEYS)}")
     key = ENCODER_KEYS[which]
     path = Path(path)
     if path.is_dir():
-        chosen = run_folder_checkpoint(path, prefer)
-        if chosen is None:  # a Hugging Face or timm folder, or an error naming what it holds
+        chosen = resolve_run_checkpoint(path, prefer, strict=False)
+        if chosen == path:  # a Hugging Face or timm folder, or an error naming what it holds
             return _load_foreign(path, read_encoder(path, which=which, trust=trust), config, overrides, which)
-        encoder, cfg, info = load_target_encoder(chosen[0], config, overrides, which, trust=trust)
-        return encoder, cfg, {**info, "run_folder": str(path), "chosen": chosen[1]}
+        encoder, cfg, info = load_target_encoder(chosen, config, overrides, which, trust=trust)
+        return encoder, cfg, {**info, "run_folder": str(path), "chosen": run_checkpoint_kind(chosen)}
     if path.name.endswith(SAFETENSORS_SUFFIX):
         return _load_safetensors_encoder(path, config, overrides, key, which, trust)
     ckpt = read_checkpoint(path, trust=trust)
@@ -158,20 +121,16 @@ def load_target_encoder(
     state = strip_module_prefix(state)
     extra = ckpt.get("fastjepa")
     stored = extra.get("config") if isinstance(extra, dict) else None
-    if config is not None:
-        cfg, source = load_config(config, overrides), f"--config {config}"
-    elif isinstance(stored, dict):
-        try:
-            cfg = apply_overrides(merge(load_config(None, []), stored, f"config stored in {path}"), overrides)
-        except ConfigError as exc:
-            raise CheckpointError(f"checkpoint {path}: its stored config does not validate ({exc}); pass --config FILE") from None
-        source = "the checkpoint's config"
-    elif overrides:
-        cfg, source = load_config(None, overrides), "the packaged config + overrides"
-    else:
-        cfg, source = _config_for_architecture(infer_architecture(state), overrides), "the checkpoint's weight shapes"
+    try:
+        cfg, source = checkpoint_config(stored, config, overrides, where=f"config stored in {path}")
+    except ConfigError as exc:
+        if config is not None or not isinstance(stored, dict):
+            raise
+        raise CheckpointError(f"checkpoint {path}: its stored config does not validate ({exc}); pass --config FILE") from None
+    if cfg is None:
+        cfg, source = _inferred_config(state, overrides), "the checkpoint's weight shapes"
     _check_before_build(path, key, cfg, state, source)
-    encoder = build_encoder(cfg)
+    encoder = config_encoder(cfg)
     state = check_module_state(path, key, state, encoder)
     try:
         encoder.load_state_dict(state, strict=True)
@@ -198,14 +157,12 @@ def _load_foreign(
     (:func:`fastjepa.interop.read_encoder` read it): the encoder is built from the
     architecture it records (or ``--config``), the config describes it for the data and
     the random-init baseline."""
-    from .interop import build_encoder, config_names
-
     if config is not None:
         cfg, source = load_config(config, overrides), f"--config {config}"
-        encoder = build_encoder(cfg)
+        encoder = config_encoder(cfg)
     else:
         try:
-            cfg = _config_for_architecture(config_names(found.arch), overrides)
+            cfg = config_for_architecture(config_names(found.arch), overrides)
         except ConfigError as exc:
             raise CheckpointError(f"{path}: its architecture does not validate as a config ({exc}); pass --config FILE") from None
         source, encoder = found.info.get("architecture_from", "the file"), build_encoder(found.arch)
@@ -239,8 +196,7 @@ def _load_safetensors_encoder(
         return _load_foreign(path, read_encoder(path, which=which, trust=trust), config, overrides, which)
     stored = meta.get("network")
     if stored and stored != key:
-        flag = {v: k for k, v in ENCODER_KEYS.items()}
-        raise CheckpointError(f"{path} holds the {stored}, not the {key}: evaluate it with --encoder {flag.get(stored, 'target')}")
+        raise CheckpointError(f"{path} holds the {stored}, not the {key}: evaluate it with --encoder {ENCODER_FLAG.get(stored, 'target')}")
     ours = meta.get("format") == ENCODER_FORMAT
     if config is not None:
         cfg, source = load_config(config, overrides), f"--config {config}"
@@ -255,16 +211,16 @@ def _load_safetensors_encoder(
         except (KeyError, ValueError) as exc:
             raise CheckpointError(f"{path}: its metadata does not describe an encoder ({type(exc).__name__}: {exc}); pass --config FILE") from None
         try:
-            cfg = _config_for_architecture(arch, overrides)
+            cfg = config_for_architecture(arch, overrides)
             if meta.get("seed", "").lstrip("-").isdigit() and not any(o.startswith("meta.seed=") for o in overrides):
                 cfg["meta"]["seed"] = int(meta["seed"])  # the random-init baseline of the run it came from
         except ConfigError as exc:
             raise CheckpointError(f"{path}: its metadata's architecture does not validate ({exc}); pass --config FILE") from None
         source = "the file's metadata"
     else:  # a safetensors file of another tool: read the architecture off the shapes
-        cfg, source = _config_for_architecture(infer_architecture(state), overrides), "the file's weight shapes"
+        cfg, source = _inferred_config(state, overrides), "the file's weight shapes"
     _check_before_build(path, key, cfg, state, source)
-    encoder = build_encoder(cfg)
+    encoder = config_encoder(cfg)
     if ours:
         check_architecture(path, meta, encoder)
     check_module_state(path, key, state, encoder)
@@ -281,33 +237,61 @@ def _load_safetensors_encoder(
         "architecture_from": source,
         "epoch": int(meta["epoch"]) if meta.get("epoch", "").isdigit() else None,
         "format": "safetensors",
-        "encoder": {v: k for k, v in ENCODER_KEYS.items()}[key],
+        "encoder": ENCODER_FLAG[key],
     }
     return encoder, cfg, info
 
 
 # -- export
 
+EXPORT_FORMATS = ("safetensors", "hf", "timm")
+
 
 def export_encoder(
     src: str | os.PathLike,
     dst: str | os.PathLike,
     *,
+    format: str = "safetensors",
     which: str = "target",
     config: str | os.PathLike | None = None,
     overrides: Sequence[str] = (),
     trust: bool = False,
     prefer: str = "best",
-) -> dict[str, str]:
-    """Write ``src``'s target encoder (``which="context"``: the context encoder) to the
-    safetensors file ``dst``, parameter names as the reference's, its architecture in the
-    metadata. ``src``: a run folder, a fastjepa or reference checkpoint, or a safetensors
-    file. The architecture of a reference checkpoint comes from ``config`` / ``overrides``
-    or its weight shapes, as for evaluation. Returns the metadata."""
-    src, dst = resolve_run_checkpoint(src, prefer), Path(dst)
+) -> dict[str, Any]:
+    """Write ``src``'s target encoder (``which="context"``: the context encoder) to ``dst``
+    in ``format`` (what ``python -m fastjepa.checkpoint export`` does):
+
+    * ``"safetensors"``: the file ``dst`` (``….safetensors``), parameter names as the
+      reference's, the architecture and the run's model settings in the metadata (what
+      :func:`load_target_encoder`, ``python -m fastjepa.eval`` and
+      :func:`fastjepa.checkpoint.load_encoder` read back);
+    * ``"hf"``: a folder that transformers' ``IJepaModel.from_pretrained(dst)`` loads;
+      ``"timm"``: a folder for ``timm.create_model("local-dir:DST", pretrained=True)``; each
+      holds config.json, model.safetensors and a model card
+      (:func:`fastjepa.interop.write_folder`).
+
+    ``src``: a run folder (its best checkpoint, else its latest; ``prefer="latest"``: the
+    latest), a fastjepa or reference checkpoint, or any file or folder
+    :func:`fastjepa.load_encoder` reads. The architecture of a reference checkpoint comes
+    from ``config`` / ``overrides`` or its weight shapes, as for evaluation.
+
+    Returns ``{"format", "path", "network", "arch", "info", "metadata"}``: the encoder
+    architecture written (:data:`fastjepa.architecture.ARCH_KEYS`), what was read
+    (``info["path"]``: the checkpoint or file) and the safetensors metadata written."""
+    from .interop import read_encoder, write_folder
+
+    if format not in EXPORT_FORMATS:
+        raise ValueError(f"format={format!r}: expected one of {', '.join(map(repr, EXPORT_FORMATS))}")
+    src, dst = Path(src), Path(dst)
+    if format != "safetensors" and dst.exists() and not dst.is_dir():
+        raise CheckpointError(f"export: {dst} exists and is not a folder; --format {format} writes a folder")
+    chosen = resolve_run_checkpoint(src, prefer, strict=False)  # a run folder: its best, else latest checkpoint
+    if format != "safetensors":
+        found = read_encoder(chosen, which=which, trust=trust, config=config, overrides=overrides)
+        return write_folder(found, dst, format=format, source=src)
     if not dst.name.endswith(SAFETENSORS_SUFFIX):
         raise CheckpointError(f"export: {dst} should end in {SAFETENSORS_SUFFIX} (or pass --format hf / --format timm to write a folder)")
-    encoder, cfg, info = load_target_encoder(src, config, overrides, which, trust=trust)
-    meta = encoder_metadata(encoder, cfg, network=ENCODER_KEYS[which], epoch=info.get("epoch"), source=src.name)
+    encoder, cfg, info = load_target_encoder(chosen, config, overrides, which, trust=trust)
+    meta = encoder_metadata(encoder, cfg, network=ENCODER_KEYS[which], epoch=info.get("epoch"), source=chosen.name)
     save_safetensors(encoder.state_dict(), meta, dst)
-    return meta
+    return {"format": format, "path": str(dst), "network": meta["network"], "arch": arch_from_module(encoder), "info": info, "metadata": meta}

@@ -21,11 +21,12 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
-from .build import pick_device
-from .checkpoint import CheckpointError
+from .architecture import describe_model
+from .build import pick_device, random_init_encoder
+from .checkpoint import ENCODER_KEYS, CheckpointError
 from .config import ConfigError, load_config, one_line, os_error_line
 from .data import NoReadableImage
-from .encoder import ENCODER_KEYS, EvalError, describe_model, load_target_encoder, random_init_encoder
+from .encoder import EvalError, load_target_encoder
 from .evaluation.classifiers import C_GRID, KNN_K, KNN_T, evaluate_encoder
 from .evaluation.features import default_cache_dir, eval_datasets, limit
 from .evaluation.probe import format_table, model_summary, score_lines, write_json

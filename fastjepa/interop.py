@@ -5,9 +5,10 @@
   every layout in :data:`LAYOUTS`.
 * :func:`read_encoder`: the same file as ``(state dict under fastjepa's names,
   architecture, info)``, without building a model.
-* :func:`export_encoder`: a run's target encoder (or context encoder) as a Hugging Face
-  ``IJepaModel`` folder (``format="hf"``) or a timm model folder (``format="timm"``),
-  each with a model card; ``python -m fastjepa.checkpoint export … --format hf|timm``.
+* :func:`write_folder`: what :func:`read_encoder` read, as a Hugging Face ``IJepaModel``
+  folder (``format="hf"``) or a timm model folder (``format="timm"``), each with a model
+  card; :func:`fastjepa.encoder.export_encoder` (``python -m fastjepa.checkpoint export …
+  --format hf|timm``) resolves the source and calls it.
 
 transformers and timm are not imported: the files are written and read directly
 (:mod:`fastjepa.checkpoint.formats` holds the name and config mappings).
@@ -15,24 +16,26 @@ transformers and timm are not imported: the files are written and read directly
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn as nn
 
 from . import models
+from .architecture import arch_from_config, checkpoint_config
+from .build import build_encoder
 from .models.pos_embed import sincos_2d
 from .checkpoint import (
     resolve_run_checkpoint,
+    run_checkpoint_kind,
+    ENCODER_FLAG,
     ENCODER_FORMAT,
+    ENCODER_KEYS,
     SAFETENSORS_SUFFIX,
     CheckpointError,
     atomic_write_text,
@@ -56,12 +59,10 @@ from .checkpoint.formats import (
     layout_of,
     timm_config,
 )
-from .config import ConfigError, load_config, merge, parse_override, validate
+from .config import ConfigError
 
 log = logging.getLogger(__name__)
 
-WHICH = {"target": "target_encoder", "context": "encoder"}  # which network -> training checkpoint key
-EXPORT_FORMATS = ("safetensors", "hf", "timm")
 LAYOUTS = (
     "a fastjepa run folder (its <tag>-best.pth.tar, else <tag>-latest.pth.tar)",
     "a fastjepa or reference I-JEPA training checkpoint (.pth.tar: encoder / target_encoder state dicts)",
@@ -92,89 +93,6 @@ def _describe_keys(state: Mapping[str, Any]) -> str:
     keys = list(state)
     shown = ", ".join(repr(k) for k in keys[:6])
     return f"{len(keys)} keys ({shown}{', …' if len(keys) > 6 else ''})"
-
-
-def architecture_of(encoder: nn.Module) -> dict[str, Any]:
-    """The architecture of a built encoder (what :func:`build_encoder` takes)."""
-    enc = getattr(encoder, "module", encoder)
-    fc1 = enc.blocks[0].mlp.fc1
-    return {
-        "embed_dim": int(enc.embed_dim),
-        "depth": len(enc.blocks),
-        "num_heads": int(enc.num_heads),
-        "mlp_ratio": fc1.out_features / int(enc.embed_dim),
-        "patch_size": int(enc.patch_embed.patch_size),
-        "img_size": int(enc.patch_embed.img_size),
-        "in_chans": int(enc.patch_embed.proj.in_channels),
-        "qkv_bias": enc.blocks[0].attn.qkv.bias is not None,
-        "norm_eps": float(enc.norm.eps),
-    }
-
-
-def build_encoder(arch: Mapping[str, Any], *, device: torch.device | str | None = None) -> models.VisionTransformer:
-    """A randomly initialised encoder of ``arch`` (its LayerNorms with ``norm_eps``)."""
-    with torch.device(device) if device is not None else contextlib.nullcontext():
-        return models.VisionTransformer(
-            img_size=int(arch["img_size"]),
-            patch_size=int(arch["patch_size"]),
-            in_chans=int(arch["in_chans"]),
-            embed_dim=int(arch["embed_dim"]),
-            depth=int(arch["depth"]),
-            num_heads=int(arch["num_heads"]),
-            mlp_ratio=float(arch["mlp_ratio"]),
-            qkv_bias=bool(arch["qkv_bias"]),
-            norm_layer=partial(nn.LayerNorm, eps=float(arch["norm_eps"])),
-        )
-
-
-def arch_from_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """The encoder architecture a fastjepa config builds (the factory run on the meta device)."""
-    meta = cfg["meta"]
-    factory = getattr(models, str(meta["model_name"]), None)
-    if factory is None or not callable(factory):
-        raise ConfigError(f"meta.model_name={meta['model_name']!r} is not a fastjepa model")
-    with torch.device("meta"):
-        enc = factory(patch_size=int(cfg["mask"]["patch_size"]), img_size=int(cfg["data"]["crop_size"]), **(meta["model_kwargs"] or {}))
-    return architecture_of(enc)
-
-
-def _config_with(stored: Mapping[str, Any] | None, config: str | os.PathLike | None, overrides: Sequence[str]) -> tuple[dict | None, str]:
-    """The config that describes a training checkpoint: ``config`` (a YAML file), else the
-    stored one, with ``overrides`` applied; (None, "") when there is neither."""
-    if config is not None:
-        return load_config(config, overrides), f"--config {config}"
-    if stored is None:
-        return (load_config(None, overrides), "the packaged config + overrides") if overrides else (None, "")
-    cfg = merge(load_config(None, []), dict(stored), "the checkpoint's config")
-    for text in overrides:
-        sec, key, value = parse_override(text)
-        merge(cfg, {sec: {key: value}}, f"override {text!r}")
-    return validate(cfg), "the checkpoint's config"
-
-
-def run_folder_checkpoint(folder: str | os.PathLike, prefer: str = "best") -> tuple[Path, str] | None:
-    """``(checkpoint, "best" | "latest" | "prev")`` of a run folder, as
-    :func:`fastjepa.checkpoint.resolve_run_checkpoint` picks it (``prefer="best"``: its
-    ``<tag>-best.pth.tar`` if it has one, else its latest); None for a folder holding no
-    training checkpoint (a Hugging Face or timm folder)."""
-    folder = Path(folder)
-    if not any(any(folder.glob(f"*-{kind}.pth.tar")) for kind in ("best", "latest", "prev")):
-        return None
-    path = resolve_run_checkpoint(folder, prefer)
-    return path, path.name[: -len(".pth.tar")].rsplit("-", 1)[-1]
-
-
-def config_names(arch: Mapping[str, Any]) -> dict[str, Any]:
-    """``arch`` as a fastjepa config's names: ``{model_name, model_kwargs, patch_size,
-    crop_size}`` (the factory of that width, kwargs for what differs from it). The
-    LayerNorm eps is not a config setting: build with :func:`build_encoder` to keep it."""
-    D = int(arch["embed_dim"])
-    name = next((n for n, s in models.VIT_SIZES.items() if s["embed_dim"] == D), "vit_base")
-    base = dict(models.VIT_SIZES[name], qkv_bias=True, in_chans=3)
-    kwargs = {k: arch[k] for k in ("embed_dim", "depth", "num_heads", "qkv_bias", "in_chans") if arch[k] != base[k]}
-    if abs(float(arch["mlp_ratio"]) - float(base["mlp_ratio"])) > 1e-9:
-        kwargs["mlp_ratio"] = float(arch["mlp_ratio"])
-    return {"model_name": name, "model_kwargs": kwargs, "patch_size": int(arch["patch_size"]), "crop_size": int(arch["img_size"])}
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -240,21 +158,21 @@ def read_encoder(
     """Read one encoder from any layout in :data:`LAYOUTS` (see :func:`load_encoder`).
     ``config`` / ``overrides`` give the architecture of a training checkpoint instead of
     its stored config (or of a reference checkpoint instead of its weights' shapes)."""
-    if which not in WHICH:
-        raise ValueError(f"which={which!r}: expected one of {', '.join(WHICH)}")
+    if which not in ENCODER_KEYS:
+        raise ValueError(f"which={which!r}: expected one of {', '.join(ENCODER_KEYS)}")
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path} does not exist")
-    info: dict[str, Any] = {"path": str(path), "network": WHICH[which], "epoch": None, "config": None}
+    info: dict[str, Any] = {"path": str(path), "network": ENCODER_KEYS[which], "epoch": None, "config": None}
     if path.is_dir():
         cfg_file, weights = path / CONFIG_NAME, _weights_in(path)
         if cfg_file.is_file() and weights is not None:
             return _read_weights_file(weights, which, trust, info | {"path": str(path)}, _read_json(cfg_file))
-        chosen = run_folder_checkpoint(path)
-        if chosen is None:
+        ckpt = resolve_run_checkpoint(path, strict=False)  # a run folder: its best, else latest checkpoint
+        if ckpt == path:
             listing = sorted(p.name for p in path.iterdir())[:8]
             raise _unknown(path, f"a folder holding {listing or 'nothing'}")
-        ckpt, kind = chosen
+        kind = run_checkpoint_kind(ckpt)
         found = read_encoder(ckpt, which=which, trust=trust, config=config, overrides=overrides)
         found.info.update({"path": str(path), "checkpoint": str(ckpt), "chosen": kind})
         log.info("fastjepa: %s: loading its %s checkpoint %s", path, kind, ckpt.name)
@@ -275,11 +193,11 @@ def _read_weights_file(
     overrides: Sequence[str] = (),
 ) -> EncoderFile:
     obj, meta = _load_tensors(path, trust)
-    key = WHICH[which]
+    key = ENCODER_KEYS[which]
     if meta.get("format") == ENCODER_FORMAT:  # fastjepa's own safetensors export
         stored = meta.get("network")
         if stored and stored != key:
-            flag = {v: k for k, v in WHICH.items()}.get(stored, stored)
+            flag = ENCODER_FLAG.get(stored, stored)
             raise CheckpointError(f"{path} holds the {stored}, not the {key} (ask for which={flag!r})")
         try:
             arch = arch_from_state(obj)
@@ -298,7 +216,7 @@ def _read_weights_file(
         extra = obj.get("fastjepa") if isinstance(obj.get("fastjepa"), Mapping) else None
         stored = extra.get("config") if extra and isinstance(extra.get("config"), Mapping) else None
         try:
-            cfg, source = _config_with(stored, config, overrides)
+            cfg, source = checkpoint_config(stored, config, overrides)
         except ConfigError as exc:
             raise CheckpointError(f"checkpoint {path}: the config does not validate ({exc}); pass --config FILE") from None
         try:
@@ -337,8 +255,7 @@ def load_encoder(
     architecture came from). An unknown layout raises :class:`~fastjepa.checkpoint.CheckpointError`
     naming what was found and the layouts read."""
     found = read_encoder(path, which=which, trust=trust)
-    with torch.device("meta"):
-        encoder = build_encoder(found.arch)
+    encoder = build_encoder(found.arch, device="meta")
     try:
         encoder.load_state_dict(found.state, strict=True, assign=True)
     except RuntimeError as exc:
@@ -479,31 +396,18 @@ def model_card(found: EncoderFile, *, fmt: str, source: str, out_name: str) -> s
     return "\n".join(lines) + "\n"
 
 
-def export_encoder(
-    src: str | os.PathLike,
-    dst: str | os.PathLike,
-    *,
-    format: str = "hf",
-    which: str = "target",
-    config: str | os.PathLike | None = None,
-    overrides: Sequence[str] = (),
-    trust: bool = False,
-    prefer: str = "best",
-) -> dict[str, Any]:
-    """Write ``src``'s target encoder (``which="context"``: the context encoder) to the
-    folder ``dst``: ``format="hf"`` a transformers ``IJepaModel`` (config.json,
-    model.safetensors, README.md), ``format="timm"`` a timm model folder (the same three
-    files, for ``timm.create_model("local-dir:DST", pretrained=True)``). ``src``: anything
-    :func:`read_encoder` reads. Returns ``{"format", "path", "arch", "info"}``."""
+def write_folder(found: EncoderFile, dst: str | os.PathLike, *, format: str, source: str | os.PathLike) -> dict[str, Any]:
+    """Write the encoder :func:`read_encoder` read from ``source`` to the folder ``dst``:
+    ``format="hf"`` a transformers ``IJepaModel`` (config.json, model.safetensors,
+    README.md), ``format="timm"`` a timm model folder (the same three files, for
+    ``timm.create_model("local-dir:DST", pretrained=True)``). The weights are checked
+    against the architecture before anything is written. ``source``: what the user named
+    (a run folder's eval.json goes into the model card). Returns ``{"format", "path",
+    "network", "arch", "info", "metadata"}`` (as :func:`fastjepa.encoder.export_encoder`)."""
     if format not in ("hf", "timm"):
-        raise ValueError(f"format={format!r}: expected 'hf' or 'timm' (safetensors: fastjepa.checkpoint.export_encoder)")
-    src, dst = Path(src), Path(dst)
-    if dst.exists() and not dst.is_dir():
-        raise CheckpointError(f"export: {dst} exists and is not a folder; --format {format} writes a folder")
-    chosen = run_folder_checkpoint(src, prefer) if src.is_dir() else None  # a run folder: best, else latest
-    found = read_encoder(chosen[0] if chosen else src, which=which, trust=trust, config=config, overrides=overrides)
-    with torch.device("meta"):  # check that the weights fit the architecture before writing anything
-        probe = build_encoder(found.arch)
+        raise ValueError(f"format={format!r}: expected 'hf' or 'timm'")
+    src, dst = Path(source), Path(dst)
+    probe = build_encoder(found.arch, device="meta")  # check that the weights fit the architecture before writing anything
     missing, unexpected = _key_diff(probe.state_dict(), found.state)
     if missing or unexpected:
         raise CheckpointError(f"export: {src}'s weights do not fit its architecture (missing {missing[:4]}, unexpected {unexpected[:4]})")
@@ -517,7 +421,8 @@ def export_encoder(
     save_safetensors(state, meta, dst / WEIGHTS_NAME)
     atomic_write_text(dst / CONFIG_NAME, dumps_config(cfg_json))
     atomic_write_text(dst / "README.md", model_card(found, fmt=format, source=str(src), out_name=str(dst)))
-    return {"format": format, "path": str(dst), "arch": found.arch, "info": {k: v for k, v in found.info.items() if k != "config"}}
+    info = {k: v for k, v in found.info.items() if k != "config"}
+    return {"format": format, "path": str(dst), "network": info.get("network"), "arch": found.arch, "info": info, "metadata": meta}
 
 
 def _key_diff(want: Mapping[str, Any], have: Mapping[str, Any]) -> tuple[list[str], list[str]]:

@@ -28,7 +28,9 @@ from fastjepa.checkpoint import CheckpointError, save_checkpoint
 from fastjepa.checkpoint.__main__ import main as checkpoint_cli
 from fastjepa.checkpoint.formats import fastjepa_to_hf, hf_config, hf_to_fastjepa
 from fastjepa.config import load_config
-from fastjepa.interop import architecture_of, export_encoder, read_encoder
+from fastjepa.architecture import arch_from_module
+from fastjepa.encoder import export_encoder
+from fastjepa.interop import read_encoder
 from fastjepa.masks import MaskCollator
 from fastjepa.ops import available, use_backend
 
@@ -222,7 +224,7 @@ def test_hf_to_fastjepa_to_hf(tmp_path, hf, qkv_bias):
     want = _hf_tokens(original, x)
     for path in (src, src / "model.safetensors"):
         enc = fastjepa.load_encoder(path)
-        assert architecture_of(enc) == {"embed_dim": 64, "depth": 2, "num_heads": 4, "mlp_ratio": 2.0, "patch_size": 8, "img_size": 32,
+        assert arch_from_module(enc) == {"embed_dim": 64, "depth": 2, "num_heads": 4, "mlp_ratio": 2.0, "patch_size": 8, "img_size": 32,
                                         "in_chans": 3, "qkv_bias": qkv_bias, "norm_eps": 1e-12}  # fmt: skip
         torch.testing.assert_close(_tokens(enc, x), want, atol=1e-5, rtol=1e-5)
     out = tmp_path / "again"
@@ -247,7 +249,7 @@ def test_hf_names_map_both_ways_without_transformers():
     memory = {k.replace("encoder.layer.", "layers.").replace("attention.attention.query", "attention.q_proj"): v for k, v in hf_state.items()}
     memory = {("ijepa." + k): v for k, v in memory.items() if "query" not in k}
     assert "ijepa.layers.0.attention.q_proj.weight" in memory
-    assert hf_config(architecture_of(enc))["layer_norm_eps"] == 1e-6
+    assert hf_config(arch_from_module(enc))["layer_norm_eps"] == 1e-6
 
 
 def test_eval_cli_takes_an_hf_folder(tmp_path, hf, capsys):
@@ -329,7 +331,7 @@ def test_timm_builds_the_exported_huge_encoder(tmp_path, timm):
 
     out.mkdir()
     save_safetensors(state, {"format": "pt"}, out / "model.safetensors")
-    cfg = timm_config(architecture_of(enc))
+    cfg = timm_config(arch_from_module(enc))
     assert cfg["architecture"] == "vit_huge_patch14_gap_224"
     (out / "config.json").write_text(dumps_config(cfg))
     tm = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
@@ -408,6 +410,28 @@ def test_export_folder_formats_need_a_folder(tmp_path, capsys):
     assert "--format hf" in capsys.readouterr().err
 
 
+def test_an_hf_folder_loads_with_a_config_and_exports_to_safetensors(tmp_path):
+    """A folder of another tool is a source like a run folder: with --config its encoder is
+    built from the config, and the safetensors export reads the folder as it is."""
+    from fastjepa import encoder as encoders
+    from fastjepa.checkpoint import read_safetensors
+    from fastjepa.config import dump_config
+
+    torch.manual_seed(3)
+    enc = models.vit_tiny(depth=2, embed_dim=64, num_heads=4, patch_size=8, img_size=32).eval()
+    export_encoder_state(enc, tmp_path / "hf")
+    cfg = load_config(None, [*TINY, "meta.model_kwargs={depth: 2, embed_dim: 64, num_heads: 4}", "data.crop_size=32", "mask.patch_size=8"])
+    dump_config(cfg, tmp_path / "cfg.yaml")
+    got, _, info = encoders.load_target_encoder(tmp_path / "hf", config=tmp_path / "cfg.yaml")
+    assert info["architecture_from"] == f"--config {tmp_path / 'cfg.yaml'}" and info["format"] == "hf"
+    assert all(torch.equal(v, enc.state_dict()[k]) for k, v in got.state_dict().items())
+    out = export_encoder(tmp_path / "hf", tmp_path / "enc.safetensors")
+    assert (out["format"], out["network"], out["arch"]["embed_dim"], out["arch"]["num_heads"]) == ("safetensors", "target_encoder", 64, 4)
+    state, meta = read_safetensors(tmp_path / "enc.safetensors")
+    assert meta["num_heads"] == "4" and sorted(state) == sorted(enc.state_dict())
+    assert all(torch.equal(state[k], v) for k, v in enc.state_dict().items())
+
+
 # -- any input size
 
 
@@ -442,7 +466,7 @@ def export_encoder_state(enc, out):
 
     out.mkdir(parents=True, exist_ok=True)
     save_safetensors(fastjepa_to_hf(enc.state_dict()), {"format": "pt"}, out / "model.safetensors")
-    (out / "config.json").write_text(dumps_config(hf_config(architecture_of(enc))))
+    (out / "config.json").write_text(dumps_config(hf_config(arch_from_module(enc))))
 
 
 def _backends():

@@ -14,12 +14,15 @@ from .checks import (
     restore_checkpoint,
 )
 from .core import (
+    ENCODER_FLAG,
+    ENCODER_KEYS,
     ENCODER_FORMAT,
     ENCODER_FORMAT_VERSION,
     FORMAT_VERSION,
     MODEL_KEYS,
     OLD_NUMPY_GLOBALS,
     REFERENCE_KEYS,
+    RUN_KINDS,
     RUN_PREFERENCES,
     SAFETENSORS_SUFFIX,
     CheckpointError,
@@ -36,18 +39,16 @@ from .core import (
     plain,
     read_checkpoint,
     resolve_run_checkpoint,
+    run_checkpoint_kind,
     save_checkpoint,
-    save_states,
     strip_module_prefix,
     tensors_digest,
     verify_zip_checksums,
 )
 from .tools import (
     ARCH_FIELDS,
-    ENCODER_FLAG,
     check_architecture,
     convert_checkpoint,
-    encoder_architecture,
     encoder_metadata,
     int_or_none,
     load_encoder,
@@ -56,8 +57,10 @@ from .tools import (
 )
 
 __all__ = [
+    "RUN_KINDS",
     "RUN_PREFERENCES",
     "resolve_run_checkpoint",
+    "run_checkpoint_kind",
     "keep_as_copy",
     "UnverifiedCheckpointWarning",
     "verify_zip_checksums",
@@ -73,6 +76,7 @@ __all__ = [
     "ARCH_FIELDS",
     "CheckpointError",
     "ENCODER_FLAG",
+    "ENCODER_KEYS",
     "ENCODER_FORMAT",
     "ENCODER_FORMAT_VERSION",
     "FORMAT_VERSION",
@@ -87,7 +91,6 @@ __all__ = [
     "atomic_write_text",
     "check_architecture",
     "convert_checkpoint",
-    "encoder_architecture",
     "encoder_metadata",
     "fsync_dir",
     "int_or_none",
@@ -100,6 +103,5 @@ __all__ = [
     "read_safetensors",
     "save_checkpoint",
     "save_safetensors",
-    "save_states",
     "strip_module_prefix",
 ]

@@ -1,5 +1,5 @@
-"""``python -m fastjepa.checkpoint export|convert``: share an encoder as ``.safetensors``,
-rewrite a checkpoint of an earlier fastjepa so that it loads weights-only."""
+"""``python -m fastjepa.checkpoint export|convert``: share an encoder as ``.safetensors`` or
+as a Hugging Face / timm folder (:func:`fastjepa.encoder.export_encoder`), rewrite a checkpoint of an earlier fastjepa so that it loads weights-only."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 from ..config import ConfigError
-from ..encoder import EvalError, export_encoder
-from .core import CheckpointError, resolve_run_checkpoint
+from ..encoder import EXPORT_FORMATS, EvalError, export_encoder
+from .core import ENCODER_KEYS, CheckpointError, resolve_run_checkpoint
 from .tools import ARCH_FIELDS, convert_checkpoint
 
 
@@ -37,11 +37,11 @@ def _parse_args(argv=None) -> argparse.Namespace:
     ex.add_argument("--latest", action="store_true", help="from a run folder: its latest checkpoint, not the best (highest target RankMe)")
     ex.add_argument(
         "--format",
-        choices=("safetensors", "hf", "timm"),
+        choices=EXPORT_FORMATS,
         help="safetensors (default for OUT.safetensors), hf (transformers IJepaModel folder) or timm (timm model folder)",
     )
     ex.add_argument(
-        "--which", "--encoder", dest="encoder", choices=("target", "context"), default="target", help="which network (default: target)"
+        "--which", "--encoder", dest="encoder", choices=tuple(ENCODER_KEYS), default="target", help="which network (default: target)"
     )
     ex.add_argument("--config", help="YAML config for the architecture of a reference checkpoint (default: its weight shapes)")
     ex.add_argument("--trust-checkpoint", action="store_true", help="open a checkpoint that needs more than weights-only (it may run code)")
@@ -71,23 +71,19 @@ def main(argv=None) -> int:
             picked = resolve_run_checkpoint(args.source, prefer)
             why = " (the epoch with the highest target RankMe; --latest for the latest)" if picked.name.endswith("-best.pth.tar") else ""
             print(f"fastjepa.checkpoint: {args.source} is a run folder: exporting {picked.name}{why}", file=sys.stderr)
-        if args.command == "export" and args.format in ("hf", "timm"):
-            from ..interop import export_encoder as export_folder
-
-            out = export_folder(
-                args.source, args.output, format=args.format, which=args.encoder, config=args.config, overrides=args.overrides,
-                trust=args.trust_checkpoint, prefer=prefer,
+        if args.command == "export":
+            out = export_encoder(
+                args.source, args.output, format=args.format or "safetensors", which=args.encoder, config=args.config,
+                overrides=args.overrides, trust=args.trust_checkpoint, prefer=prefer,
             )  # fmt: skip
-            arch = ", ".join(f"{k} {v}" for k, v in out["arch"].items())
-            print(f"fastjepa.checkpoint: wrote {args.output}/ ({args.format}: config.json, model.safetensors, README.md): "
-                  f"{out['info']['network']} of {out['info'].get('checkpoint') or out['info']['path']} ({arch})")  # fmt: skip
-        elif args.command == "export":
-            meta = export_encoder(
-                args.source, args.output, which=args.encoder, config=args.config, overrides=args.overrides, trust=args.trust_checkpoint,
-                prefer=prefer,
-            )  # fmt: skip
-            arch = ", ".join(f"{k} {meta[k]}" for k in ARCH_FIELDS)
-            print(f"fastjepa.checkpoint: wrote {args.output}: {meta['network']}, {meta['model_name']} ({arch})")
+            if out["format"] == "safetensors":
+                meta = out["metadata"]
+                arch = ", ".join(f"{k} {meta[k]}" for k in ARCH_FIELDS)
+                print(f"fastjepa.checkpoint: wrote {args.output}: {meta['network']}, {meta['model_name']} ({arch})")
+            else:
+                arch = ", ".join(f"{k} {v}" for k, v in out["arch"].items())
+                print(f"fastjepa.checkpoint: wrote {args.output}/ ({args.format}: config.json, model.safetensors, README.md): "
+                      f"{out['info']['network']} of {out['info'].get('checkpoint') or out['info']['path']} ({arch})")  # fmt: skip
         else:
             how = convert_checkpoint(args.old, args.new, trust=args.trust_checkpoint)
             print(f"fastjepa.checkpoint: wrote {args.new} ({how})")

@@ -16,7 +16,8 @@ Sharing an encoder: ``python -m fastjepa.checkpoint export RUN_OR_FILE OUT.safet
 writes one network (the target encoder by default) with its architecture in the
 safetensors metadata; :func:`load_encoder` and ``python -m fastjepa.eval`` read it.
 ``--format hf`` / ``--format timm`` write a transformers ``IJepaModel`` or timm folder
-instead (:mod:`fastjepa.interop`, which also reads every such layout).
+instead (both through :func:`fastjepa.encoder.export_encoder`; :mod:`fastjepa.interop`
+reads every such layout).
 ``python -m fastjepa.checkpoint convert OLD NEW`` rewrites a checkpoint of an earlier
 fastjepa (NumPy RNG state pickled as an array) as a weights-only one.
 """
@@ -40,6 +41,8 @@ import torch.nn as nn
 
 REFERENCE_KEYS = ("encoder", "predictor", "target_encoder", "opt", "scaler", "epoch", "loss", "batch_size", "world_size", "lr")
 MODEL_KEYS = ("encoder", "predictor", "target_encoder")
+ENCODER_KEYS = {"target": "target_encoder", "context": "encoder"}  # which encoder (--encoder, which=) -> its checkpoint key
+ENCODER_FLAG = {key: flag for flag, key in ENCODER_KEYS.items()}  # and back
 FORMAT_VERSION = 2  # 2: everything under "fastjepa" loads weights-only (1 pickled NumPy's RNG state as an array)
 ENCODER_FORMAT = "fastjepa.encoder"  # the safetensors metadata's "format"
 ENCODER_FORMAT_VERSION = 2  # 2: the metadata's "sha256" is the tensors' content hash (tensors_digest)
@@ -216,7 +219,7 @@ def plain(obj: Any, where: str = "value") -> Any:
 
 def save_checkpoint(
     path: str | os.PathLike,
-    model: nn.Module,
+    model: nn.Module | Mapping[str, Any],
     optimizer: torch.optim.Optimizer | None = None,
     scaler: Any = None,
     *,
@@ -227,33 +230,24 @@ def save_checkpoint(
     lr: float,
     extra: Mapping[str, Any] | None = None,
 ) -> None:
-    """Write ``model`` (an :class:`~fastjepa.IJEPA`, or anything with ``encoder``,
-    ``predictor``, ``target_encoder``) and the training state to ``path`` atomically."""
-    model = _unwrap(model)
-    states = {name: model_state(getattr(model, name)) for name in MODEL_KEYS}
-    states["opt"] = optimizer.state_dict() if optimizer is not None else None
-    save_states(path, states, scaler, epoch=epoch, loss=loss, batch_size=batch_size, world_size=world_size, lr=lr, extra=extra)
+    """Write the three networks and the training state to ``path`` atomically.
 
-
-def save_states(
-    path: str | os.PathLike,
-    states: Mapping[str, Any],
-    scaler: Any = None,
-    *,
-    epoch: int,
-    loss: float,
-    batch_size: int,
-    world_size: int = 1,
-    lr: float,
-    extra: Mapping[str, Any] | None = None,
-) -> None:
-    """:func:`save_checkpoint` from ready state dicts (``encoder``, ``predictor``,
-    ``target_encoder``, ``opt``) — e.g. full state dicts gathered from FSDP2 shards."""
+    ``model``: an :class:`~fastjepa.IJEPA` (or anything with ``encoder``, ``predictor``,
+    ``target_encoder``) and its ``optimizer``; or their ready state dicts
+    ``{"encoder", "predictor", "target_encoder", "opt"}`` (e.g. full state dicts gathered
+    from FSDP2 shards), the optimizer's under ``"opt"``."""
+    if isinstance(model, Mapping):
+        if optimizer is not None:
+            raise TypeError("save_checkpoint: with ready state dicts, pass the optimizer's state as states['opt'], not optimizer=")
+        states = {name: strip_module_prefix(model[name]) for name in MODEL_KEYS}
+        opt = model.get("opt")
+    else:
+        module = _unwrap(model)
+        states = {name: model_state(getattr(module, name)) for name in MODEL_KEYS}
+        opt = optimizer.state_dict() if optimizer is not None else None
     ckpt = {
-        "encoder": strip_module_prefix(states["encoder"]),
-        "predictor": strip_module_prefix(states["predictor"]),
-        "target_encoder": strip_module_prefix(states["target_encoder"]),
-        "opt": states.get("opt"),
+        **states,
+        "opt": opt,
         "scaler": scaler.state_dict() if scaler is not None else None,
         "epoch": int(epoch),
         "loss": float(loss),
@@ -452,21 +446,26 @@ def tensors_digest(state: Mapping[str, torch.Tensor]) -> str:
 
 
 RUN_PREFERENCES = ("best", "latest")
+RUN_KINDS = ("best", "latest", "prev")  # a run folder's checkpoints: <tag>-<kind>.pth.tar
 
 
-def resolve_run_checkpoint(path: str | os.PathLike, prefer: str = "best") -> Path:
+def resolve_run_checkpoint(path: str | os.PathLike, prefer: str = "best", *, strict: bool = True) -> Path:
     """The checkpoint a path means: a file is itself; a run folder gives its
     ``<tag>-best.pth.tar`` (the epoch checkpoint with the highest target-encoder RankMe,
     kept by training; docs/eval.md) when ``prefer="best"`` and it has one, else its
     ``<tag>-latest.pth.tar`` (else ``<tag>-prev.pth.tar``, left alone by a crash between the
-    two renames of a write). Callers say which they picked (``path.name``). Raises
-    :class:`CheckpointError` for a folder with none, or with several run tags."""
+    two renames of a write). Callers say which they picked (``path.name``,
+    :func:`run_checkpoint_kind`). Raises :class:`CheckpointError` for a folder with several
+    run tags, and for one with none unless ``strict=False``, which returns such a folder
+    (another tool's: a Hugging Face or timm folder) as it is."""
     if prefer not in RUN_PREFERENCES:
         raise ValueError(f"resolve_run_checkpoint: prefer={prefer!r}, expected one of {', '.join(RUN_PREFERENCES)}")
     path = Path(path)
     if not path.is_dir():
         return path
-    order = ("best", "latest", "prev") if prefer == "best" else ("latest", "prev")
+    if not strict and not any(any(path.glob(f"*-{kind}.pth.tar")) for kind in RUN_KINDS):
+        return path
+    order = RUN_KINDS if prefer == "best" else RUN_KINDS[1:]
     for kind in order:
         found = sorted(path.glob(f"*-{kind}.pth.tar"))
         if len(found) > 1:
@@ -474,3 +473,8 @@ def resolve_run_checkpoint(path: str | os.PathLike, prefer: str = "best") -> Pat
         if found:
             return found[0]
     raise CheckpointError(f"{path} is a folder without a <tag>-latest.pth.tar: pass a run folder or a checkpoint file")
+
+
+def run_checkpoint_kind(path: str | os.PathLike) -> str:
+    """``"best"`` | ``"latest"`` | ``"prev"`` for a run folder's ``<tag>-<kind>.pth.tar``."""
+    return Path(path).name[: -len(".pth.tar")].rsplit("-", 1)[-1]

@@ -1,8 +1,9 @@
 """Other tools' layouts of the I-JEPA encoder: Hugging Face transformers' ``IJepaModel``
 and timm's ``VisionTransformer`` (docs/interop.md).
 
-Pure name and config mappings over state dicts; nothing here builds a model or imports
-transformers or timm.
+Pure name and config mappings over state dicts, and the architecture read off a state
+dict's shapes or a built encoder; nothing here builds a model or imports transformers or
+timm (:mod:`fastjepa.architecture` maps these architectures to configs and models).
 
 * fastjepa (the reference's names): ``pos_embed``, ``patch_embed.proj.*``,
   ``blocks.{i}.{norm1, attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2}.*``, ``norm.*``.
@@ -296,6 +297,29 @@ def arch_from_state(state: Mapping[str, torch.Tensor], *, norm_eps: float = 1e-6
         "qkv_bias": "blocks.0.attn.qkv.bias" in state,
         "norm_eps": norm_eps,
     }
+
+
+def arch_from_module(encoder: Any) -> dict[str, Any]:
+    """``arch`` read off a built encoder (a fastjepa / reference ViT, also inside a DDP
+    wrapper's ``.module``). An encoder without blocks has no MLP ratio or qkv bias to read:
+    those are None. Anything else is a ``FormatError`` naming its type."""
+    enc = getattr(encoder, "module", encoder)
+    try:
+        D = int(enc.embed_dim)
+        block = enc.blocks[0] if len(enc.blocks) else None
+        return {
+            "embed_dim": D,
+            "depth": len(enc.blocks),
+            "num_heads": int(enc.num_heads),
+            "mlp_ratio": block.mlp.fc1.out_features / D if block is not None else None,
+            "patch_size": int(enc.patch_embed.patch_size),
+            "img_size": int(enc.patch_embed.img_size),
+            "in_chans": int(enc.patch_embed.proj.in_channels),
+            "qkv_bias": block.attn.qkv.bias is not None if block is not None else None,
+            "norm_eps": float(enc.norm.eps),
+        }
+    except AttributeError as exc:
+        raise FormatError(f"{type(enc).__name__} is not a fastjepa VisionTransformer encoder ({exc})") from None
 
 
 def dumps_config(cfg: Mapping[str, Any]) -> str:

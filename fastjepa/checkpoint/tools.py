@@ -2,7 +2,8 @@
 
 * safetensors: one network under the reference's parameter names with its architecture in
   the metadata (``save_safetensors`` / ``encoder_metadata``, written by
-  :func:`fastjepa.encoder.export_encoder`); ``read_safetensors`` / ``check_architecture``
+  :func:`fastjepa.encoder.export_encoder`; the architecture read off the module by
+  :func:`.formats.arch_from_module`); ``read_safetensors`` / ``check_architecture``
   read it back for :func:`load_encoder` and ``python -m fastjepa.eval``.
 * :func:`load_encoder`: one network from a checkpoint or a ``.safetensors`` file.
 * ``convert_checkpoint``: rewrites a checkpoint of an earlier fastjepa (NumPy's RNG state
@@ -25,7 +26,9 @@ import torch.nn as nn
 
 from ..rng import numpy_rng_to_plain
 from .checks import _load_module
+from .formats import FormatError, arch_from_module
 from .core import (
+    ENCODER_FLAG,
     ENCODER_FORMAT,
     ENCODER_FORMAT_VERSION,
     FORMAT_VERSION,
@@ -36,7 +39,6 @@ from .core import (
     UnverifiedCheckpointWarning,
     _damaged,
     _torch_load,
-    _unwrap,
     atomic_save,
     atomic_write,
     plain,
@@ -47,7 +49,6 @@ from .core import (
 
 # -- safetensors: one encoder with its architecture, for sharing
 
-ENCODER_FLAG = {"target_encoder": "target", "encoder": "context"}
 ARCH_FIELDS = ("embed_dim", "depth", "num_heads", "mlp_ratio", "patch_size", "img_size", "in_chans")
 
 
@@ -58,31 +59,18 @@ def int_or_none(text: str | None) -> int | None:
         return None
 
 
-def encoder_architecture(encoder: nn.Module) -> dict[str, Any]:
-    """What rebuilding ``encoder`` (a fastjepa / reference ViT) takes, read off the module:
-    width, depth, heads, MLP ratio, patch and image size, input channels."""
-    enc = _unwrap(encoder)
+def _arch_of(encoder: nn.Module) -> dict[str, Any]:
     try:
-        embed_dim = int(enc.embed_dim)
-        fc1 = enc.blocks[0].mlp.fc1 if len(enc.blocks) else None
-        return {
-            "embed_dim": embed_dim,
-            "depth": len(enc.blocks),
-            "num_heads": int(enc.num_heads),
-            "mlp_ratio": float(fc1.out_features / embed_dim) if fc1 is not None else None,
-            "patch_size": int(enc.patch_embed.patch_size),
-            "img_size": int(enc.patch_embed.img_size),
-            "in_chans": int(enc.patch_embed.proj.in_channels),
-        }
-    except AttributeError as exc:
-        raise CheckpointError(f"{type(enc).__name__} is not a fastjepa VisionTransformer encoder ({exc})") from None
+        return arch_from_module(encoder)
+    except FormatError as exc:
+        raise CheckpointError(str(exc)) from None
 
 
 def encoder_metadata(encoder: nn.Module, cfg: Mapping[str, Any], *, network: str = "target_encoder", epoch: Any = None, source: str = "") -> dict[str, str]:
     """The safetensors metadata of an exported encoder (all values strings)."""
     from ..version import __version__
 
-    arch = encoder_architecture(encoder)
+    arch = _arch_of(encoder)
     meta = {
         "format": ENCODER_FORMAT,
         "format_version": str(ENCODER_FORMAT_VERSION),
@@ -94,14 +82,14 @@ def encoder_metadata(encoder: nn.Module, cfg: Mapping[str, Any], *, network: str
         "source": source,
         "fastjepa_version": __version__,
     }
-    meta.update({k: repr(v) if isinstance(v, float) else str(v) for k, v in arch.items()})
+    meta.update({k: repr(arch[k]) if isinstance(arch[k], float) else str(arch[k]) for k in ARCH_FIELDS})
     return meta
 
 
 def check_architecture(path: Path, meta: Mapping[str, str], encoder: nn.Module) -> None:
     """Fail, naming every field that differs, when ``encoder`` is not the architecture
     a safetensors file's metadata records (shapes alone miss a different head count)."""
-    have = encoder_architecture(encoder)
+    have = _arch_of(encoder)
     bad = []
     for field in ARCH_FIELDS:
         if field not in meta or have[field] is None:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..checkpoint import CheckpointError, atomic_write_text, check_module_state, read_checkpoint
-from ..encoder import build_encoder, random_init_encoder
+from ..build import config_encoder, random_init_encoder
 from .classifiers import KNN_K, KNN_T, evaluate_encoder
 from .features import default_cache_dir, eval_datasets, limit
 
@@ -114,7 +114,7 @@ def quick_probe(
 def _quick_encoder(cfg: dict, path: Path) -> tuple[Any, dict[str, Any]]:
     """The target encoder of the run's checkpoint ``path`` (built from the run's own config),
     its tensors checked before they are loaded."""
-    encoder = build_encoder(cfg)
+    encoder = config_encoder(cfg)
     ckpt = read_checkpoint(path)
     if "target_encoder" not in ckpt:
         raise CheckpointError(f"checkpoint {path} has no 'target_encoder'")

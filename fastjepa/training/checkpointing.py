@@ -20,7 +20,6 @@ from ..checkpoint import (
     read_checkpoint,
     restore_checkpoint,
     save_checkpoint,
-    save_states,
 )
 from ..distributed import DistInfo
 from ..rng import rng_state
@@ -193,7 +192,7 @@ class Checkpointer:
         # keep the last two: latest -> prev only once the new file is complete on disk
         def save(path: Path) -> None:
             if states is not None:
-                save_states(path, states, scaler, **kwargs)
+                save_checkpoint(path, states, None, scaler, **kwargs)
             else:
                 save_checkpoint(path, model, optimizer, scaler, **kwargs)
 

@@ -34,6 +34,24 @@ def test_round_trip_reference_keys(tmp_path):
     assert opt_b.state_dict()["state"].keys() == opt_a.state_dict()["state"].keys()
 
 
+def test_save_from_ready_state_dicts_writes_what_saving_the_model_writes(tmp_path):
+    """The form FSDP2's gathered state takes: the same file as from the model and optimizer."""
+    a = tiny()
+    opt = torch.optim.AdamW(a.parameters())
+    a(torch.randn(2, 3, 16, 16), [torch.tensor([[0, 1, 2], [3, 4, 5]])], [torch.tensor([[9, 10], [11, 12]])]).backward()
+    opt.step()
+    _save(tmp_path / "m.pth.tar", a, opt)
+    states = {name: {f"module.{k}": v for k, v in getattr(a, name).state_dict().items()} for name in ("encoder", "predictor", "target_encoder")}
+    _save(tmp_path / "s.pth.tar", {**states, "opt": opt.state_dict()}, None)
+    m, s = (torch.load(tmp_path / f"{n}.pth.tar", weights_only=True) for n in "ms")
+    assert list(m) == list(s) and m["epoch"] == s["epoch"] == 3 and m["fastjepa"] == s["fastjepa"]
+    for name in ("encoder", "predictor", "target_encoder"):
+        assert list(m[name]) == list(s[name]) and all(torch.equal(m[name][k], s[name][k]) for k in m[name]), name
+    assert m["opt"]["state"].keys() == s["opt"]["state"].keys()
+    with pytest.raises(TypeError, match=r"states\['opt'\]"):
+        _save(tmp_path / "x.pth.tar", states, opt)
+
+
 def test_reference_checkpoint_with_module_prefix(tmp_path):
     a, b = tiny(), tiny()
     with torch.no_grad():  # three different networks, so a mixed-up key cannot pass

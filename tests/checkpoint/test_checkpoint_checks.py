@@ -343,7 +343,7 @@ def _never_built(monkeypatch):
     def refuse(cfg):
         raise AssertionError(f"a model was built: {cfg['meta']['model_kwargs']}")
 
-    monkeypatch.setattr(encoder_mod, "build_encoder", refuse)
+    monkeypatch.setattr(encoder_mod, "config_encoder", refuse)
 
 
 def test_huge_embed_dim_in_safetensors_metadata_is_refused_before_building(trained, tmp_path, capsys, monkeypatch):

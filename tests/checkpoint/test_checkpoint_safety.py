@@ -282,7 +282,7 @@ def test_extras_that_cannot_load_weights_only_are_refused_at_save_naming_where(t
     import datetime
 
     with pytest.raises(TypeError, match=r"fastjepa\.config\.meta\.when: a datetime\.date"):
-        ck.save_states(
+        ck.save_checkpoint(
             tmp_path / "c.pth.tar", {"encoder": {}, "predictor": {}, "target_encoder": {}}, epoch=0, loss=0.0, batch_size=1, lr=0.0,
             extra={"config": {"meta": {"when": datetime.date(2024, 1, 1)}}},
         )  # fmt: skip

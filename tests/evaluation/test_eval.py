@@ -15,6 +15,7 @@ from torch.utils.data import Dataset
 
 from fastjepa import encoder as encoders
 from fastjepa import eval as ev
+from fastjepa.architecture import arch_from_state, config_names
 from fastjepa.build import build_model
 from fastjepa.checkpoint import CheckpointError, save_checkpoint
 from fastjepa.config import load_config
@@ -212,7 +213,7 @@ def test_infer_architecture_of_standard_sizes():
             ["meta.model_name=vit_small", "meta.model_kwargs={}", "data.crop_size=64", "mask.patch_size=16", "mask.min_keep=0"],
         )
     )
-    arch = encoders.infer_architecture(state.target_encoder.state_dict())
+    arch = config_names(arch_from_state(state.target_encoder.state_dict()))
     assert arch == {"model_name": "vit_small", "model_kwargs": {}, "patch_size": 16, "crop_size": 64}
 
 
