@@ -68,6 +68,32 @@ def live_rankme(run: Path) -> dict[int, dict[str, float]]:
     return {e: {"last": v[-1], "mean": statistics.fmean(v)} for e, v in per.items()}
 
 
+def batch_ranks(cfg: dict, paths: dict[int, Path], rows: int = 64) -> dict[int, dict[str, float]]:
+    """Per epoch: RankMe (as published) and the centred effective rank of the target
+    encoder's pooled features on one fixed training batch (the run's crops, its first
+    ``rows``), under the run's autocast — what the live column measures, for every epoch
+    alike, whichever definition the run logged."""
+    import tempfile
+
+    import torch
+
+    from fastjepa import health
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tr = Trainer(cfg, Path(tmp) / "r", quiet=True)
+        udata, me, mp = next(iter(tr._loader()))
+        imgs = tr.stepper.to_device(udata, me, mp)[0][:rows]
+        amp = tr.amp_dtype
+    out = {}
+    for e, path in paths.items():
+        encoder, _, _ = load_target_encoder(path)
+        encoder.eval()
+        with torch.no_grad(), torch.autocast(imgs.device.type, dtype=amp, enabled=amp is not None):
+            f = health.pooled(encoder(imgs))
+        out[e] = {"rankme": float(health.rankme(f)), "centred": float(health.effective_rank(f, center=True))}
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", help="YAML config (default: the packaged one)")
@@ -97,16 +123,17 @@ def main(argv=None) -> int:
     train = Subset(train, range(min(args.train_images, len(train))))
     common = dict(layers=1, cache_dir=None, quiet=True)
     baseline = evaluate_encoder(random_init_encoder(cfg), train, val, name="random init", **common)
+    paths = {e: run / f"{tag}-ep{e}.pth.tar" for e in range(1, cfg["optimization"]["epochs"] + 1)}
+    paths = {e: p for e, p in paths.items() if p.is_file()}
+    fixed = batch_ranks(cfg, paths)
     epochs = []
-    for e in range(1, cfg["optimization"]["epochs"] + 1):
-        path = run / f"{tag}-ep{e}.pth.tar"
-        if not path.is_file():
-            continue
+    for e, path in paths.items():
         encoder, _, _ = load_target_encoder(path)
         r = evaluate_encoder(encoder, train, val, name=f"epoch {e}", **common)
         row = {"epoch": e, "linear_probe_top1": r["linear_probe_top1"], "knn_top1": r["knn_top1"],
                "heldout_effective_rank": r["feature_effective_rank"], "target_rankme_last": live.get(e, {}).get("last", float("nan")),
-               "target_rankme_mean": live.get(e, {}).get("mean", float("nan"))}  # fmt: skip
+               "target_rankme_mean": live.get(e, {}).get("mean", float("nan")),
+               "batch_rankme": fixed[e]["rankme"], "batch_centred_rank": fixed[e]["centred"]}  # fmt: skip
         epochs.append(row)
         print(f"epoch {e}: probe {100 * row['linear_probe_top1']:.1f}%, k-NN {100 * row['knn_top1']:.1f}%, "
               f"live RankMe {row['target_rankme_last']:.2f}, held-out eff. rank {row['heldout_effective_rank']:.2f}", flush=True)  # fmt: skip
@@ -126,6 +153,8 @@ def main(argv=None) -> int:
         "spearman_probe_vs_live_rankme": spearman(probe, [r["target_rankme_last"] for r in epochs]),
         "spearman_probe_vs_live_rankme_mean": spearman(probe, [r["target_rankme_mean"] for r in epochs]),
         "spearman_probe_vs_heldout_effective_rank": spearman(probe, [r["heldout_effective_rank"] for r in epochs]),
+        "spearman_probe_vs_batch_rankme": spearman(probe, [r["batch_rankme"] for r in epochs]),
+        "spearman_probe_vs_batch_centred_rank": spearman(probe, [r["batch_centred_rank"] for r in epochs]),
         "best_epoch": best_epoch,
         "best": by_epoch.get(best_epoch),
         "last": epochs[-1] if epochs else None,
@@ -142,8 +171,8 @@ def summary_table(paths: list[str]) -> str:
     import json
 
     lines = [
-        "| settings (changes to the default) | random init | kept: epoch, probe | last epoch | best epoch's probe | Spearman: live RankMe / held-out rank |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| settings (changes to the default) | epochs | random init | kept: epoch, probe | last epoch | best epoch's probe | Spearman with the probe: live / fixed-batch RankMe / fixed-batch centred / held-out centred |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for path in paths:
         r = json.loads(Path(path).read_text())
@@ -151,11 +180,12 @@ def summary_table(paths: list[str]) -> str:
         best, last, top = r["best"], r["last"], by_epoch.get(r["best_probe_epoch"])
         name = " ".join(f"`{o}`" for o in r["overrides"] if o != "optimization.time_budget_s=null") or "none (the default)"
         lines.append(
-            f"| {name} | {_pct(r['random_init']['linear_probe_top1'])} | "
+            f"| {name} | {len(r['epochs'])} | {_pct(r['random_init']['linear_probe_top1'])} | "
             f"{r['best_epoch']}: {_pct(best and best['linear_probe_top1'])} | "
             f"{last and last['epoch']}: {_pct(last and last['linear_probe_top1'])} | "
             f"{top and top['epoch']}: {_pct(top and top['linear_probe_top1'])} | "
-            f"{_num(r['spearman_probe_vs_live_rankme'])} / {_num(r['spearman_probe_vs_heldout_effective_rank'])} |"
+            f"{_num(r['spearman_probe_vs_live_rankme'])} / {_num(r.get('spearman_probe_vs_batch_rankme'))} / "
+            f"{_num(r.get('spearman_probe_vs_batch_centred_rank'))} / {_num(r['spearman_probe_vs_heldout_effective_rank'])} |"
         )
     return "\n".join(lines)
 
@@ -175,21 +205,23 @@ def markdown(r: dict) -> str:
         f"{r['data']}; probe trained on {r['probe_train_images']} images, scored on the held-out 1,000; {r['device']}; "
         f"training {r['train_wall_s']} s.",
         "",
-        "| epoch | linear probe | k-NN | live target RankMe (last log step) | (epoch mean) | held-out eff. rank |",
-        "|---|---|---|---|---|---|",
+        "| epoch | linear probe | k-NN | live target RankMe (last log step) | (epoch mean) | fixed batch: RankMe | centred | held-out eff. rank |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     ri = r["random_init"]
-    lines.append(f"| random init | {_pct(ri['linear_probe_top1'])} | {_pct(ri['knn_top1'])} | – | – | {_num(ri['feature_effective_rank'])} |")
+    lines.append(f"| random init | {_pct(ri['linear_probe_top1'])} | {_pct(ri['knn_top1'])} | – | – | – | – | {_num(ri['feature_effective_rank'])} |")
     for e in r["epochs"]:
         mark = " (best)" if e["epoch"] == r["best_epoch"] else ""
         lines.append(f"| {e['epoch']}{mark} | {_pct(e['linear_probe_top1'])} | {_pct(e['knn_top1'])} | {_num(e['target_rankme_last'])} | "
-                     f"{_num(e['target_rankme_mean'])} | {_num(e['heldout_effective_rank'])} |")  # fmt: skip
+                     f"{_num(e['target_rankme_mean'])} | {_num(e.get('batch_rankme'), '.3f')} | {_num(e.get('batch_centred_rank'))} | "
+                     f"{_num(e['heldout_effective_rank'])} |")  # fmt: skip
     best, last = r["best"], r["last"]
     lines += [
         "",
         f"Spearman (per-epoch probe vs): live RankMe {_num(r['spearman_probe_vs_live_rankme'])}, "
-        f"its epoch mean {_num(r['spearman_probe_vs_live_rankme_mean'])}, held-out effective rank "
-        f"{_num(r['spearman_probe_vs_heldout_effective_rank'])}.",
+        f"its epoch mean {_num(r['spearman_probe_vs_live_rankme_mean'])}, fixed batch RankMe "
+        f"{_num(r.get('spearman_probe_vs_batch_rankme'))} / centred {_num(r.get('spearman_probe_vs_batch_centred_rank'))}, "
+        f"held-out effective rank {_num(r['spearman_probe_vs_heldout_effective_rank'])}.",
         "",
         f"Kept checkpoint (best by RankMe): epoch {r['best_epoch']}, probe {_pct(best and best['linear_probe_top1'])}; "
         f"last epoch {last and last['epoch']}: {_pct(last and last['linear_probe_top1'])}; random init {_pct(ri['linear_probe_top1'])}; "

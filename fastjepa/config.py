@@ -168,7 +168,7 @@ SCHEMA: dict[str, dict[str, tuple[Any, Any, str]]] = {
     "health": {
         "enabled": ("bool", True, "RankMe, std and prediction cosine of the features at every log step, read with the losses (fastjepa)"),
         "max_rows": ("int", 256, "rows of pooled features in each RankMe (a fixed cost per log step) (fastjepa)"),
-        "rankme_fraction": ("float", 0.5, "collapse: target RankMe below this fraction of the run's peak ... (fastjepa)"),
+        "rankme_fraction": ("float", 0.5, "collapse: target RankMe beyond its first direction (rankme - 1) below this fraction of the run's peak ... (fastjepa)"),
         "std_floor": ("float", 1e-4, "... or target std below this ... (fastjepa)"),
         "patience": ("int", 3, "... for this many log steps in a row (fastjepa)"),
         "keep_best": ("bool", True, "keep <tag>-best.pth.tar: the epoch checkpoint with the highest target RankMe (fastjepa)"),

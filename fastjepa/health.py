@@ -82,9 +82,11 @@ def pred_target_cosine(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor
 class CollapseDetector:
     """Collapse, judged against the run's own history at each log step.
 
-    It fires when, for ``patience`` log steps in a row, the target encoder's RankMe is below
-    ``rankme_fraction`` of the highest RankMe the run has logged so far, or the target
-    std is below ``std_floor`` (either test off at 0). It fires once per episode: a
+    It fires when, for ``patience`` log steps in a row, the target encoder's RankMe beyond
+    its first direction (``rankme - 1``: RankMe is 1 where every image maps onto one line,
+    and a ViT's pooled features share a large mean direction) is below ``rankme_fraction``
+    of the highest such value the run has logged so far, or the target std is below
+    ``std_floor`` (either test off at 0). It fires once per episode: a
     healthy log step re-arms it. Its state (peak, count) goes into checkpoints, so a
     resumed run keeps its history. Pure Python on values every rank holds alike (the
     log step's all-reduced read), so under torchrun every rank decides the same.
@@ -108,7 +110,7 @@ class CollapseDetector:
         if not (math.isfinite(rankme) and math.isfinite(std)):
             return None
         self.peak = max(self.peak, rankme)
-        low_rank = self.rankme_fraction > 0 and rankme < self.rankme_fraction * self.peak
+        low_rank = self.rankme_fraction > 0 and rankme - 1.0 < self.rankme_fraction * (self.peak - 1.0)
         low_std = std < self.std_floor
         if not (low_rank or low_std):
             self.count, self.fired = 0, False
@@ -120,6 +122,6 @@ class CollapseDetector:
         if low_std:
             signal = f"target_std {std:.3g} below health.std_floor={self.std_floor:g}"
         else:
-            signal = (f"target_rankme {rankme:.2f} below {self.rankme_fraction:g} x its peak {self.peak:.2f} "
-                      "(health.rankme_fraction)")  # fmt: skip
+            signal = (f"target_rankme {rankme:.2f}: its directions beyond the first ({rankme - 1:.2f}) below "
+                      f"{self.rankme_fraction:g} x their peak ({self.peak - 1:.2f}, health.rankme_fraction)")  # fmt: skip
         return f"step {step}: representation collapse: {signal} for {self.count} log steps; {self.ADVICE}"

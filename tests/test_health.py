@@ -77,10 +77,12 @@ def test_eval_effective_rank_is_the_same_implementation():
 
 def test_detector_fires_after_patience_once_and_rearms():
     d = health.CollapseDetector(rankme_fraction=0.5, std_floor=1e-3, patience=3)
-    assert [d.update(s, r, 1.0) for s, r in enumerate([10, 12, 11, 9, 7])] == [None] * 5  # healthy: above 6 = 0.5 x peak 12
-    out = [d.update(s, 5.0, 1.0) for s in range(5, 10)]
+    # judged on the directions beyond the first (rankme - 1): healthy while above 0.5 x (12 - 1) = 5.5
+    assert [d.update(s, r, 1.0) for s, r in enumerate([10, 12, 11, 9, 6.6])] == [None] * 5
+    out = [d.update(s, 6.0, 1.0) for s in range(5, 10)]
     assert out[:2] == [None, None] and out[3:] == [None, None]  # fires once, on the third low log step
-    assert "step 7: representation collapse: target_rankme 5.00 below 0.5 x its peak 12.00" in out[2] and "optimization.lr" in out[2]
+    assert "step 7: representation collapse: target_rankme 6.00: its directions beyond the first (5.00) below 0.5 x their peak (11.00" in out[2]
+    assert "optimization.lr" in out[2]
     assert d.update(10, 11.0, 1.0) is None and d.count == 0  # healthy again: re-armed
     assert [d.update(s, 11.0, 1e-4) for s in (11, 12, 13)][-1].startswith("step 13: representation collapse: target_std 0.0001 below")
     # its state survives a checkpoint; non-finite values are not judged
@@ -134,8 +136,8 @@ def test_health_columns_at_log_steps_only(tmp_path):
     assert logged == [0, 2, 4, 5, 6, 8, 10, 11]  # log_freq 2 and each epoch's last iteration
     for r in log:
         if r["target_rankme"]:
-            assert 1.0 < float(r["target_rankme"]) <= 7.0  # batch 8, centred: at most 7 directions
-            assert 1.0 < float(r["context_rankme"]) <= 7.0
+            assert 1.0 <= float(r["target_rankme"]) <= 8.0  # batch 8: at most 8 directions
+            assert 1.0 <= float(r["context_rankme"]) <= 8.0
             assert float(r["target_std"]) > 0 and float(r["context_std"]) > 0 and float(r["pred_std"]) > 0
             assert -1.0 <= float(r["pred_target_cos"]) <= 1.0
         else:
@@ -169,7 +171,8 @@ def test_detector_warns_on_a_forced_collapse(tmp_path, capsys):
     assert "step 8: representation collapse: target_std 0 below health.std_floor=0.0001 for 2 log steps" in err
     assert "meta.on_collapse=stop would stop here" in err
     log = {int(r["step"]): r for r in rows(tmp_path / "r") if r["target_rankme"]}
-    assert float(log[8]["target_std"]) == 0.0 and float(log[8]["target_rankme"]) == 0.0  # one output: nothing spanned
+    # one output for every image: one direction (RankMe 1), no spread
+    assert float(log[8]["target_std"]) == 0.0 and float(log[8]["target_rankme"]) == pytest.approx(1.0)
 
 
 def test_on_collapse_stop_writes_the_checkpoint_and_says_why(tmp_path, capsys):

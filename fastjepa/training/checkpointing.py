@@ -207,7 +207,7 @@ class Checkpointer:
         if extra["health"]["best_rankme"] > self.best_rankme:
             self.best_rankme = extra["health"]["best_rankme"]
             keep_as_copy(self.latest, self.best, save)
-            self.say(f"fastjepa: {self.best.name} is epoch {epoch} (target RankMe {self.best_rankme:.2f}, the highest so far)")
+            self.say(f"fastjepa: {self.best.name} is epoch {epoch} (target RankMe {self.best_rankme:.3f}, the highest so far)")
         return self.latest
 
     def _best_score(self, rankme: float, *, epoch_end: bool) -> float:

@@ -165,7 +165,7 @@ class RunLog:
         self._csv.flush()
         last, hl = r.pending[-1], r.health[-1]
         if math.isfinite(ips):
-            field = f" [rankme: {hl['target_rankme']:.1f} std: {hl['target_std']:.2e}]" if hl is not None else ""
+            field = f" [rankme: {hl['target_rankme']:.3f} std: {hl['target_std']:.2e}]" if hl is not None else ""
             self.say(
                 "[%d, %5d] loss: %.3f masks: %.1f %.1f [wd: %.2e] [lr: %.2e] [mem: %.2e] (%.1f ms)"  # noqa: UP031 — the reference's format
                 % (last["epoch"], last["itr"], sum(r.losses) / n, last["mask_enc"], last["mask_pred"], last["wd"], last["lr"],
@@ -178,14 +178,14 @@ class RunLog:
 
     def health_row(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         """One log step's health metrics, in :data:`fastjepa.health.HEALTH_COLUMNS` order, as
-        a float64 tensor on the device. The RankMe columns are RankMe's formula on the
-        batch-centred pooled features (:func:`fastjepa.health.effective_rank` with
-        ``center=True``, the quantity evaluation reports as ``feature_effective_rank``): the
-        uncentred form is dominated by the mean feature every image shares after the final
-        LayerNorm, and moves little while the spread collapses (docs/eval.md)."""
+        a float64 tensor on the device. The RankMe columns are RankMe as published
+        (:func:`fastjepa.health.rankme`: the pooled features as they are, not centred). The
+        centred form measures the differences between images, and under bf16 autocast those
+        sit near the residual stream's rounding: it then counts rounding noise, and rises
+        while the representation collapses (docs/eval.md, "Why RankMe is not centred")."""
         t_std, c_std, p_std, cos = tensors["stats"].double().unbind()
-        t_rank = health.effective_rank(tensors["target"], center=True).double()
-        c_rank = health.effective_rank(tensors["context"], center=True).double()
+        t_rank = health.rankme(tensors["target"]).double()
+        c_rank = health.rankme(tensors["context"]).double()
         return torch.stack([t_rank, t_std, c_rank, c_std, p_std, cos])
 
     def mem_gb(self) -> float:
