@@ -39,7 +39,7 @@ from torch.utils.data import Subset  # noqa: E402
 from fastjepa.build import random_init_encoder  # noqa: E402
 from fastjepa.checkpoint import read_checkpoint  # noqa: E402
 from fastjepa.config import load_config  # noqa: E402
-from fastjepa.encoder import load_target_encoder  # noqa: E402
+from fastjepa.encoder import load_run_encoder  # noqa: E402
 from fastjepa.evaluation.classifiers import evaluate_encoder  # noqa: E402
 from fastjepa.evaluation.features import eval_datasets  # noqa: E402
 from fastjepa.trainer import Trainer  # noqa: E402
@@ -86,7 +86,7 @@ def batch_ranks(cfg: dict, paths: dict[int, Path], rows: int = 64) -> dict[int, 
         amp = tr.amp_dtype
     out = {}
     for e, path in paths.items():
-        encoder, _, _ = load_target_encoder(path)
+        encoder, _, _ = load_run_encoder(path)
         encoder.eval()
         with torch.no_grad(), torch.autocast(imgs.device.type, dtype=amp, enabled=amp is not None):
             f = health.pooled(encoder(imgs))
@@ -128,7 +128,7 @@ def main(argv=None) -> int:
     fixed = batch_ranks(cfg, paths)
     epochs = []
     for e, path in paths.items():
-        encoder, _, _ = load_target_encoder(path)
+        encoder, _, _ = load_run_encoder(path)
         r = evaluate_encoder(encoder, train, val, name=f"epoch {e}", **common)
         row = {"epoch": e, "linear_probe_top1": r["linear_probe_top1"], "knn_top1": r["knn_top1"],
                "heldout_effective_rank": r["feature_effective_rank"], "target_rankme_last": live.get(e, {}).get("last", float("nan")),

@@ -70,7 +70,7 @@ def _check_before_build(path: Path, key: str, cfg: dict, state: dict, source: st
 
 
 
-def load_target_encoder(
+def load_run_encoder(
     path: str | os.PathLike,
     config: str | os.PathLike | None = None,
     overrides: Sequence[str] = (),
@@ -79,7 +79,7 @@ def load_target_encoder(
     trust: bool = False,
     prefer: str = "best",
 ) -> tuple[nn.Module, dict, dict[str, Any]]:
-    """Build the model and load the checkpoint's target encoder (strictly).
+    """Build the model and load a run's encoder (strictly): the target encoder, or the context one.
 
     ``path``: a ``.pth.tar`` (read weights-only; ``trust=True`` also opens one that needs
     more, which may run code), a ``.safetensors`` file from ``python -m fastjepa.checkpoint
@@ -104,7 +104,7 @@ def load_target_encoder(
         chosen = resolve_run_checkpoint(path, prefer, strict=False)
         if chosen == path:  # a Hugging Face or timm folder, or an error naming what it holds
             return _load_foreign(path, read_encoder(path, which=which, trust=trust), config, overrides, which)
-        encoder, cfg, info = load_target_encoder(chosen, config, overrides, which, trust=trust)
+        encoder, cfg, info = load_run_encoder(chosen, config, overrides, which, trust=trust)
         return encoder, cfg, {**info, "run_folder": str(path), "chosen": run_checkpoint_kind(chosen)}
     if path.name.endswith(SAFETENSORS_SUFFIX):
         return _load_safetensors_encoder(path, config, overrides, key, which, trust)
@@ -153,7 +153,7 @@ def load_target_encoder(
 def _load_foreign(
     path: Path, found: Any, config: str | os.PathLike | None, overrides: Sequence[str], which: str
 ) -> tuple[nn.Module, dict, dict[str, Any]]:
-    """:func:`load_target_encoder` for a Hugging Face or timm file or folder
+    """:func:`load_run_encoder` for a Hugging Face or timm file or folder
     (:func:`fastjepa.interop.read_encoder` read it): the encoder is built from the
     architecture it records (or ``--config``), the config describes it for the data and
     the random-init baseline."""
@@ -184,7 +184,7 @@ def _load_foreign(
 def _load_safetensors_encoder(
     path: Path, config: str | os.PathLike | None, overrides: Sequence[str], key: str, which: str = "target", trust: bool = False
 ) -> tuple[nn.Module, dict, dict[str, Any]]:
-    """:func:`load_target_encoder` for an exported ``.safetensors`` encoder: the model is
+    """:func:`load_run_encoder` for an exported ``.safetensors`` encoder: the model is
     built from the metadata's architecture (or ``--config``), checked against it field by
     field, then loaded strictly. A Hugging Face or timm safetensors file goes to
     :func:`_load_foreign`."""
@@ -263,7 +263,7 @@ def export_encoder(
 
     * ``"safetensors"``: the file ``dst`` (``….safetensors``), parameter names as the
       reference's, the architecture and the run's model settings in the metadata (what
-      :func:`load_target_encoder`, ``python -m fastjepa.eval`` and
+      :func:`load_run_encoder`, ``python -m fastjepa.eval`` and
       :func:`fastjepa.checkpoint.load_encoder` read back);
     * ``"hf"``: a folder that transformers' ``IJepaModel.from_pretrained(dst)`` loads;
       ``"timm"``: a folder for ``timm.create_model("local-dir:DST", pretrained=True)``; each
@@ -291,7 +291,7 @@ def export_encoder(
         return write_folder(found, dst, format=format, source=src)
     if not dst.name.endswith(SAFETENSORS_SUFFIX):
         raise CheckpointError(f"export: {dst} should end in {SAFETENSORS_SUFFIX} (or pass --format hf / --format timm to write a folder)")
-    encoder, cfg, info = load_target_encoder(chosen, config, overrides, which, trust=trust)
+    encoder, cfg, info = load_run_encoder(chosen, config, overrides, which, trust=trust)
     meta = encoder_metadata(encoder, cfg, network=ENCODER_KEYS[which], epoch=info.get("epoch"), source=chosen.name)
     save_safetensors(encoder.state_dict(), meta, dst)
     return {"format": format, "path": str(dst), "network": meta["network"], "arch": arch_from_module(encoder), "info": info, "metadata": meta}

@@ -26,7 +26,7 @@ from .build import pick_device, random_init_encoder
 from .checkpoint import ENCODER_KEYS, CheckpointError
 from .config import ConfigError, load_config, one_line, os_error_line
 from .data import NoReadableImage
-from .encoder import EvalError, load_target_encoder
+from .encoder import EvalError, load_run_encoder
 from .evaluation.classifiers import C_GRID, KNN_K, KNN_T, evaluate_encoder
 from .evaluation.features import default_cache_dir, eval_datasets, limit
 from .evaluation.probe import format_table, model_summary, score_lines, write_json
@@ -254,7 +254,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )
     info: dict[str, Any] = {}
     if args.checkpoint is not None:
-        encoder, cfg, info = load_target_encoder(
+        encoder, cfg, info = load_run_encoder(
             args.checkpoint, args.config, args.overrides, args.encoder, trust=args.trust_checkpoint, prefer="latest" if args.latest else "best"
         )
         if info.get("chosen"):
@@ -294,7 +294,7 @@ def run_epochs(args: argparse.Namespace, quiet: bool) -> dict[str, Any]:
     chosen = epoch_checkpoints(args.checkpoint, args.epochs)
     t0 = time.perf_counter()
     trust = args.trust_checkpoint
-    encoder, cfg, info = load_target_encoder(chosen[0][1], args.config, args.overrides, args.encoder, trust=trust)  # its config: data, baseline
+    encoder, cfg, info = load_run_encoder(chosen[0][1], args.config, args.overrides, args.encoder, trust=trust)  # its config: data, baseline
     train, val, desc, common = _eval_setup(args, cfg, quiet)
     print(
         f"fastjepa.eval: {describe_model(cfg)} on {desc}, {common['device']}, epochs {[e for e, _ in chosen]}",
@@ -307,7 +307,7 @@ def run_epochs(args: argparse.Namespace, quiet: bool) -> dict[str, Any]:
     per_epoch: list[dict[str, Any]] = []
     for i, (epoch, path) in enumerate(chosen):
         if i:  # the first one is loaded above
-            encoder, _, info = load_target_encoder(path, args.config, args.overrides, args.encoder, trust=trust)
+            encoder, _, info = load_run_encoder(path, args.config, args.overrides, args.encoder, trust=trust)
         result = evaluate_encoder(encoder, train, val, name=f"epoch {epoch}", **common)
         rows.append((f"epoch {epoch}{_encoder_note(args)}", result))
         per_epoch.append({"epoch": epoch, **result, "checkpoint": info})

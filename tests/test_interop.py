@@ -422,7 +422,7 @@ def test_an_hf_folder_loads_with_a_config_and_exports_to_safetensors(tmp_path):
     export_encoder_state(enc, tmp_path / "hf")
     cfg = load_config(None, [*TINY, "meta.model_kwargs={depth: 2, embed_dim: 64, num_heads: 4}", "data.crop_size=32", "mask.patch_size=8"])
     dump_config(cfg, tmp_path / "cfg.yaml")
-    got, _, info = encoders.load_target_encoder(tmp_path / "hf", config=tmp_path / "cfg.yaml")
+    got, _, info = encoders.load_run_encoder(tmp_path / "hf", config=tmp_path / "cfg.yaml")
     assert info["architecture_from"] == f"--config {tmp_path / 'cfg.yaml'}" and info["format"] == "hf"
     assert all(torch.equal(v, enc.state_dict()[k]) for k, v in got.state_dict().items())
     out = export_encoder(tmp_path / "hf", tmp_path / "enc.safetensors")

@@ -57,7 +57,7 @@ import types
 
 import torch
 
-from . import _common as C
+from . import _common
 from ._patching import CodebaseMismatch, PatchSet, class_patch, function_patches, parameters, replaces
 
 API = "fastjepa.integrations.transformers.apply()"
@@ -159,7 +159,7 @@ def _apply_masks(mods):
 
     @replaces(original)
     def apply_masks(tensor, masks):
-        if C.gather_applies(tensor, masks) is None:
+        if _common.gather_applies(tensor, masks) is None:
             return original(tensor, masks)
         return fused(tensor, _on_device(masks, tensor.device))  # (M·B, K, D)
 
@@ -204,7 +204,7 @@ def _rope(mods):
 
 def _one_mask(masks, B: int, device: torch.device) -> torch.Tensor | None:
     """The (B, K) mask of a one-element list on ``device``, or None."""
-    ms = C.masks_list(masks)
+    ms = _common.masks_list(masks)
     if ms is None or len(ms) != 1 or ms[0].size(0) != B or ms[0].size(1) == 0 or ms[0].device != device:
         return None
     return ms[0]

@@ -90,7 +90,7 @@ def test_trainer_checkpoints_need_nothing_beyond_weights_only(trained):
     assert torch.serialization.get_unsafe_globals_in_checkpoint(out / "jepa-latest.pth.tar") == []
 
 
-@pytest.mark.parametrize("how", ["read_checkpoint", "load_checkpoint", "load_encoder", "load_target_encoder"])
+@pytest.mark.parametrize("how", ["read_checkpoint", "load_checkpoint", "load_encoder", "load_run_encoder"])
 def test_api_refuses_a_payload_without_running_it(trained, tmp_path, how):
     path, marker = _poisoned(trained, tmp_path)
     cfg = load_config(None, TINY)
@@ -98,7 +98,7 @@ def test_api_refuses_a_payload_without_running_it(trained, tmp_path, how):
         "read_checkpoint": lambda: read_checkpoint(path),
         "load_checkpoint": lambda: load_checkpoint(path, build_model(cfg)),
         "load_encoder": lambda: load_encoder(path, _tiny_encoder()),
-        "load_target_encoder": lambda: encoders.load_target_encoder(path),
+        "load_run_encoder": lambda: encoders.load_run_encoder(path),
     }
     with pytest.raises(UnsafeCheckpointError) as info:
         calls[how]()
@@ -213,7 +213,7 @@ def test_reference_layout_with_module_prefix_and_adamw_state_loads_weights_only(
     for sa, sb in zip(opt.state_dict()["state"].values(), opt_b.state_dict()["state"].values()):
         assert all(torch.equal(sa[k], sb[k]) for k in ("exp_avg", "exp_avg_sq", "step"))
     assert opt_b.param_groups[1]["WD_exclude"] is True
-    enc, _, info = encoders.load_target_encoder(path)  # evaluation opens it too (architecture from the shapes)
+    enc, _, info = encoders.load_run_encoder(path)  # evaluation opens it too (architecture from the shapes)
     assert info["format"] == "reference" and torch.equal(
         enc.blocks[0].attn.qkv.weight, a.target_encoder.blocks[0].attn.qkv.weight
     )
@@ -382,7 +382,7 @@ def test_safetensors_of_another_tool_loads_by_shape(trained, tmp_path):
     enc = _tiny_encoder()
     load_encoder(path, enc)
     assert all(torch.equal(v, ckpt["target_encoder"][k]) for k, v in enc.state_dict().items())
-    _, _, info = encoders.load_target_encoder(path)
+    _, _, info = encoders.load_run_encoder(path)
     assert info["architecture_from"] == "the file's weight shapes"
 
 

@@ -185,25 +185,25 @@ def test_reference_checkpoint_loads(tmp_path, prefix):
     )  # fmt: skip
     expected = model.target_encoder.state_dict()
     # architecture from overrides
-    enc, _, info = encoders.load_target_encoder(path, overrides=TINY)
+    enc, _, info = encoders.load_run_encoder(path, overrides=TINY)
     assert info["format"] == "reference" and info["epoch"] == 7
     for k, v in enc.state_dict().items():
         assert torch.equal(v, expected[k]), k
     # architecture read off the weights
-    enc2, cfg2, info2 = encoders.load_target_encoder(path)
+    enc2, cfg2, info2 = encoders.load_run_encoder(path)
     assert info2["architecture_from"] == "the checkpoint's weight shapes"
     assert (cfg2["data"]["crop_size"], cfg2["mask"]["patch_size"]) == (16, 4)
     assert all(torch.equal(v, expected[k]) for k, v in enc2.state_dict().items())
     # the context encoder instead (it differs from the perturbed target)
-    ctx, _, info3 = encoders.load_target_encoder(path, overrides=TINY, which="context")
+    ctx, _, info3 = encoders.load_run_encoder(path, overrides=TINY, which="context")
     assert info3["encoder"] == "context" and info["encoder"] == "target"
     assert all(torch.equal(v, model.encoder.state_dict()[k]) for k, v in ctx.state_dict().items())
     assert any(not torch.equal(v, expected[k]) for k, v in ctx.state_dict().items())
     with pytest.raises(ValueError, match="which='student'"):
-        encoders.load_target_encoder(path, overrides=TINY, which="student")
+        encoders.load_run_encoder(path, overrides=TINY, which="student")
     # a wrong architecture says what to do
     with pytest.raises(CheckpointError, match="--config"):
-        encoders.load_target_encoder(path, overrides=[*TINY, "meta.model_kwargs={depth: 3, embed_dim: 32, num_heads: 2}"])
+        encoders.load_run_encoder(path, overrides=[*TINY, "meta.model_kwargs={depth: 3, embed_dim: 32, num_heads: 2}"])
 
 
 def test_infer_architecture_of_standard_sizes():
