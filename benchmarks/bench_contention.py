@@ -63,7 +63,7 @@ def child(path: str, policy: str, steps: int) -> dict:
     if threads is not None and threads < torch.get_num_threads():
         torch.set_num_threads(threads)
     from fastjepa.config import load_config
-    from fastjepa.trainer import Trainer
+    from fastjepa.training.trainer import Trainer
 
     cfg = load_config(None, [*QUIET, *PATHS[path]])
     with tempfile.TemporaryDirectory() as tmp:

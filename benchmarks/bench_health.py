@@ -33,7 +33,7 @@ from _report import cpu_name, write_report
 
 from fastjepa import health
 from fastjepa.config import load_config
-from fastjepa.trainer import Trainer
+from fastjepa.training.trainer import Trainer
 
 COMMON = ["data.dataset=synthetic", "logging.probe=false", "logging.plots=false", "logging.tensorboard=false",
           "optimization.time_budget_s=null", f"meta.device={DEVICE.type}"]  # fmt: skip

@@ -21,7 +21,7 @@ from _common import DEVICE  # sets TRITON_INTERPRET on CPU; puts the checkout on
 
 from fastjepa.config import load_config
 from fastjepa.ops import use_attention, use_backend
-from fastjepa.trainer import Trainer
+from fastjepa.training.trainer import Trainer
 
 TINY = ["data.dataset=synthetic", "data.synthetic_samples=16", "data.crop_size=32", "data.batch_size=8", "mask.patch_size=8",
         "mask.min_keep=0", "meta.model_name=vit_tiny", "meta.model_kwargs={depth: 2, embed_dim: 64, num_heads: 2}",

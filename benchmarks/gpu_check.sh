@@ -136,7 +136,7 @@ print("pytest-timeout:", "present" if importlib.util.find_spec("pytest_timeout")
 import torch, triton
 print(f"python {sys.version.split()[0]}, torch {torch.__version__}, CUDA {torch.version.cuda}, Triton {triton.__version__}")
 print("GPU:", torch.cuda.get_device_name() if torch.cuda.is_available() else "none")
-import fastjepa, fastjepa.trainer, fastjepa.train, fastjepa.ops
+import fastjepa, fastjepa.training.trainer, fastjepa.train, fastjepa.ops
 from fastjepa.ops import available
 print("backends:", {k: (v.ok, v.reason) for k, v in available().items()})
 sys.path.insert(0, os.path.join(os.getcwd(), "benchmarks"))

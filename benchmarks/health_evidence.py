@@ -42,7 +42,7 @@ from fastjepa.config import load_config  # noqa: E402
 from fastjepa.encoder import load_run_encoder  # noqa: E402
 from fastjepa.evaluation.classifiers import evaluate_encoder  # noqa: E402
 from fastjepa.evaluation.features import eval_datasets  # noqa: E402
-from fastjepa.trainer import Trainer  # noqa: E402
+from fastjepa.training.trainer import Trainer  # noqa: E402
 
 
 def spearman(a: list[float], b: list[float]) -> float | None:

@@ -163,7 +163,7 @@ def run_path(config: str | None, overrides: list[str], *, steps: int, warmup: in
     batches from the real loader (timed as "load"), put each on the device (pinned,
     non-blocking, synchronised) before its step's clock starts, time the steps."""
     from fastjepa.config import load_config
-    from fastjepa.trainer import Trainer
+    from fastjepa.training.trainer import Trainer
 
     if threads:
         torch.set_num_threads(threads)
@@ -285,7 +285,7 @@ def _fits(tr, B: int, crop: int, device: torch.device) -> bool:
 def run_max_batch(args) -> dict:
     """The largest batch (a multiple of 8) whose step fits: doubling from 64, then bisection."""
     from fastjepa.config import load_config
-    from fastjepa.trainer import Trainer
+    from fastjepa.training.trainer import Trainer
 
     cfg = load_config(args.config, [*COMMON, *args.set])
     cfg["data"]["synthetic_samples"] = cfg["data"]["batch_size"]  # the loader is not used here

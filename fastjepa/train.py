@@ -82,7 +82,7 @@ def main(argv=None) -> int:
     from .build import pick_device
     from .checkpoint import CheckpointError
     from .distributed import init_distributed
-    from .trainer import Trainer
+    from .training.trainer import Trainer
     from .training.checkpointing import NonFiniteLoss
 
     try:

@@ -39,7 +39,7 @@ LAYERS = {
     "fastjepa.encoder": 4,
     "fastjepa.interop": 4,
     "fastjepa.training": 4,
-    "fastjepa.trainer": 4,
+    "fastjepa.training.trainer": 4,
     "fastjepa.evaluation": 4,
     "fastjepa.train": 5,
     "fastjepa.eval": 5,
@@ -212,19 +212,20 @@ def test_the_checker_sees_each_kind_of_violation(tmp_path):
         "ops/rope.py": "def f():\n    from ..models import vit  # upward\n",
         "models/__init__.py": "from . import vit\n",
         "models/vit.py": "from ..ops._dispatch import available  # private, across\nfrom ..ops import rope\n",
-        "build.py": "from .trainer import x\n",  # cycle with trainer
-        "trainer.py": "from .build import y\nfrom . import eval\n",  # and a CLI
+        "build.py": "from .training.trainer import x\n",  # cycle with trainer
+        "training/__init__.py": "",
+        "training/trainer.py": "from ..build import y\nfrom .. import eval\n",  # and a CLI
         "eval.py": "",
     }
     for name, text in files.items():
         (tmp_path / "fastjepa" / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / "fastjepa" / name).write_text(text)
     found = "\n".join(violations(tmp_path))
-    assert "import cycle: fastjepa.build <-> fastjepa.trainer" in found
+    assert "import cycle: fastjepa.build <-> fastjepa.training.trainer" in found
     assert "import cycle: fastjepa.models.vit <-> fastjepa.ops.rope" in found
     assert "fastjepa.ops.rope:2 (L1) imports fastjepa.models.vit (L2), a higher layer" in found
-    assert "fastjepa.build:1 (L3) imports fastjepa.trainer (L4), a higher layer" in found
-    assert "fastjepa.trainer:2 imports the command-line module fastjepa.eval" in found
+    assert "fastjepa.build:1 (L3) imports fastjepa.training.trainer (L4), a higher layer" in found
+    assert "fastjepa.training.trainer:2 imports the command-line module fastjepa.eval" in found
     assert "fastjepa.models.vit:1 imports the private _dispatch of fastjepa.ops._dispatch" in found
     assert "fastjepa.ops:1" not in found and len(found.splitlines()) == 6, found
 

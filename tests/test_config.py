@@ -83,7 +83,7 @@ def test_bad_values_name_the_key_the_value_and_what_was_expected(override, messa
 
 
 def test_bad_model_kwargs_say_which_keys_exist(tmp_path):
-    from fastjepa.trainer import Trainer
+    from fastjepa.training.trainer import Trainer
 
     from ._tiny import TINY
 

@@ -11,7 +11,7 @@ import torch
 from fastjepa import health
 from fastjepa.checkpoint import CheckpointError, read_checkpoint, resolve_run_checkpoint
 from fastjepa.config import ConfigError, load_config
-from fastjepa.trainer import Trainer
+from fastjepa.training.trainer import Trainer
 
 from ._tiny import TINY
 

@@ -1,4 +1,4 @@
-"""The parts of the training loop; :class:`fastjepa.trainer.Trainer` has one of each.
+"""The parts of the training loop; :class:`fastjepa.training.trainer.Trainer` has one of each.
 
 * :mod:`.optim`: the optimizer and the autocast dtype.
 * :mod:`.step`: :class:`~.step.Step`, one optimizer step (schedules, micro-batches, the
@@ -10,3 +10,12 @@
 * :mod:`.time_budget`: the measured plan for ``optimization.time_budget``.
 * :mod:`.runfolder`, :mod:`.cpu`: the output folder's lock; threads for the free cores.
 """
+
+
+def __getattr__(name: str):
+    # ``fastjepa.training.Trainer`` without loading torch on ``import fastjepa.training.cpu``
+    if name == "Trainer":
+        from .trainer import Trainer
+
+        return Trainer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

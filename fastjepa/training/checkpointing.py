@@ -1,4 +1,4 @@
-"""Checkpoints and resume: :class:`Checkpointer`, a part of :class:`fastjepa.trainer.Trainer`."""
+"""Checkpoints and resume: :class:`Checkpointer`, a part of :class:`fastjepa.training.trainer.Trainer`."""
 
 from __future__ import annotations
 

@@ -25,7 +25,7 @@ NH = len(health.HEALTH_COLUMNS)
 @dataclass
 class Readout:
     """A log step's rows after its one host read: the ``pending`` step records (see
-    :meth:`fastjepa.trainer.Trainer.fit`) with, per row, the loss and health metrics (means
+    :meth:`fastjepa.training.trainer.Trainer.fit`) with, per row, the loss and health metrics (means
     over ranks), the skip flag, the gradient norms (first qkv, last qkv, min, max) or None;
     and the sum of the ranks' stop votes (None with no vote: one process)."""
 

@@ -6,7 +6,7 @@ process ends, however it ends (kill -9 included), so a lock file left by a dead 
 blocks the next one; the file's text (pid, host, start time) only feeds the message, and a
 run deletes the file when it ends. Under
 torchrun only rank 0 takes it (rank 0 writes every file of the run; the other ranks
-agree with its answer, see :meth:`fastjepa.trainer.Trainer._claim_output`). flock is
+agree with its answer, see :meth:`fastjepa.training.trainer.Trainer._claim_output`). flock is
 advisory and local to one machine's kernel: on some network file systems two machines do
 not see each other's locks.
 """

@@ -1,4 +1,4 @@
-"""One I-JEPA optimizer step (docs/design.md §5): :class:`Step`, a part of :class:`fastjepa.trainer.Trainer`."""
+"""One I-JEPA optimizer step (docs/design.md §5): :class:`Step`, a part of :class:`fastjepa.training.trainer.Trainer`."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""When a run stops: :class:`Stopper`, a part of :class:`fastjepa.trainer.Trainer`.
+"""When a run stops: :class:`Stopper`, a part of :class:`fastjepa.training.trainer.Trainer`.
 
 It owns the stop decisions of the loop: SIGTERM/SIGINT, ``optimization.nan_policy``, the
 collapse detector (``meta.on_collapse``) and, under torchrun, the agreement of every rank

@@ -31,7 +31,7 @@ from fastjepa.checkpoint import (
 from fastjepa.checkpoint.__main__ import main as checkpoint_cli
 from fastjepa.config import load_config
 from fastjepa.models import vit_tiny
-from fastjepa.trainer import Trainer
+from fastjepa.training.trainer import Trainer
 from fastjepa.training.optim import make_optimizer
 
 from .._tiny import TINY

@@ -34,7 +34,7 @@ from fastjepa.checkpoint import (
 from fastjepa.build import build_model
 from fastjepa.config import load_config
 from fastjepa.models import vit_tiny
-from fastjepa.trainer import Trainer
+from fastjepa.training.trainer import Trainer
 
 from .._tiny import TINY
 

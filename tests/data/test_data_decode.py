@@ -321,7 +321,7 @@ def test_training_loss_of_a_fixed_batch_is_the_same_either_way(jpegs):
     """The trainer's uint8 hand-off (finished by batch_to_device) and the reference float
     pipeline give the same loss on one fixed batch (bit-identical images on the CPU)."""
     from fastjepa.config import load_config
-    from fastjepa.trainer import Trainer
+    from fastjepa.training.trainer import Trainer
 
     from .._tiny import TINY
 
@@ -382,7 +382,7 @@ def test_imagefolder_resume_mid_epoch_with_workers_is_exact(jpegs, tmp_path):
     import csv
 
     from fastjepa.config import load_config
-    from fastjepa.trainer import Trainer
+    from fastjepa.training.trainer import Trainer
 
     from .._tiny import TINY
 

@@ -17,7 +17,7 @@ from fastjepa.build import build_model
 from fastjepa.checkpoint import load_encoder, read_checkpoint
 from fastjepa.config import load_config
 from fastjepa.rng import seed_everything
-from fastjepa.trainer import Trainer
+from fastjepa.training.trainer import Trainer
 
 from .._inject import nan_at_script
 from .._tiny import TINY
@@ -126,7 +126,8 @@ class _Recorder:
     def __init__(self, monkeypatch):
         import torch.nn.parallel
 
-        from fastjepa import fsdp, trainer
+        from fastjepa import fsdp
+        from fastjepa.training import trainer
 
         self.calls = []
         calls = self.calls

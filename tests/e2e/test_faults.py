@@ -16,7 +16,7 @@ from PIL import Image
 
 from fastjepa.checkpoint import read_checkpoint
 from fastjepa.config import load_config
-from fastjepa.trainer import Trainer
+from fastjepa.training.trainer import Trainer
 from fastjepa.training.checkpointing import NonFiniteLoss
 
 from .._inject import nan_at_script

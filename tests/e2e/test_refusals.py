@@ -25,7 +25,7 @@ from fastjepa.config import ConfigError, load_config
 from fastjepa.data import ImageFolder
 from fastjepa.data import embedded as emb
 from fastjepa.schedulers import CosineWD, LinearMomentum, WarmupCosineLR
-from fastjepa.trainer import Trainer
+from fastjepa.training.trainer import Trainer
 from fastjepa.training import time_budget
 from fastjepa.training.runfolder import LOCK_NAME, RunFolderError
 

@@ -12,7 +12,7 @@ import torch
 
 from fastjepa.checkpoint import read_checkpoint
 from fastjepa.config import ConfigError, load_config
-from fastjepa.trainer import Trainer
+from fastjepa.training.trainer import Trainer
 
 from .._tiny import TINY
 

@@ -1,7 +1,7 @@
 """A tiny bf16 Trainer on cuda:0 and a batch on its device, for the training step's `gpu` cases."""
 
 from fastjepa.config import load_config
-from fastjepa.trainer import Trainer
+from fastjepa.training.trainer import Trainer
 
 from .._tiny import TINY
 

@@ -18,7 +18,7 @@ from torch.overrides import TorchFunctionMode
 
 from fastjepa.config import load_config
 from fastjepa.health import HEALTH_COLUMNS
-from fastjepa.trainer import Trainer
+from fastjepa.training.trainer import Trainer
 
 from .._tiny import TINY
 from ._cuda import cuda_batch, cuda_trainer

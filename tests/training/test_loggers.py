@@ -11,7 +11,7 @@ import pytest
 
 from fastjepa.config import ConfigError, load_config
 from fastjepa.health import HEALTH_COLUMNS
-from fastjepa.trainer import Trainer
+from fastjepa.training.trainer import Trainer
 
 from .._tiny import TINY
 

@@ -14,7 +14,7 @@ import torch
 
 from fastjepa.config import load_config
 from fastjepa.ops import cpu_has_bf16
-from fastjepa.trainer import Trainer
+from fastjepa.training.trainer import Trainer
 
 from .._tiny import TINY, tiny_ijepa_batch
 from ._cuda import cuda_batch, cuda_trainer

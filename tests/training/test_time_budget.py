@@ -7,7 +7,7 @@ import yaml
 
 from fastjepa.checkpoint import read_checkpoint
 from fastjepa.config import ConfigError, load_config
-from fastjepa.trainer import Trainer
+from fastjepa.training.trainer import Trainer
 from fastjepa.training import time_budget
 
 from .._tiny import TINY

@@ -18,20 +18,20 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from .architecture import check_model_fits
-from .build import build_model, pick_device
-from .config import dump_config
-from .data import build_dataset, loader_options
-from .distributed import DistInfo, ResumableSampler, any_rank, ddp_device_kwargs, rank_device
-from .masks import MaskCollator
-from .rng import seed_everything, set_rng_state
-from .training import time_budget
-from .training.checkpointing import Checkpointer, NonFiniteLoss
-from .training.logs import RunLog
-from .training.optim import autocast_dtype, make_optimizer
-from .training.runfolder import RunFolderError, RunLock, claim
-from .training.step import Step
-from .training.stopping import Stopper, StopRequested, check_ranks_agree
+from ..architecture import check_model_fits
+from ..build import build_model, pick_device
+from ..config import dump_config
+from ..data import build_dataset, loader_options
+from ..distributed import DistInfo, ResumableSampler, any_rank, ddp_device_kwargs, rank_device
+from ..masks import MaskCollator
+from ..rng import seed_everything, set_rng_state
+from . import time_budget
+from .checkpointing import Checkpointer, NonFiniteLoss
+from .logs import RunLog
+from .optim import autocast_dtype, make_optimizer
+from .runfolder import RunFolderError, RunLock, claim
+from .step import Step
+from .stopping import Stopper, StopRequested, check_ranks_agree
 
 __all__ = ["Trainer"]
 
@@ -204,7 +204,7 @@ class Trainer:
         if not self.dist.enabled:
             return
         if self.cfg["meta"]["fsdp"]:
-            from .fsdp import shard_ijepa
+            from ..fsdp import shard_ijepa
 
             shard_ijepa(self.model, self.device)
             return
