@@ -23,31 +23,6 @@ TOL = {torch.float32: dict(rtol=2e-5, atol=2e-5), torch.float64: dict(rtol=1e-10
 SHAPES = [(2, 3, 17, 24), (1, 2, 64, 32), (3, 1, 9, 80), (1, 1, 1, 32)]  # (B, H, N, hd): odd N, I-JEPA head dims
 
 
-class _Env:
-    """``setenv``/``delenv`` of the backend variables, re-read at once (the package reads
-    them once per process)."""
-
-    def __init__(self, mp: pytest.MonkeyPatch):
-        self.mp = mp
-
-    def setenv(self, name: str, value: str) -> None:
-        self.mp.setenv(name, value)
-        reread_environment()
-
-    def delenv(self, name: str) -> None:
-        self.mp.delenv(name, raising=False)
-        reread_environment()
-
-
-@pytest.fixture
-def env():
-    """An environment for one test; the original is restored and re-read afterwards, so
-    later tests never see a cached value of this one."""
-    with pytest.MonkeyPatch.context() as mp:
-        yield _Env(mp)
-    reread_environment()
-
-
 def _qkv(shape, dtype, device="cpu"):
     return [torch.randn(shape, dtype=dtype, device=device, requires_grad=True) for _ in range(3)]
 
