@@ -143,14 +143,15 @@ def main(argv=None) -> int:
 
 def _plan_threads():
     """Threads and OpenMP's wait policy from the busy cores, measured before torch loads
-    OpenMP (fastjepa.training.cpu); None where the user set OMP_NUM_THREADS, torch is
-    already loaded (an in-process call), or under torchrun (ranks starting beside each
-    other would look busy)."""
-    if "torch" in sys.modules or int(os.environ.get("WORLD_SIZE", "1") or 1) != 1:
+    OpenMP (fastjepa.training.cpu); None where the user set OMP_NUM_THREADS or under
+    torchrun (ranks starting beside each other would look busy). Where torch is already
+    loaded (an in-process call) only the thread count still applies: the environment is
+    left as it is."""
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) != 1:
         return None
     from .training.cpu import plan_threads
 
-    plan = plan_threads()
+    plan = plan_threads(dict(os.environ) if "torch" in sys.modules else None)
     return plan if plan.threads is not None else None
 
 

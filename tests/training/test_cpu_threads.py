@@ -75,3 +75,18 @@ def test_the_cli_plans_before_torch_loads_openmp(busy):
     assert int(threads) == want
     assert wait == ("PASSIVE" if want < cores else "None")
     assert torch_loaded == "False"
+
+
+def test_an_in_process_call_plans_threads_but_leaves_the_environment(monkeypatch):
+    """With torch already loaded the wait policy can no longer apply: the thread count
+    still follows the free cores, and the environment stays as it was."""
+    from fastjepa import train
+
+    for name in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(cpu, "busy_cores", lambda *a, **k: 1.0)
+    plan = train._plan_threads()
+    assert plan.threads == cpu.threads_for_free_cores(len(os.sched_getaffinity(0)), 1.0)
+    assert "OMP_WAIT_POLICY" not in os.environ
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert train._plan_threads() is None  # torchrun: each rank keeps torch's threads
