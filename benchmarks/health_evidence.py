@@ -68,30 +68,29 @@ def live_rankme(run: Path) -> dict[int, dict[str, float]]:
     return {e: {"last": v[-1], "mean": statistics.fmean(v)} for e, v in per.items()}
 
 
-def batch_ranks(cfg: dict, paths: dict[int, Path], rows: int = 64) -> dict[int, dict[str, float]]:
-    """Per epoch: RankMe (as published) and the centred effective rank of the target
-    encoder's pooled features on one fixed training batch (the run's crops, its first
-    ``rows``), under the run's autocast — what the live column measures, for every epoch
-    alike, whichever definition the run logged."""
+def fixed_batch(cfg: dict, rows: int = 64):
+    """One batch of the run's training crops (its first ``rows``) and its autocast dtype:
+    what the live health column sees, the same for every epoch."""
     import tempfile
-
-    import torch
-
-    from fastjepa import health
 
     with tempfile.TemporaryDirectory() as tmp:
         tr = Trainer(cfg, Path(tmp) / "r", quiet=True)
         udata, me, mp = next(iter(tr._loader()))
-        imgs = tr.stepper.to_device(udata, me, mp)[0][:rows]
-        amp = tr.amp_dtype
-    out = {}
-    for e, path in paths.items():
-        encoder, _, _ = load_run_encoder(path)
-        encoder.eval()
-        with torch.no_grad(), torch.autocast(imgs.device.type, dtype=amp, enabled=amp is not None):
-            f = health.pooled(encoder(imgs))
-        out[e] = {"rankme": float(health.rankme(f)), "centred": float(health.effective_rank(f, center=True))}
-    return out
+        return tr.stepper.to_device(udata, me, mp)[0][:rows], tr.amp_dtype
+
+
+def batch_ranks(encoder, imgs, amp) -> dict[str, float]:
+    """RankMe (as published) and the centred effective rank of ``encoder``'s pooled
+    features on ``imgs`` under autocast ``amp`` — what the live column measures, for every
+    epoch alike, whichever definition the run logged."""
+    import torch
+
+    from fastjepa import health
+
+    encoder.eval()
+    with torch.no_grad(), torch.autocast(imgs.device.type, dtype=amp, enabled=amp is not None):
+        f = health.pooled(encoder(imgs))
+    return {"rankme": float(health.rankme(f)), "centred": float(health.effective_rank(f, center=True))}
 
 
 def main(argv=None) -> int:
@@ -125,15 +124,16 @@ def main(argv=None) -> int:
     baseline = evaluate_encoder(random_init_encoder(cfg), train, val, name="random init", **common)
     paths = {e: run / f"{tag}-ep{e}.pth.tar" for e in range(1, cfg["optimization"]["epochs"] + 1)}
     paths = {e: p for e, p in paths.items() if p.is_file()}
-    fixed = batch_ranks(cfg, paths)
+    imgs, amp = fixed_batch(cfg)
     epochs = []
     for e, path in paths.items():
         encoder, _, _ = load_run_encoder(path)
+        fixed = batch_ranks(encoder, imgs, amp)
         r = evaluate_encoder(encoder, train, val, name=f"epoch {e}", **common)
         row = {"epoch": e, "linear_probe_top1": r["linear_probe_top1"], "knn_top1": r["knn_top1"],
                "heldout_effective_rank": r["feature_effective_rank"], "target_rankme_last": live.get(e, {}).get("last", float("nan")),
                "target_rankme_mean": live.get(e, {}).get("mean", float("nan")),
-               "batch_rankme": fixed[e]["rankme"], "batch_centred_rank": fixed[e]["centred"]}  # fmt: skip
+               "batch_rankme": fixed["rankme"], "batch_centred_rank": fixed["centred"]}  # fmt: skip
         epochs.append(row)
         print(f"epoch {e}: probe {100 * row['linear_probe_top1']:.1f}%, k-NN {100 * row['knn_top1']:.1f}%, "
               f"live RankMe {row['target_rankme_last']:.2f}, held-out eff. rank {row['heldout_effective_rank']:.2f}", flush=True)  # fmt: skip

@@ -330,6 +330,7 @@ def test_health_evidence_writes_the_table(tmp_path):
     res = json.loads((tmp_path / "ev.json").read_text())
     assert [e["epoch"] for e in res["epochs"]] == [1, 2, 3] and res["best_epoch"] in (1, 2, 3)
     assert all(e["target_rankme_last"] > 0 for e in res["epochs"]) and "spearman_probe_vs_live_rankme" in res
+    assert all(e["batch_rankme"] >= 1.0 and e["batch_centred_rank"] >= 0.0 for e in res["epochs"])
     assert "| random init |" in (tmp_path / "ev.md").read_text()
     table = subprocess.run([sys.executable, "benchmarks/health_evidence.py", "--table", str(tmp_path / "ev.json")],
                            cwd=root, env=env, capture_output=True, text=True, timeout=300, check=True).stdout  # fmt: skip
